@@ -1,0 +1,173 @@
+"""`ModelConfig`: the choices that make one decoder into GPT-2, GPT-NeoX, Llama or Gemma 2.
+
+A frozen dataclass rather than an `ml_collections.ConfigDict`: Flax module attributes must be
+hashable, and a typed record documents every field. Experiment configs hold a plain dict under
+`config.model` and turn it into a `ModelConfig` with `ModelConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+POSITIONS = ("learned", "rotary")
+ROPE_SCALINGS = (None, "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer.
+
+    Attributes:
+      family: Which Hugging Face family the config came from ('gpt2', 'gpt_neox', 'llama',
+        'gemma2', or 'custom'); informational, behaviour is set by the fields below.
+      vocab_size: V.
+      d_model: D, the residual stream width.
+      num_layers: Number of blocks.
+      num_heads: N, query heads.
+      num_kv_heads: K, key/value heads (K < N is grouped-query attention, K = 1 multi-query).
+      head_dim: H.
+      mlp_dim: F, the MLP hidden width.
+      max_len: Largest position (learned position embeddings are this long).
+      norm: 'layernorm' (with bias) or 'rmsnorm'.
+      norm_eps: Epsilon inside the norm.
+      norm_offset: RMSNorm scales by (offset + weight); Gemma stores weight - 1, so 1.0.
+      activation: MLP non-linearity: 'gelu' (exact erf), 'gelu_tanh', 'silu', 'relu'.
+      gated_mlp: down(act(gate(x)) * up(x)) as in Llama/Gemma, else down(act(up(x))).
+      attn_bias: Biases on the q/k/v projections.
+      attn_out_bias: Bias on the attention output projection.
+      mlp_bias: Biases on the MLP projections.
+      positions: 'learned' absolute embeddings or 'rotary'.
+      rotary_fraction: Fraction of each head's dims that rotate (GPT-NeoX: 0.25).
+      rope_theta: Rotary base.
+      rope_scaling: None or 'llama3' (frequency-dependent scaling of Llama 3.1+).
+      rope_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_max_len:
+        Parameters of the Llama 3 scaling.
+      parallel_residual: x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX, GPT-J) instead of sequential.
+      post_norms: Gemma 2's extra norms on the attention and MLP outputs.
+      tied_embeddings: The unembedding is the transposed token embedding.
+      embed_scale: Multiply token embeddings by sqrt(D) (Gemma).
+      query_scale: Attention logits are scaled by this; None means head_dim ** -0.5.
+      attn_softcap: Gemma 2 soft-capping of attention logits, cap * tanh(logits / cap).
+      final_softcap: Same for the output logits.
+      sliding_window: Window W of sliding-window attention layers (a query sees the W most
+        recent positions, itself included), or None.
+      sliding_layers: Indices of layers that use the sliding window.
+      dtype: Compute dtype name ('float32', 'bfloat16').
+      param_dtype: Storage dtype of parameters.
+    """
+
+    family: str = "custom"
+    vocab_size: int = 256
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 16
+    mlp_dim: int = 256
+    max_len: int = 512
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_offset: float = 0.0
+    activation: str = "gelu_tanh"
+    gated_mlp: bool = False
+    attn_bias: bool = True
+    attn_out_bias: bool = True
+    mlp_bias: bool = True
+    positions: str = "learned"
+    rotary_fraction: float = 1.0
+    rope_theta: float = 10_000.0
+    rope_scaling: str | None = None
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    parallel_residual: bool = False
+    post_norms: bool = False
+    tied_embeddings: bool = True
+    embed_scale: bool = False
+    query_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        checks = (
+            (self.norm in NORMS, f"norm={self.norm!r}; expected one of {NORMS}"),
+            (
+                self.activation in ACTIVATIONS,
+                f"activation={self.activation!r}; expected one of {ACTIVATIONS}",
+            ),
+            (
+                self.positions in POSITIONS,
+                f"positions={self.positions!r}; expected {POSITIONS}",
+            ),
+            (
+                self.rope_scaling in ROPE_SCALINGS,
+                f"rope_scaling={self.rope_scaling!r}; expected one of {ROPE_SCALINGS}",
+            ),
+            (
+                self.num_heads % self.num_kv_heads == 0,
+                f"num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}",
+            ),
+            (0.0 < self.rotary_fraction <= 1.0, "rotary_fraction must be in (0, 1]"),
+            (
+                self.rotary_dim % 2 == 0,
+                f"rotary dims {self.rotary_dim} (head_dim * rotary_fraction) must be even",
+            ),
+            (
+                all(0 <= i < self.num_layers for i in self.sliding_layers),
+                f"sliding_layers {self.sliding_layers} outside 0..{self.num_layers - 1}",
+            ),
+            (
+                not self.sliding_layers or self.sliding_window,
+                "sliding_layers given without a sliding_window",
+            ),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Invalid ModelConfig: {message}.")
+        # Lists from JSON/ml_collections become tuples so the config stays hashable.
+        object.__setattr__(
+            self, "sliding_layers", tuple(int(i) for i in self.sliding_layers)
+        )
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self) -> Any:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["sliding_layers"] = list(self.sliding_layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, values) -> ModelConfig:
+        """Builds a config from a dict or ConfigDict, rejecting unknown fields by name."""
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown ModelConfig field(s) {unknown}; valid fields are {sorted(known)}."
+            )
+        return cls(**values)

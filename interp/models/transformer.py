@@ -1,0 +1,374 @@
+"""One Flax decoder; GPT-2, GPT-NeoX/Pythia, Llama and Gemma 2 are configurations of it.
+
+Legend (used in docstrings and einsums): B batch, T query positions, S key positions, D model
+width, N query heads, K key/value heads, G query heads per kv head (N = K * G), H head dim,
+F MLP width, V vocabulary.
+
+Hook points per block `blocks_{i}`: resid_pre, attn/q, attn/k, attn/v (after rotary),
+attn/pattern [B, N, T, S], attn/z [B, T, N, H], attn_out (after the output projection),
+resid_mid (sequential residual only), mlp/in (normed MLP input), mlp/pre_act (up projection,
+or gate projection when gated), mlp/up (gated only), mlp/post_act (input of the down
+projection), mlp/out (down projection output), resid_post. Top level: final_norm (the final
+norm's output, what the unembedding reads). In Gemma 2, attn_out and mlp/out are taken before
+its post-norms.
+
+KV cache: pass `cache=init_cache(...)` and the call returns `(logits, new_cache)`. The cache
+holds keys/values for every layer, a key-validity mask and the next write index; see
+`interp.models.generate`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from interp.models.config import ModelConfig
+from interp.models.hooks import HookPoint
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def _param(module: nn.Module, name: str, shape, axes, init=_init):
+    cfg = module.config
+    return module.param(
+        name, nn.with_logical_partitioning(init, axes), shape, cfg.storage_dtype
+    ).astype(cfg.compute_dtype)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm over the last axis, computed in float32. x: [..., D]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        d = x.shape[-1]
+        xf = x.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            xf = xf - xf.mean(-1, keepdims=True)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + cfg.norm_eps)
+        scale_init = nn.initializers.zeros if cfg.norm_offset else nn.initializers.ones
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(scale_init, ("embed",)),
+            (d,),
+            cfg.storage_dtype,
+        )
+        xf = xf * (cfg.norm_offset + scale.astype(jnp.float32))
+        if cfg.norm == "layernorm":
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                (d,),
+                cfg.storage_dtype,
+            )
+            xf = xf + bias.astype(jnp.float32)
+        return xf.astype(cfg.compute_dtype)
+
+
+def rotary_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """Per-pair rotation frequencies [rotary_dim / 2], with Llama 3 scaling if configured."""
+    dim = config.rotary_dim
+    inv_freq = 1.0 / (
+        config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    )
+    if config.rope_scaling == "llama3":
+        # Llama 3.1 frequency-dependent scaling: long wavelengths are slowed by `factor`,
+        # short ones kept, and the band between interpolated smoothly.
+        low_wavelen = config.rope_original_max_len / config.rope_low_freq_factor
+        high_wavelen = config.rope_original_max_len / config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(
+            wavelen > low_wavelen, inv_freq / config.rope_factor, inv_freq
+        )
+        smooth = (
+            config.rope_original_max_len / wavelen - config.rope_low_freq_factor
+        ) / (config.rope_high_freq_factor - config.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rotary(x, positions, config: ModelConfig):
+    """Rotates the first rotary_dim dims of each head (half-split convention). x: [B,T,N,H]."""
+    inv_freq = jnp.asarray(rotary_inverse_frequencies(config))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, R]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    rot, rest = x[..., : config.rotary_dim], x[..., config.rotary_dim :]
+    half = config.rotary_dim // 2
+    rotated_half = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    return jnp.concatenate([rot * cos + rotated_half * sin, rest], axis=-1)
+
+
+def _softcap(x, cap):
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query causal self-attention. x: [B, T, D] -> [B, T, D]."""
+
+    config: ModelConfig
+    sliding: bool = False
+
+    @nn.compact
+    def __call__(self, x, *, positions, query_slots, key_slots, key_mask, cache=None):
+        cfg = self.config
+        n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
+        g = n // k
+
+        def project(name, heads):
+            kernel = _param(
+                self, f"{name}_kernel", (d, heads, h), ("embed", "heads", "kv")
+            )
+            y = jnp.einsum("BTD,DNH->BTNH", x, kernel)
+            if cfg.attn_bias:
+                bias = _param(
+                    self,
+                    f"{name}_bias",
+                    (heads, h),
+                    ("heads", "kv"),
+                    nn.initializers.zeros,
+                )
+                y = y + bias
+            return y
+
+        q, key, value = project("q", n), project("k", k), project("v", k)
+        if cfg.positions == "rotary":
+            q = apply_rotary(q, positions, cfg)
+            key = apply_rotary(key, positions, cfg)
+        q = HookPoint(name="q")(q)
+        key = HookPoint(name="k")(key)
+        value = HookPoint(name="v")(value)
+
+        new_cache = None
+        if cache is not None:
+            index = cache["index"]
+            key = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], key.astype(cache["k"].dtype), index, axis=1
+            )
+            value = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], value.astype(cache["v"].dtype), index, axis=1
+            )
+            new_cache = {"k": key, "v": value}
+            key, value = key.astype(cfg.compute_dtype), value.astype(cfg.compute_dtype)
+
+        scale = cfg.query_scale if cfg.query_scale is not None else h**-0.5
+        q = q.reshape(*q.shape[:2], k, g, h)  # [B, T, K, G, H]
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key).astype(jnp.float32) * scale
+        logits = _softcap(logits, cfg.attn_softcap)
+
+        allowed = key_slots[None, :] <= query_slots[:, None]  # [T, S] causal
+        if self.sliding:
+            allowed &= query_slots[:, None] - key_slots[None, :] < cfg.sliding_window
+        allowed = allowed[None] & key_mask[:, None, :].astype(bool)  # [B, T, S]
+        logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
+        b, t, s = probs.shape[0], probs.shape[3], probs.shape[4]
+        probs = HookPoint(name="pattern")(probs.reshape(b, n, t, s)).reshape(
+            b, k, g, t, s
+        )
+
+        z = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
+        z = HookPoint(name="z")(z)
+        out_kernel = _param(self, "o_kernel", (n, h, d), ("heads", "kv", "embed"))
+        out = jnp.einsum("BTNH,NHD->BTD", z, out_kernel)
+        if cfg.attn_out_bias:
+            out = out + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros)
+        return out, new_cache
+
+
+def _activation(name):
+    return {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "silu": jax.nn.silu,
+        "relu": jax.nn.relu,
+    }[name]
+
+
+class Mlp(nn.Module):
+    """Feed-forward block, plain or gated. x: [B, T, D] -> [B, T, D]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        d, f = cfg.d_model, cfg.mlp_dim
+        x = HookPoint(name="in")(x)
+
+        def dense(name, inputs, a, b, axes):
+            y = jnp.einsum(
+                "BTA,AC->BTC", inputs, _param(self, f"{name}_kernel", (a, b), axes)
+            )
+            if cfg.mlp_bias:
+                y = y + _param(
+                    self, f"{name}_bias", (b,), axes[1:], nn.initializers.zeros
+                )
+            return nn.with_logical_constraint(y, ("batch", "seq", axes[1]))
+
+        act = _activation(cfg.activation)
+        if cfg.gated_mlp:
+            gate = HookPoint(name="pre_act")(dense("gate", x, d, f, ("embed", "mlp")))
+            up = HookPoint(name="up")(dense("up", x, d, f, ("embed", "mlp")))
+            hidden = act(gate) * up
+        else:
+            hidden = act(
+                HookPoint(name="pre_act")(dense("up", x, d, f, ("embed", "mlp")))
+            )
+        hidden = HookPoint(name="post_act")(hidden)
+        return HookPoint(name="out")(dense("down", hidden, f, d, ("mlp", "embed")))
+
+
+class Block(nn.Module):
+    """One transformer block. x: [B, T, D] -> [B, T, D]."""
+
+    config: ModelConfig
+    layer_index: int
+
+    @nn.compact
+    def __call__(self, x, *, positions, query_slots, key_slots, key_mask, cache=None):
+        cfg = self.config
+        x = HookPoint(name="resid_pre")(x)
+        attention = Attention(
+            cfg, sliding=self.layer_index in cfg.sliding_layers, name="attn"
+        )
+        attn_out, new_cache = attention(
+            Norm(cfg, name="ln_1")(x),
+            positions=positions,
+            query_slots=query_slots,
+            key_slots=key_slots,
+            key_mask=key_mask,
+            cache=cache,
+        )
+        attn_out = HookPoint(name="attn_out")(attn_out)
+        if cfg.post_norms:
+            attn_out = Norm(cfg, name="post_attn_norm")(attn_out)
+        mlp = Mlp(cfg, name="mlp")
+        if cfg.parallel_residual:
+            mlp_out = mlp(Norm(cfg, name="ln_2")(x))
+            x = x + attn_out + mlp_out
+        else:
+            x = HookPoint(name="resid_mid")(x + attn_out)
+            mlp_out = mlp(Norm(cfg, name="ln_2")(x))
+            if cfg.post_norms:
+                mlp_out = Norm(cfg, name="post_mlp_norm")(mlp_out)
+            x = x + mlp_out
+        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        return HookPoint(name="resid_post")(x), new_cache
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache for `max_len` positions (prompt plus generated tokens)."""
+    dtype = dtype or config.compute_dtype
+    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+    layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # noqa: E731
+    return {
+        "index": jnp.zeros((), jnp.int32),
+        "mask": jnp.zeros((batch_size, max_len), jnp.int32),
+        "layers": {f"blocks_{i}": layer() for i in range(config.num_layers)},
+    }
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model.
+
+    Call: `model.apply({'params': params}, tokens, attention_mask=None, positions=None,
+    cache=None)`; tokens [B, T] int. Returns float32 logits [B, T, V], or (logits, cache)
+    when a cache is passed.
+
+    attention_mask [B, T] marks real tokens (1) against padding (0); padded keys are never
+    attended to. Positions default to the running count of real tokens (so left padding
+    gives every sequence positions 0, 1, ...), which for unpadded or right-padded input is
+    0..T-1 as in Hugging Face.
+    """
+
+    config: ModelConfig
+
+    def _positions_and_mask(self, tokens, attention_mask, positions, cache):
+        b, t = tokens.shape
+        mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
+        mask = mask.astype(jnp.int32)
+        offset = 0 if cache is None else cache["mask"].sum(axis=1, keepdims=True)
+        if positions is None:
+            positions = jnp.maximum(offset + jnp.cumsum(mask, axis=1) - 1, 0)
+        return positions, mask
+
+    @nn.compact
+    def __call__(self, tokens, attention_mask=None, positions=None, cache=None):
+        cfg = self.config
+        b, t = tokens.shape
+        positions, mask = self._positions_and_mask(
+            tokens, attention_mask, positions, cache
+        )
+        if cache is None:
+            query_slots = key_slots = jnp.arange(t)
+            key_mask = mask
+        else:
+            index = cache["index"]
+            query_slots = index + jnp.arange(t)
+            key_slots = jnp.arange(cache["mask"].shape[1])
+            key_mask = jax.lax.dynamic_update_slice_in_dim(
+                cache["mask"], mask, index, axis=1
+            )
+
+        embedding = self.param(
+            "embed",
+            nn.with_logical_partitioning(_init, ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model),
+            cfg.storage_dtype,
+        ).astype(cfg.compute_dtype)
+        x = jnp.take(embedding, tokens, axis=0)
+        if cfg.embed_scale:
+            x = x * jnp.asarray(cfg.d_model**0.5, cfg.compute_dtype)
+        if cfg.positions == "learned":
+            pos_embedding = _param(
+                self, "pos_embed", (cfg.max_len, cfg.d_model), (None, "embed")
+            )
+            x = x + jnp.take(pos_embedding, positions, axis=0)
+        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+
+        new_layers = {}
+        for i in range(cfg.num_layers):
+            name = f"blocks_{i}"
+            x, new_layers[name] = Block(cfg, i, name=name)(
+                x,
+                positions=positions,
+                query_slots=query_slots,
+                key_slots=key_slots,
+                key_mask=key_mask,
+                cache=None
+                if cache is None
+                else dict(cache["layers"][name], index=cache["index"]),
+            )
+        x = HookPoint(name="final_norm")(Norm(cfg, name="ln_f")(x))
+        if cfg.tied_embeddings:
+            logits = jnp.einsum("BTD,VD->BTV", x, embedding)
+        else:
+            unembed = _param(
+                self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab")
+            )
+            logits = jnp.einsum("BTD,DV->BTV", x, unembed)
+        logits = _softcap(logits.astype(jnp.float32), cfg.final_softcap)
+        if cache is None:
+            return logits
+        return logits, {
+            "index": cache["index"] + t,
+            "mask": key_mask,
+            "layers": new_layers,
+        }
+
+
+def init_params(config: ModelConfig, seed: int = 0):
+    """Randomly initialised, unboxed parameters of `Transformer(config)`."""
+    model = Transformer(config)
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
+    return nn.meta.unbox(variables["params"])
