@@ -115,8 +115,7 @@ class ModelConfig:
             ),
             (
                 self.num_heads % self.num_kv_heads == 0,
-                f"num_heads={self.num_heads} is not a multiple of "
-                f"num_kv_heads={self.num_kv_heads}",
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}",
             ),
             (0.0 < self.rotary_fraction <= 1.0, "rotary_fraction must be in (0, 1]"),
             (
@@ -136,9 +135,7 @@ class ModelConfig:
             if not ok:
                 raise ValueError(f"Invalid ModelConfig: {message}.")
         # Lists from JSON/ml_collections become tuples so the config stays hashable.
-        object.__setattr__(
-            self, "sliding_layers", tuple(int(i) for i in self.sliding_layers)
-        )
+        object.__setattr__(self, "sliding_layers", tuple(int(i) for i in self.sliding_layers))
 
     @property
     def rotary_dim(self) -> int:

@@ -80,9 +80,7 @@ def _summarize(names: Iterable[str]) -> str:
     parts = []
     for key, layers in groups.items():
         if "{}" in key:
-            span = (
-                f"{min(layers)}..{max(layers)}" if len(layers) > 1 else str(layers[0])
-            )
+            span = f"{min(layers)}..{max(layers)}" if len(layers) > 1 else str(layers[0])
             parts.append(key.replace("{}", "{" + span + "}"))
         else:
             parts.append(key)
@@ -161,10 +159,7 @@ def hooked(
 
     def interceptor(next_fun, args, kwargs, context):
         value = next_fun(*args, **kwargs)
-        if (
-            not isinstance(context.module, HookPoint)
-            or context.method_name != "__call__"
-        ):
+        if not isinstance(context.module, HookPoint) or context.method_name != "__call__":
             return value
         name = hook_name(context.module)
         if name in active:

@@ -20,7 +20,6 @@ holds keys/values for every layer, a key-validity mask and the next write index;
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -75,21 +74,17 @@ class Norm(nn.Module):
 def rotary_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     """Per-pair rotation frequencies [rotary_dim / 2], with Llama 3 scaling if configured."""
     dim = config.rotary_dim
-    inv_freq = 1.0 / (
-        config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    )
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     if config.rope_scaling == "llama3":
         # Llama 3.1 frequency-dependent scaling: long wavelengths are slowed by `factor`,
         # short ones kept, and the band between interpolated smoothly.
         low_wavelen = config.rope_original_max_len / config.rope_low_freq_factor
         high_wavelen = config.rope_original_max_len / config.rope_high_freq_factor
         wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(
-            wavelen > low_wavelen, inv_freq / config.rope_factor, inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / config.rope_factor, inv_freq)
+        smooth = (config.rope_original_max_len / wavelen - config.rope_low_freq_factor) / (
+            config.rope_high_freq_factor - config.rope_low_freq_factor
         )
-        smooth = (
-            config.rope_original_max_len / wavelen - config.rope_low_freq_factor
-        ) / (config.rope_high_freq_factor - config.rope_low_freq_factor)
         smoothed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled)
@@ -116,18 +111,16 @@ class Attention(nn.Module):
     """Multi-head / grouped-query causal self-attention. x: [B, T, D] -> [B, T, D]."""
 
     config: ModelConfig
-    sliding: bool = False
 
     @nn.compact
-    def __call__(self, x, *, positions, query_slots, key_slots, key_mask, cache=None):
+    def __call__(self, x, *, positions, mask, cache=None):
+        """x: [B, T, D]; positions [B, T]; mask [B, T, S], True where attending is allowed."""
         cfg = self.config
         n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
         g = n // k
 
         def project(name, heads):
-            kernel = _param(
-                self, f"{name}_kernel", (d, heads, h), ("embed", "heads", "kv")
-            )
+            kernel = _param(self, f"{name}_kernel", (d, heads, h), ("embed", "heads", "kv"))
             y = jnp.einsum("BTD,DNH->BTNH", x, kernel)
             if cfg.attn_bias:
                 bias = _param(
@@ -165,16 +158,10 @@ class Attention(nn.Module):
         logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key).astype(jnp.float32) * scale
         logits = _softcap(logits, cfg.attn_softcap)
 
-        allowed = key_slots[None, :] <= query_slots[:, None]  # [T, S] causal
-        if self.sliding:
-            allowed &= query_slots[:, None] - key_slots[None, :] < cfg.sliding_window
-        allowed = allowed[None] & key_mask[:, None, :].astype(bool)  # [B, T, S]
-        logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
         b, t, s = probs.shape[0], probs.shape[3], probs.shape[4]
-        probs = HookPoint(name="pattern")(probs.reshape(b, n, t, s)).reshape(
-            b, k, g, t, s
-        )
+        probs = HookPoint(name="pattern")(probs.reshape(b, n, t, s)).reshape(b, k, g, t, s)
 
         z = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
         z = HookPoint(name="z")(z)
@@ -206,13 +193,9 @@ class Mlp(nn.Module):
         x = HookPoint(name="in")(x)
 
         def dense(name, inputs, a, b, axes):
-            y = jnp.einsum(
-                "BTA,AC->BTC", inputs, _param(self, f"{name}_kernel", (a, b), axes)
-            )
+            y = jnp.einsum("BTA,AC->BTC", inputs, _param(self, f"{name}_kernel", (a, b), axes))
             if cfg.mlp_bias:
-                y = y + _param(
-                    self, f"{name}_bias", (b,), axes[1:], nn.initializers.zeros
-                )
+                y = y + _param(self, f"{name}_bias", (b,), axes[1:], nn.initializers.zeros)
             return nn.with_logical_constraint(y, ("batch", "seq", axes[1]))
 
         act = _activation(cfg.activation)
@@ -221,9 +204,7 @@ class Mlp(nn.Module):
             up = HookPoint(name="up")(dense("up", x, d, f, ("embed", "mlp")))
             hidden = act(gate) * up
         else:
-            hidden = act(
-                HookPoint(name="pre_act")(dense("up", x, d, f, ("embed", "mlp")))
-            )
+            hidden = act(HookPoint(name="pre_act")(dense("up", x, d, f, ("embed", "mlp"))))
         hidden = HookPoint(name="post_act")(hidden)
         return HookPoint(name="out")(dense("down", hidden, f, d, ("mlp", "embed")))
 
@@ -235,18 +216,15 @@ class Block(nn.Module):
     layer_index: int
 
     @nn.compact
-    def __call__(self, x, *, positions, query_slots, key_slots, key_mask, cache=None):
+    def __call__(self, x, *, positions, masks, cache=None):
+        """masks: {'full': [B, T, S], 'sliding': [B, T, S] or None}."""
         cfg = self.config
         x = HookPoint(name="resid_pre")(x)
-        attention = Attention(
-            cfg, sliding=self.layer_index in cfg.sliding_layers, name="attn"
-        )
-        attn_out, new_cache = attention(
+        sliding = self.layer_index in cfg.sliding_layers
+        attn_out, new_cache = Attention(cfg, name="attn")(
             Norm(cfg, name="ln_1")(x),
             positions=positions,
-            query_slots=query_slots,
-            key_slots=key_slots,
-            key_mask=key_mask,
+            mask=masks["sliding" if sliding else "full"],
             cache=cache,
         )
         attn_out = HookPoint(name="attn_out")(attn_out)
@@ -274,6 +252,7 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
     return {
         "index": jnp.zeros((), jnp.int32),
         "mask": jnp.zeros((batch_size, max_len), jnp.int32),
+        "positions": jnp.zeros((batch_size, max_len), jnp.int32),
         "layers": {f"blocks_{i}": layer() for i in range(config.num_layers)},
     }
 
@@ -306,19 +285,28 @@ class Transformer(nn.Module):
     def __call__(self, tokens, attention_mask=None, positions=None, cache=None):
         cfg = self.config
         b, t = tokens.shape
-        positions, mask = self._positions_and_mask(
-            tokens, attention_mask, positions, cache
-        )
+        positions, mask = self._positions_and_mask(tokens, attention_mask, positions, cache)
         if cache is None:
             query_slots = key_slots = jnp.arange(t)
-            key_mask = mask
+            key_mask, key_positions = mask, positions
         else:
             index = cache["index"]
             query_slots = index + jnp.arange(t)
             key_slots = jnp.arange(cache["mask"].shape[1])
-            key_mask = jax.lax.dynamic_update_slice_in_dim(
-                cache["mask"], mask, index, axis=1
-            )
+
+            def update(old, new):
+                return jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), index, 1)
+
+            key_mask = update(cache["mask"], mask)
+            key_positions = update(cache["positions"], positions)
+        # Causality follows slots (the order tokens arrived in); the sliding window counts
+        # positions, so a padded row sees the same window it would see unpadded.
+        causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
+        full = causal[None] & key_mask[:, None, :].astype(bool)  # [B, T, S]
+        masks = {"full": full, "sliding": None}
+        if cfg.sliding_layers:
+            distance = positions[:, :, None] - key_positions[:, None, :]
+            masks["sliding"] = full & (distance < cfg.sliding_window)
 
         embedding = self.param(
             "embed",
@@ -330,9 +318,7 @@ class Transformer(nn.Module):
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model**0.5, cfg.compute_dtype)
         if cfg.positions == "learned":
-            pos_embedding = _param(
-                self, "pos_embed", (cfg.max_len, cfg.d_model), (None, "embed")
-            )
+            pos_embedding = _param(self, "pos_embed", (cfg.max_len, cfg.d_model), (None, "embed"))
             x = x + jnp.take(pos_embedding, positions, axis=0)
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
 
@@ -342,29 +328,20 @@ class Transformer(nn.Module):
             x, new_layers[name] = Block(cfg, i, name=name)(
                 x,
                 positions=positions,
-                query_slots=query_slots,
-                key_slots=key_slots,
-                key_mask=key_mask,
-                cache=None
-                if cache is None
-                else dict(cache["layers"][name], index=cache["index"]),
+                masks=masks,
+                cache=None if cache is None else dict(cache["layers"][name], index=cache["index"]),
             )
         x = HookPoint(name="final_norm")(Norm(cfg, name="ln_f")(x))
         if cfg.tied_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, embedding)
         else:
-            unembed = _param(
-                self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab")
-            )
+            unembed = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
             logits = jnp.einsum("BTD,DV->BTV", x, unembed)
         logits = _softcap(logits.astype(jnp.float32), cfg.final_softcap)
         if cache is None:
             return logits
-        return logits, {
-            "index": cache["index"] + t,
-            "mask": key_mask,
-            "layers": new_layers,
-        }
+        new_cache = {"index": cache["index"] + t, "mask": key_mask, "positions": key_positions}
+        return logits, dict(new_cache, layers=new_layers)
 
 
 def init_params(config: ModelConfig, seed: int = 0):
