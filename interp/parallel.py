@@ -66,6 +66,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("mlp", "model"),
     ("heads", "model"),
+    ("kv_heads", "model"),
     ("vocab", "model"),
     ("kv", None),
     ("latent", "model"),

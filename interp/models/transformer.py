@@ -19,6 +19,7 @@ holds keys/values for every layer, a key-validity mask and the next write index;
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -120,14 +121,17 @@ class Attention(nn.Module):
         g = n // k
 
         def project(name, heads):
-            kernel = _param(self, f"{name}_kernel", (d, heads, h), ("embed", "heads", "kv"))
+            # Key/value heads have their own logical name: rules may split query heads
+            # without splitting the (often few) kv heads.
+            head_axis = "heads" if name == "q" else "kv_heads"
+            kernel = _param(self, f"{name}_kernel", (d, heads, h), ("embed", head_axis, "kv"))
             y = jnp.einsum("BTD,DNH->BTNH", x, kernel)
             if cfg.attn_bias:
                 bias = _param(
                     self,
                     f"{name}_bias",
                     (heads, h),
-                    ("heads", "kv"),
+                    (head_axis, "kv"),
                     nn.initializers.zeros,
                 )
                 y = y + bias
@@ -337,6 +341,7 @@ class Transformer(nn.Module):
         else:
             unembed = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
             logits = jnp.einsum("BTD,DV->BTV", x, unembed)
+        logits = nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
         logits = _softcap(logits.astype(jnp.float32), cfg.final_softcap)
         if cache is None:
             return logits
@@ -345,7 +350,11 @@ class Transformer(nn.Module):
 
 
 def init_params(config: ModelConfig, seed: int = 0):
-    """Randomly initialised, unboxed parameters of `Transformer(config)`."""
-    model = Transformer(config)
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
-    return nn.meta.unbox(variables["params"])
+    """Randomly initialised, unboxed parameters of `Transformer(config)` (on one device)."""
+    return _init_params(Transformer(config), jax.random.key(seed))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(model, key):
+    # Jitted: eager init dispatches every initializer separately (seconds on CPU).
+    return nn.meta.unbox(model.init(key, jnp.zeros((1, 2), jnp.int32))["params"])
