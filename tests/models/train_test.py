@@ -1,0 +1,130 @@
+"""The LM training job: runs from its absl main, resumes exactly, shards, exports loadably."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+from configs import demo
+from interp import models
+from interp.models import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _tiny(**overrides):
+    config = demo.get_config("tiny=True")
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def _exported(workdir):
+    return safetensors.numpy.load_file(os.path.join(workdir, "export", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny run through the real command line, shared by the tests below."""
+    workdir = str(tmp_path_factory.mktemp("tiny"))
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.train_lm", "--config=configs/demo.py:tiny=True",
+         f"--workdir={workdir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_main_writes_config_metrics_checkpoints_and_export(tiny_run):
+    workdir, result = tiny_run
+    assert "Held-out loss" in result.stdout
+    assert "tok/s" in result.stderr and "ETA" in result.stderr
+    for name in ("config.json", "metrics.jsonl", "summary.json", "tokenizer/tokenizer.json"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = f.read().splitlines()
+    assert any('"eval_loss"' in line for line in lines)
+    assert any('"loss"' in line for line in lines)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    # As if the process died after the step-3 checkpoint.
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+    shutil.rmtree(os.path.join(resumed, "export"))
+    train.run(_tiny(), resumed)
+    original, again = _exported(workdir), _exported(resumed)
+    assert original.keys() == again.keys()
+    for name in original:
+        np.testing.assert_array_equal(again[name], original[name], err_msg=name)
+
+
+def test_sharded_training_matches_unsharded(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    sharded = str(tmp_path / "sharded")
+    train.run(_tiny(**{"mesh.data": 2, "mesh.model": 2, "mesh.fsdp": 2}), sharded)
+    original, again = _exported(workdir), _exported(sharded)
+    for name in original:
+        np.testing.assert_allclose(again[name], original[name], atol=2e-5, err_msg=name)
+
+
+def test_export_loads_in_interp_and_transformers_with_the_same_logits(tiny_run):
+    workdir, _ = tiny_run
+    export = os.path.join(workdir, "export")
+    model, params, tokenizer = models.from_pretrained(export)
+    assert tokenizer is not None
+    tokens, mask = tokenizer.encode_batch(["Alice was beginning to get very tired."])
+    ours = np.asarray(model.apply({"params": params}, tokens))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export, attn_implementation="eager")
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
+    assert isinstance(jax.tree.leaves(params)[0], jax.Array)
+
+
+def test_resuming_with_a_different_model_is_refused(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    with pytest.raises(Exception, match="d_model"):
+        train.run(_tiny(**{"model.d_model": 48}), copy)
+
+
+def test_unigram_baseline_is_the_smoothed_unigram_cross_entropy():
+    train_tokens = np.array([[0, 0, 1, 2]])
+    eval_tokens = np.array([[9, 0, 1]])  # The first token is never predicted.
+    # Counts + 1 over a vocabulary of 4: p(0)=3/8, p(1)=2/8.
+    expected = -(np.log(3 / 8) + np.log(2 / 8)) / 2
+    assert train.unigram_loss(train_tokens, eval_tokens, 4) == pytest.approx(expected)
+
+
+def test_readme_example_runs_on_the_exported_model(tiny_run):
+    workdir, _ = tiny_run
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "workdir/demo/export" in code
+    code = code.replace("workdir/demo/export", os.path.join(workdir, "export"))
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["out"].shape == (2, namespace["tokens"].shape[1] + 20)
+    assert set(namespace["acts"]) == {
+        "blocks_0/resid_post",
+        "blocks_1/resid_post",
+        "blocks_1/mlp/out",
+    }
