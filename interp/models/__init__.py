@@ -2,7 +2,7 @@
 
 from interp.models import hooks
 from interp.models.config import ModelConfig
-from interp.models.convert import from_pretrained, save_pretrained
+from interp.models.pretrained import from_pretrained, save_pretrained
 from interp.models.transformer import Transformer, init_params
 
 __all__ = [

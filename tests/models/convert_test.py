@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from interp import models
-from interp.models import convert
+from interp.models import convert, pretrained
 from interp.models.config import ModelConfig
 
 VOCAB, BATCH, LENGTH, PAD = 128, 2, 16, 5
@@ -217,7 +217,7 @@ def _assert_trees_identical(a, b):
 def test_export_round_trip(converted, tmp_path):
     variant, hf, folder, model, params = converted
     # Our tensors are HF's tensors, bit for bit.
-    original = convert.read_safetensors(folder / "model.safetensors")
+    original = pretrained.read_safetensors(folder / "model.safetensors")
     exported = convert.params_to_hf(params, model.config)
     assert sorted(exported) == sorted(original)
     for name, value in original.items():
@@ -286,8 +286,8 @@ def test_bfloat16_checkpoint_loads(tmp_path):
     assert np.asarray(params_mixed["embed"]).dtype == np.float32
     # Export keeps bf16: HF's file and ours hold the same bytes.
     models.save_pretrained(tmp_path / "out", model16, params16)
-    original = convert.read_safetensors(tmp_path / "bf16" / "model.safetensors")
-    exported = convert.read_safetensors(tmp_path / "out" / "model.safetensors")
+    original = pretrained.read_safetensors(tmp_path / "bf16" / "model.safetensors")
+    exported = pretrained.read_safetensors(tmp_path / "out" / "model.safetensors")
     assert sorted(original) == sorted(exported)
     for name, value in original.items():
         assert value.dtype == exported[name].dtype and value.tobytes() == exported[name].tobytes()
@@ -301,10 +301,10 @@ def llama_folder():
 
 def _edited_copy(source, destination, edit):
     shutil.copytree(source, destination)
-    tensors = convert.read_safetensors(source / "model.safetensors")
+    tensors = pretrained.read_safetensors(source / "model.safetensors")
     tensors = {k: np.array(v) for k, v in tensors.items()}
     edit(tensors)
-    convert.write_safetensors(destination / "model.safetensors", tensors)
+    pretrained.write_safetensors(destination / "model.safetensors", tensors)
     return destination
 
 
@@ -340,7 +340,7 @@ def test_unexpected_tensor_is_named(llama_folder, tmp_path):
 
 def test_gpt2_without_prefix_with_buffers_and_tied_head_loads(tmp_path):
     _, _, folder, _, params = _converted("gpt2")
-    original = convert.read_safetensors(folder / "model.safetensors")
+    original = pretrained.read_safetensors(folder / "model.safetensors")
 
     # Old exports: GPT2Model keys without `transformer.`, causal-mask buffers, a saved head.
     def edit(tensors):
@@ -437,3 +437,30 @@ def test_save_pretrained_writes_the_tokenizer_and_its_ids(llama_folder, tmp_path
     assert (tmp_path / "tokenizer.json").exists()
     if importlib.util.find_spec("interp.models.tokenizer"):
         assert models.from_pretrained(tmp_path)[2] is not None
+
+
+def test_save_pretrained_replaces_an_export_atomically(llama_folder, tmp_path, monkeypatch):
+    model, params, _ = models.from_pretrained(llama_folder)
+    out = tmp_path / "out"
+    models.save_pretrained(out, model, params, max_shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").exists()
+    models.save_pretrained(out, model, params)  # Unsharded now: no stale shards remain.
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    before = (out / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrained, "write_safetensors", crash)
+    with pytest.raises(KeyboardInterrupt):
+        models.save_pretrained(out, model, jax.tree.map(lambda x: x + 1, params))
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # No staging debris.
+
+
+def test_save_pretrained_refuses_a_folder_with_other_files(llama_folder, tmp_path):
+    model, params, _ = models.from_pretrained(llama_folder)
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        models.save_pretrained(tmp_path, model, params)
+    assert (tmp_path / "notes.txt").read_text() == "precious"
