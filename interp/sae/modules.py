@@ -1,0 +1,189 @@
+"""Sparse autoencoders: ReLU + L1, TopK, BatchTopK and JumpReLU, as functional Flax modules.
+
+Legend: B batch of activation vectors, D input width (d_in), X latents (num_latents).
+
+Parameter names and layouts follow the SAELens convention so checkpoints interchange directly:
+W_enc [D, X], b_enc [X], W_dec [X, D], b_dec [D], and threshold [X] for JumpReLU and BatchTopK
+(BatchTopK trains with a batch-level top-k and infers with a threshold, as SAELens does).
+
+    sae = SAE(SAEConfig(architecture="topk", d_in=768, num_latents=32768, k=32))
+    params = sae.init(jax.random.key(0), x)["params"]
+    codes = sae.apply({"params": params}, x, method="encode")    # [B, X], at most k nonzeros
+    x_hat = sae.apply({"params": params}, codes, method="decode")  # [B, D]
+
+Inputs are raw model activations: `input_scale` (fixed when training starts, e.g. to give unit
+mean squared norm) is applied inside encode and undone inside decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+    """Architecture and loss settings of one sparse autoencoder.
+
+    Attributes:
+      architecture: 'relu' (ReLU + L1, Anthropic), 'topk' (OpenAI), 'batchtopk', 'jumprelu'
+        (Gemma Scope).
+      d_in: D, width of the activations.
+      num_latents: X.
+      k: Active latents per token (topk), or mean per token (batchtopk).
+      subtract_decoder_bias: Encode x - b_dec (the pre-encoder bias of OpenAI's TopK; SAELens's
+        apply_b_dec_to_input). Anthropic's 2024 ReLU recipe does not.
+      input_scale: Multiplies inputs before encoding (and divides reconstructions).
+      l1_coefficient: Sparsity penalty (relu: L1 weighted by decoder norms; jumprelu: L0).
+      l1_warmup_steps: Linear warm-up of the sparsity coefficient from 0.
+      auxk_alpha: Weight of the AuxK loss on dead latents (topk, batchtopk); 0 disables it.
+      auxk_k: Latents the AuxK loss uses (OpenAI: d_in / 2); None means d_in // 2.
+      dead_tokens: A latent is dead after firing on none of this many tokens.
+      jumprelu_bandwidth: Width of the straight-through kernel for the threshold gradient.
+      jumprelu_init_threshold: Initial threshold.
+      dtype: Compute dtype of the matmuls ('float32' or 'bfloat16'); params stay float32.
+    """
+
+    architecture: str = "topk"
+    d_in: int = 64
+    num_latents: int = 512
+    k: int = 32
+    subtract_decoder_bias: bool = True
+    input_scale: float = 1.0
+    l1_coefficient: float = 5.0
+    l1_warmup_steps: int = 0
+    auxk_alpha: float = 1 / 32
+    auxk_k: int | None = None
+    dead_tokens: int = 10_000_000
+    jumprelu_bandwidth: float = 0.001
+    jumprelu_init_threshold: float = 0.001
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"Unknown SAE architecture {self.architecture!r}; expected one of {ARCHITECTURES}."
+            )
+        if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.num_latents:
+            raise ValueError(f"k={self.k} must be in 1..num_latents={self.num_latents}.")
+
+    def replace(self, **changes) -> SAEConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values) -> SAEConfig:
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown SAEConfig field(s) {unknown}; valid: {sorted(known)}.")
+        return cls(**values)
+
+
+def topk_codes(pre, k):
+    """Keeps each row's k largest pre-activations (ReLU'd), zeros elsewhere. pre: [B, X]."""
+    values, indices = jax.lax.top_k(pre, k)
+    rows = jnp.arange(pre.shape[0])[:, None]
+    return jnp.zeros_like(pre).at[rows, indices].set(jax.nn.relu(values))
+
+
+def batch_topk_codes(pre, k):
+    """Keeps the k * B largest ReLU'd pre-activations of the whole batch. pre: [B, X]."""
+    flat = jax.nn.relu(pre).reshape(-1)
+    values, indices = jax.lax.top_k(flat, k * pre.shape[0])
+    return jnp.zeros_like(flat).at[indices].set(values).reshape(pre.shape)
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder over activation vectors. x: [..., D]."""
+
+    config: SAEConfig
+
+    def setup(self):
+        cfg = self.config
+        d, x = cfg.d_in, cfg.num_latents
+        partition = nn.with_logical_partitioning
+        normal = nn.initializers.normal(stddev=d**-0.5)
+        zeros = nn.initializers.zeros
+        # Plain initialisers give shapes and logical axes; `init_params` is the training init.
+        self.W_enc = self.param("W_enc", partition(normal, ("embed", "latent")), (d, x))
+        self.b_enc = self.param("b_enc", partition(zeros, ("latent",)), (x,))
+        self.W_dec = self.param("W_dec", partition(normal, ("latent", "embed")), (x, d))
+        self.b_dec = self.param("b_dec", partition(zeros, ("embed",)), (d,))
+        if cfg.architecture in ("jumprelu", "batchtopk"):
+            init = nn.initializers.constant(cfg.jumprelu_init_threshold)
+            self.threshold = self.param("threshold", partition(init, ("latent",)), (x,))
+
+    def pre_activation(self, x):
+        """Encoder pre-activations [..., X] (before the sparsifying non-linearity)."""
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        x = x.astype(jnp.float32) * cfg.input_scale
+        if cfg.subtract_decoder_bias:
+            x = x - self.b_dec
+        pre = jnp.einsum("...D,DX->...X", x.astype(dtype), self.W_enc.astype(dtype))
+        return pre.astype(jnp.float32) + self.b_enc
+
+    def activate(self, pre):
+        """The architecture's sparsifying non-linearity, in inference mode."""
+        cfg = self.config
+        if cfg.architecture == "relu":
+            return jax.nn.relu(pre)
+        if cfg.architecture == "topk":
+            return topk_codes(pre.reshape(-1, pre.shape[-1]), cfg.k).reshape(pre.shape)
+        # JumpReLU, and BatchTopK at inference: a per-latent threshold.
+        return jnp.where(pre > self.threshold, jax.nn.relu(pre), 0.0)
+
+    def encode(self, x):
+        """Latent codes [..., X] of raw activations x [..., D]."""
+        return self.activate(self.pre_activation(x))
+
+    def decode(self, codes):
+        """Reconstruction [..., D] in the raw activations' scale."""
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        x_hat = jnp.einsum("...X,XD->...D", codes.astype(dtype), self.W_dec.astype(dtype))
+        return (x_hat.astype(jnp.float32) + self.b_dec) / cfg.input_scale
+
+    def __call__(self, x):
+        """(reconstruction [..., D], codes [..., X])."""
+        codes = self.encode(x)
+        return self.decode(codes), codes
+
+
+def init_params(config: SAEConfig, key: jax.Array, b_dec=None) -> dict[str, jax.Array]:
+    """Training initialisation: unit-norm decoder rows, encoder tied to the decoder (OpenAI).
+
+    Args:
+      config: The SAE's config.
+      key: PRNG key.
+      b_dec: Optional [D] initial decoder bias, e.g. the geometric median or mean of the
+        (unscaled) training activations; it is scaled by input_scale here.
+
+    Returns:
+      The 'params' tree of `SAE(config)`.
+    """
+    w_dec = jax.random.normal(key, (config.num_latents, config.d_in), jnp.float32)
+    w_dec = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
+    params = {
+        "W_enc": w_dec.T,
+        "b_enc": jnp.zeros((config.num_latents,), jnp.float32),
+        "W_dec": w_dec,
+        "b_dec": jnp.zeros((config.d_in,), jnp.float32)
+        if b_dec is None
+        else jnp.asarray(b_dec, jnp.float32) * config.input_scale,
+    }
+    if config.architecture in ("jumprelu", "batchtopk"):
+        params["threshold"] = jnp.full(
+            (config.num_latents,), config.jumprelu_init_threshold, jnp.float32
+        )
+    return params
