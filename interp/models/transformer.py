@@ -261,6 +261,29 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
     }
 
 
+def _check_inputs(cfg, tokens, attention_mask, positions, cache):
+    """Shape errors that would otherwise surface deep inside an einsum, or not at all."""
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(
+            f"tokens must be int token ids of shape [batch, length]; got {tokens.dtype} "
+            f"{tokens.shape} (add a batch axis with tokens[None] for one sequence)."
+        )
+    for name, value in (("attention_mask", attention_mask), ("positions", positions)):
+        if value is not None and tuple(value.shape) != tuple(tokens.shape):
+            raise ValueError(
+                f"{name} has shape {value.shape}; it must match tokens {tokens.shape}."
+            )
+    if cache is not None and cache["mask"].shape[0] != tokens.shape[0]:
+        raise ValueError(
+            f"The KV cache holds {cache['mask'].shape[0]} rows but tokens have "
+            f"{tokens.shape[0]}; build it with init_cache(config, batch_size, max_len)."
+        )
+    if cfg.positions == "learned" and cache is None and tokens.shape[1] > cfg.max_len:
+        raise ValueError(
+            f"{tokens.shape[1]} tokens exceed the model's {cfg.max_len} learned positions."
+        )
+
+
 class Transformer(nn.Module):
     """Decoder-only language model.
 
@@ -288,6 +311,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, attention_mask=None, positions=None, cache=None):
         cfg = self.config
+        _check_inputs(cfg, tokens, attention_mask, positions, cache)
         b, t = tokens.shape
         positions, mask = self._positions_and_mask(tokens, attention_mask, positions, cache)
         if cache is None:
