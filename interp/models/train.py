@@ -26,29 +26,11 @@ from interp.data import corpus, text
 from interp.models import generate
 from interp.models import tokenizer as tokenizer_lib
 from interp.models.config import ModelConfig
+from interp.models.losses import next_token_loss
 from interp.models.transformer import Transformer
 
 EXPORT_DIR = "export"
 TOKENIZER_DIR = "tokenizer"
-
-
-def next_token_loss(logits, tokens, mask=None):
-    """Mean cross-entropy of predicting tokens[:, 1:] from logits[:, :-1], in float32.
-
-    Args:
-      logits: [B, T, V].
-      tokens: [B, T] int.
-      mask: Optional [B, T]; a target counts when it and its input are both real tokens.
-
-    Returns:
-      (mean loss, number of predicted tokens).
-    """
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-    targets = tokens[:, 1:]
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    weight = jnp.ones_like(nll) if mask is None else (mask[:, 1:] * mask[:, :-1]).astype(nll.dtype)
-    count = jnp.maximum(weight.sum(), 1.0)
-    return (nll * weight).sum() / count, count
 
 
 def unigram_loss(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:

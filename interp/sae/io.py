@@ -1,0 +1,346 @@
+"""SAE folders in the SAELens layout: `sae_weights.safetensors` + `cfg.json`.
+
+    save("/out/sae", config, params, metadata={"hook_name": "blocks_6/resid_post"})
+    sae, params = load("/out/sae")                       # ours, or any SAELens folder
+    codes = sae.apply({"params": params}, x, method="encode")
+
+    # The same folder in SAELens (torch):
+    #   from sae_lens import SAE; SAE.load_from_disk("/out/sae").encode(torch.tensor(x))
+
+Weights keep SAELens's names and layouts (W_enc [D, X], b_enc [X], W_dec [X, D], b_dec [D],
+threshold [X]), stored as float32. `cfg.json` is a SAELens 6.x inference config (architecture,
+d_in, d_sae, k, apply_b_dec_to_input, normalize_activations, dtype, device, metadata with
+hook_name/model_name when given) plus our whole `SAEConfig` under "interp_config", which SAELens
+ignores and `load` uses, so our own checkpoints come back with every training setting.
+
+Architectures: relu <-> SAELens 'standard', topk <-> 'topk', jumprelu <-> 'jumprelu'. A
+BatchTopK SAE infers with a per-latent threshold, so it is exported as 'jumprelu', exactly as
+SAELens's `BatchTopKTrainingSAE.save_inference_model` does (metadata.training_architecture is
+'batchtopk'); `load` turns such a folder back into a 'batchtopk' config.
+
+`input_scale` is folded into the weights on export, as SAELens's
+`fold_activation_norm_scaling_factor` does (W_enc * s, W_dec / s, b_dec / s, and
+normalize_activations 'none'): with codes c = f((s x - b_dec) W_enc + b_enc) and reconstruction
+(c W_dec + b_dec) / s, the folded SAE gives the same codes and reconstruction from raw
+activations, so SAELens's `encode`/`decode` on raw activations equal ours. `load` unfolds it for
+our own folders (exact when the scale is 1 or a power of two, else to float32 rounding).
+
+Reading SAELens folders covers configs from before 6.0 (top-level hook_point/hook_name,
+`activation_fn_str` 'relu' or 'topk' with `activation_fn_kwargs: {k}`, boolean
+normalize_activations, a `scaling_factor` tensor) and 6.x (architecture-specific fields,
+`metadata`, `rescale_acts_by_decoder_norm` for TopK, BatchTopK training checkpoints with a
+scalar `topk_threshold`). Gated SAEs and other architectures raise a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+
+from interp.models.pretrained import read_safetensors, write_safetensors
+from interp.sae.modules import SAE, SAEConfig
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CONFIG_FILE = "cfg.json"
+CONFIG_KEY = "interp_config"
+# SAELens treats a cfg.json without metadata.sae_lens_version as a pre-6.0 config and rewrites
+# it (dropping the nested metadata); this marks the 6.x layout we write.
+SAE_LENS_FORMAT_VERSION = "6.0.0"
+
+_TO_SAE_LENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+_FROM_SAE_LENS = {
+    "standard": "relu",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "batchtopk": "batchtopk",
+}
+# Inference-time normalisations SAELens applies per token; no fixed scale can express them.
+_PER_TOKEN_NORMS = ("layer_norm", "constant_norm_rescale")
+
+
+def _expected_shapes(config: SAEConfig) -> dict[str, tuple[int, ...]]:
+    d, x = config.d_in, config.num_latents
+    shapes = {"W_enc": (d, x), "b_enc": (x,), "W_dec": (x, d), "b_dec": (d,)}
+    if config.architecture in ("jumprelu", "batchtopk"):
+        shapes["threshold"] = (x,)
+    return shapes
+
+
+def _check_params(params: Mapping[str, Any], config: SAEConfig, where: str) -> None:
+    """Raises ValueError naming missing, unexpected or mis-shaped tensors."""
+    expected = _expected_shapes(config)
+    missing = sorted(set(expected) - set(params))
+    extra = sorted(set(params) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{where}: a {config.architecture!r} SAE needs tensors {sorted(expected)}; "
+            f"missing {missing}, unexpected {extra}."
+        )
+    for name, shape in expected.items():
+        got = tuple(np.shape(params[name]))
+        if got != shape:
+            raise ValueError(
+                f"{where}: {name} has shape {got}, expected {shape} for d_in={config.d_in}, "
+                f"num_latents={config.num_latents}."
+            )
+
+
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in os.fspath(path)
+
+
+def _write_tensors(path: epath.Path, tensors: Mapping[str, np.ndarray]) -> None:
+    if _is_local(path):
+        write_safetensors(path, tensors)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # gs://: write locally, then upload.
+        local = os.path.join(tmp, WEIGHTS_FILE)
+        write_safetensors(local, tensors)
+        with open(local, "rb") as f:
+            path.write_bytes(f.read())
+
+
+def _read_tensors(path: epath.Path) -> dict[str, np.ndarray]:
+    """{name: float32 array}, copied out of the file (memory maps are not kept open)."""
+    if _is_local(path):
+        return {k: np.asarray(v, np.float32) for k, v in read_safetensors(path).items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, WEIGHTS_FILE)
+        with open(local, "wb") as f:
+            f.write(path.read_bytes())
+        return {k: np.asarray(v, np.float32) for k, v in read_safetensors(local).items()}
+
+
+def save(
+    path: epath.PathLike,
+    config: SAEConfig | SAE,
+    params: Mapping[str, Any],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Writes an SAE folder that both `load` and SAELens (`SAE.load_from_disk`) read.
+
+    Args:
+      path: Folder (local or gs://); created if needed, its two files overwritten.
+      config: The SAE's `SAEConfig` (or the `SAE` module).
+      params: Its 'params' tree (W_enc, b_enc, W_dec, b_dec, and threshold for
+        jumprelu/batchtopk), in the raw-activation convention of `interp.sae.modules`.
+      metadata: Extra SAELens metadata, e.g. {'model_name': ..., 'hook_name': ...,
+        'context_size': ...}; JSON-serialisable values.
+
+    Raises:
+      ValueError: when params do not match the config.
+    """
+    config = getattr(config, "config", config)
+    params = {name: np.asarray(value, np.float64) for name, value in params.items()}
+    _check_params(params, config, "save")
+    # Fold input_scale (see the module docstring) in float64, then store float32.
+    scale = float(config.input_scale)
+    tensors = dict(params)
+    tensors["W_enc"] = params["W_enc"] * scale
+    tensors["W_dec"] = params["W_dec"] / scale
+    tensors["b_dec"] = params["b_dec"] / scale
+    tensors = {name: value.astype(np.float32) for name, value in tensors.items()}
+
+    meta: dict[str, Any] = {"sae_lens_version": SAE_LENS_FORMAT_VERSION}
+    if config.architecture == "batchtopk":  # As SAELens records a BatchTopK export.
+        meta["training_architecture"] = "batchtopk"
+        meta["training_architecture_details"] = {"k": config.k}
+    meta.update(metadata or {})
+    cfg: dict[str, Any] = {
+        "architecture": _TO_SAE_LENS[config.architecture],
+        "d_in": config.d_in,
+        "d_sae": config.num_latents,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": config.subtract_decoder_bias,
+        "normalize_activations": "none",  # input_scale is folded into the weights.
+        "reshape_activations": "none",
+        "metadata": meta,
+    }
+    if config.architecture == "topk":
+        cfg["k"] = config.k
+        cfg["rescale_acts_by_decoder_norm"] = False
+    cfg[CONFIG_KEY] = config.to_dict()
+
+    folder = epath.Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_tensors(folder / WEIGHTS_FILE, tensors)
+    # After the weights: a new folder that has a cfg.json has complete weights.
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _read_folder(path: epath.PathLike) -> tuple[epath.Path, dict[str, Any]]:
+    folder = epath.Path(path)
+    if not folder.exists() or not folder.is_dir():
+        raise FileNotFoundError(
+            f"SAE folder {folder} does not exist; expected a folder with {CONFIG_FILE} and "
+            f"{WEIGHTS_FILE} (the SAELens layout)."
+        )
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).exists():
+            present = sorted(p.name for p in folder.iterdir())[:10]
+            raise FileNotFoundError(
+                f"{folder / name} is missing; an SAE folder holds {CONFIG_FILE} and "
+                f"{WEIGHTS_FILE} (found {present})."
+            )
+    try:
+        raw = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{folder / CONFIG_FILE} must hold a JSON object.")
+    return folder, raw
+
+
+def read_metadata(path: epath.PathLike) -> dict[str, Any]:
+    """The SAELens metadata of a folder (model_name, hook_name, ...; {} if none).
+
+    Pre-6.0 configs keep these at the top level (hook_point is returned as hook_name).
+    """
+    _, raw = _read_folder(path)
+    meta = dict(raw.get("metadata") or {})
+    for key in ("model_name", "hook_name", "hook_head_index", "context_size", "dataset_path"):
+        if key in raw and key not in meta:
+            meta[key] = raw[key]
+    if "hook_point" in raw and "hook_name" not in meta:
+        meta["hook_name"] = raw["hook_point"]
+    return meta
+
+
+def load(path: epath.PathLike) -> tuple[SAE, dict[str, jnp.ndarray]]:
+    """Loads an SAE folder written by `save` or by SAELens (any version from 3.x to 6.x).
+
+    Args:
+      path: Folder (local or gs://) with cfg.json and sae_weights.safetensors.
+
+    Returns:
+      (SAE module, its 'params' as float32 jax arrays): `sae.apply({'params': params}, x,
+      method='encode')` gives codes of raw activations x [..., D].
+
+    Raises:
+      FileNotFoundError: for a missing folder or file.
+      ValueError: for an unsupported architecture or normalisation, or weights whose names
+        or shapes do not match the config.
+    """
+    folder, raw = _read_folder(path)
+    tensors = _read_tensors(folder / WEIGHTS_FILE)
+    where = os.fspath(folder)
+    if CONFIG_KEY in raw:
+        config = SAEConfig.from_dict(raw[CONFIG_KEY])
+        _check_params(tensors, config, where)
+        scale = float(config.input_scale)
+        params = {name: value.astype(np.float64) for name, value in tensors.items()}
+        params["W_enc"] = params["W_enc"] / scale
+        params["W_dec"] = params["W_dec"] * scale
+        params["b_dec"] = params["b_dec"] * scale
+        tensors = {name: value.astype(np.float32) for name, value in params.items()}
+    else:
+        config, tensors = _from_sae_lens(raw, tensors, where)
+        _check_params(tensors, config, where)
+    return SAE(config), {name: jnp.asarray(value) for name, value in tensors.items()}
+
+
+def _from_sae_lens(
+    raw: Mapping[str, Any], tensors: dict[str, np.ndarray], where: str
+) -> tuple[SAEConfig, dict[str, np.ndarray]]:
+    """Our config and params from a SAELens cfg.json and weights (pre-6.0 or 6.x)."""
+    cfg = dict(raw)
+    if "activation_fn_str" in cfg:  # Pre-6.0 name.
+        cfg.setdefault("activation_fn", cfg["activation_fn_str"])
+    architecture = cfg.get("architecture") or "standard"
+    activation = cfg.get("activation_fn") or "relu"
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    if architecture == "standard" and activation == "topk":  # Pre-6.0 TopK.
+        architecture = "topk"
+    if architecture == "gated":
+        raise ValueError(
+            f"{where}: gated SAEs are not supported (SAEConfig architectures: relu, topk, "
+            "batchtopk, jumprelu)."
+        )
+    if architecture not in _FROM_SAE_LENS:
+        raise ValueError(
+            f"{where}: unknown or unsupported SAELens architecture {architecture!r}; supported: "
+            f"{sorted(_FROM_SAE_LENS)} (gated, transcoders, matryoshka and other variants are not)."
+        )
+    if architecture == "standard" and activation != "relu":
+        raise ValueError(
+            f"{where}: SAELens 'standard' SAE with activation_fn {activation!r} is not "
+            "supported (only 'relu' and 'topk')."
+        )
+    for key in ("d_in", "d_sae"):
+        if not isinstance(cfg.get(key), int):
+            raise ValueError(f"{where}: cfg.json needs an integer {key!r}, got {cfg.get(key)!r}.")
+
+    meta = cfg.get("metadata") or {}
+    ours = _FROM_SAE_LENS[architecture]
+    k = cfg.get("k", kwargs.get("k"))
+    details = meta.get("training_architecture_details") or {}
+    if ours == "jumprelu" and meta.get("training_architecture") == "batchtopk" and "k" in details:
+        ours, k = "batchtopk", details["k"]  # A SAELens BatchTopK export (see docstring).
+    if ours in ("topk", "batchtopk") and k is None:
+        raise ValueError(f"{where}: a {architecture!r} SAE needs 'k' in cfg.json.")
+
+    _check_normalization(cfg.get("normalize_activations"), where)
+    hook = str(cfg.get("hook_name") or cfg.get("hook_point") or meta.get("hook_name") or "")
+    if cfg.get("reshape_activations") == "hook_z" or hook.endswith("hook_z"):
+        logging.warning(
+            "%s: a hook_z SAE; encode activations flattened to [..., heads * head_dim].", where
+        )
+
+    tensors = dict(tensors)
+    # Pre-6.0 fine-tuning scale multiplies codes before the decoder: fold it into W_dec rows.
+    for name in ("scaling_factor", "finetuning_scaling_factor"):
+        if name in tensors:
+            factor = tensors.pop(name)
+            if "W_dec" in tensors and factor.shape == tensors["W_dec"].shape[:1]:
+                tensors["W_dec"] = tensors["W_dec"] * factor[:, None]
+            elif not np.allclose(factor, 1.0):
+                raise ValueError(f"{where}: {name} has shape {factor.shape}, expected [d_sae].")
+    if "topk_threshold" in tensors:  # A SAELens BatchTopK training checkpoint: one threshold.
+        tensors["threshold"] = np.full((cfg["d_sae"],), float(tensors.pop("topk_threshold")))
+    if cfg.get("rescale_acts_by_decoder_norm") and {"W_enc", "b_enc", "W_dec"} <= set(tensors):
+        # TopK on pre-activations times decoder norms, codes divided by them before decoding:
+        # folding the norms (as SAELens's fold_W_dec_norm) gives the same codes and output.
+        norms = np.maximum(np.linalg.norm(tensors["W_dec"], axis=-1), 1e-8)
+        tensors["W_enc"] = tensors["W_enc"] * norms[None, :]
+        tensors["b_enc"] = tensors["b_enc"] * norms
+        tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
+
+    fields = dict(
+        architecture=ours,
+        d_in=cfg["d_in"],
+        num_latents=cfg["d_sae"],
+        subtract_decoder_bias=bool(cfg.get("apply_b_dec_to_input", True)),
+    )
+    if k is not None and ours in ("topk", "batchtopk"):
+        fields["k"] = int(round(k))  # SAELens's BatchTopK k may be a float (a mean).
+    config = SAEConfig(**fields)
+    return config, {name: value.astype(np.float32) for name, value in tensors.items()}
+
+
+def _check_normalization(normalize, where: str) -> None:
+    if normalize in (None, False, "none"):
+        return
+    if normalize in _PER_TOKEN_NORMS:
+        raise ValueError(
+            f"{where}: normalize_activations={normalize!r} rescales each token at inference; "
+            "SAEConfig only has a fixed input_scale, so this SAE is not supported."
+        )
+    # 'expected_average_only_in' (or True, before 6.0) and 'covariance_whitening' are no-ops
+    # in SAELens's own encode of a folder loaded from disk (training folds them on export),
+    # so they are no-ops here too, and encodings match SAELens's.
+    logging.warning(
+        "%s: normalize_activations=%r was not folded into the weights; like SAELens, this SAE "
+        "encodes activations as given. Scale inputs yourself if it was trained on normalised ones.",
+        where,
+        normalize,
+    )
