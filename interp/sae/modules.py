@@ -13,16 +13,28 @@ W_enc [D, X], b_enc [X], W_dec [X, D], b_dec [D], and threshold [X] for JumpReLU
 
 Inputs are raw model activations: `input_scale` (fixed when training starts, e.g. to give unit
 mean squared norm) is applied inside encode and undone inside decode.
+
+Training (interp/sae/train.py drives it):
+
+    loss, metrics = sae_loss(config, params, x, step=step, dead_mask=dead)  # x raw [B, D]
+    grads = constrain_grads(config, grads, params)        # decoder-parallel component removed
+    params = constrain_params(config, params, aux, step)  # unit rows, thresholds
+
+TopK and BatchTopK train through sparse kernels (`sparse_decode`, `gather_pre_activation`:
+custom VJPs that touch only the active latents) and take their top-k shard-locally under a
+mesh (`top_k_latents`, `batch_top_k`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 
@@ -46,7 +58,15 @@ class SAEConfig:
       auxk_k: Latents the AuxK loss uses (OpenAI: d_in / 2); None means d_in // 2.
       dead_tokens: A latent is dead after firing on none of this many tokens.
       jumprelu_bandwidth: Width of the straight-through kernel for the threshold gradient.
-      jumprelu_init_threshold: Initial threshold.
+      jumprelu_init_threshold: Initial threshold (jumprelu; batchtopk's before its estimate).
+      threshold_rate: BatchTopK: rate of the running average that estimates the inference
+        threshold (the rate is 1 / (step + 1) while that is larger, a plain mean at first).
+      unit_norm_decoder: Keep decoder rows at unit norm (renormalised after every step, the
+        gradient's component along each row removed before it). None: the architecture's
+        recipe, on for topk, batchtopk and jumprelu, off for relu (Anthropic 2024).
+      sparse_kernels: TopK and BatchTopK decode by gathering the active decoder rows and
+        differentiate with scatter-adds over the active latents only (custom VJPs); False
+        builds dense [B, X] codes and matmuls (the plain formulation, kept as the reference).
       dtype: Compute dtype of the matmuls ('float32' or 'bfloat16'); params stay float32.
     """
 
@@ -63,6 +83,9 @@ class SAEConfig:
     dead_tokens: int = 10_000_000
     jumprelu_bandwidth: float = 0.001
     jumprelu_init_threshold: float = 0.001
+    threshold_rate: float = 0.01
+    unit_norm_decoder: bool | None = None
+    sparse_kernels: bool = True
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -72,6 +95,13 @@ class SAEConfig:
             )
         if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.num_latents:
             raise ValueError(f"k={self.k} must be in 1..num_latents={self.num_latents}.")
+
+    @property
+    def normalizes_decoder(self) -> bool:
+        """Whether decoder rows are kept at unit norm (`unit_norm_decoder`, resolved)."""
+        if self.unit_norm_decoder is None:
+            return self.architecture != "relu"
+        return self.unit_norm_decoder
 
     def replace(self, **changes) -> SAEConfig:
         return dataclasses.replace(self, **changes)
@@ -89,18 +119,105 @@ class SAEConfig:
         return cls(**values)
 
 
+def _mesh_axes(logical_name: str, size: int) -> tuple[tuple[str, ...], int]:
+    """Mesh axes (and how many ways) the current mesh and rules split a dim of `size`.
+
+    ((), 1) outside `jax.set_mesh` + `nn.logical_axis_rules`; trailing axes that do not
+    divide `size` are dropped, as parallel.py does.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (), 1
+    entry = nn.logical_to_mesh_axes((logical_name,))[0]
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    kept, count = [], 1
+    for axis in axes:
+        if axis not in mesh.shape or size % (count * mesh.shape[axis]):
+            break
+        kept.append(axis)
+        count *= mesh.shape[axis]
+    return tuple(kept), count
+
+
+def _spec(*axes):
+    return PartitionSpec(*(a if a else None for a in axes))
+
+
+def top_k_latents(pre, k):
+    """`jax.lax.top_k` over the latents of pre [B, X], shard-local under a mesh.
+
+    XLA replicates the operand of a top-k, so under a mesh each device takes the top k of its
+    own [B / data, X / model] block (`shard_map`) and only the model * k candidates per token
+    are gathered for the final top k (DESIGN.md: sharded TopK). Same values and indices as
+    `jax.lax.top_k` (ties go to the lower index).
+    """
+    batch, width = pre.shape
+    batch_axes, _ = _mesh_axes("batch", batch)
+    latent_axes, shards = _mesh_axes("latent", width)
+    block = width // shards
+    if (not batch_axes and not latent_axes) or k > block:
+        return jax.lax.top_k(pre, k)
+
+    def local(block_pre):
+        values, indices = jax.lax.top_k(block_pre, k)
+        if latent_axes:
+            indices = indices + jax.lax.axis_index(latent_axes) * block
+        return values, indices
+
+    spec = _spec(batch_axes, latent_axes)
+    values, indices = jax.shard_map(local, in_specs=spec, out_specs=(spec, spec))(pre)
+    if shards == 1:
+        return values, indices
+
+    def final(values, indices):  # [B / data, model * k] candidates.
+        values, pick = jax.lax.top_k(values, k)
+        return values, jnp.take_along_axis(indices, pick, axis=-1)
+
+    rows = _spec(batch_axes, ())
+    return jax.shard_map(final, in_specs=(rows, rows), out_specs=(rows, rows))(values, indices)
+
+
+def batch_top_k(values, count):
+    """Top `count` entries of a whole [B, X] array: (values [count], flat indices [count]).
+
+    Under a mesh, each device's block contributes its own top `count` (`shard_map`) and the
+    final top `count` runs over those candidates only.
+    """
+    batch, width = values.shape
+    batch_axes, row_shards = _mesh_axes("batch", batch)
+    latent_axes, col_shards = _mesh_axes("latent", width)
+    rows, cols = batch // row_shards, width // col_shards
+    if row_shards * col_shards == 1 or count > rows * cols:
+        return jax.lax.top_k(values.reshape(-1), count)
+
+    def local(block):
+        top, flat = jax.lax.top_k(block.reshape(-1), count)
+        row, col = flat // cols, flat % cols
+        if batch_axes:
+            row = row + jax.lax.axis_index(batch_axes) * rows
+        if latent_axes:
+            col = col + jax.lax.axis_index(latent_axes) * cols
+        return top[None], (row * width + col)[None]  # [1, count] per block.
+
+    out = _spec(batch_axes + latent_axes, ())
+    top, flat = jax.shard_map(local, in_specs=_spec(batch_axes, latent_axes), out_specs=(out, out))(
+        values
+    )
+    top, pick = jax.lax.top_k(top.reshape(-1), count)
+    return top, flat.reshape(-1)[pick]
+
+
 def topk_codes(pre, k):
     """Keeps each row's k largest pre-activations (ReLU'd), zeros elsewhere. pre: [B, X]."""
-    values, indices = jax.lax.top_k(pre, k)
+    values, indices = top_k_latents(pre, k)
     rows = jnp.arange(pre.shape[0])[:, None]
     return jnp.zeros_like(pre).at[rows, indices].set(jax.nn.relu(values))
 
 
 def batch_topk_codes(pre, k):
     """Keeps the k * B largest ReLU'd pre-activations of the whole batch. pre: [B, X]."""
-    flat = jax.nn.relu(pre).reshape(-1)
-    values, indices = jax.lax.top_k(flat, k * pre.shape[0])
-    return jnp.zeros_like(flat).at[indices].set(values).reshape(pre.shape)
+    values, indices = batch_top_k(jax.nn.relu(pre), k * pre.shape[0])
+    return jnp.zeros(pre.size, pre.dtype).at[indices].set(values).reshape(pre.shape)
 
 
 class SAE(nn.Module):
@@ -130,8 +247,13 @@ class SAE(nn.Module):
         x = x.astype(jnp.float32) * cfg.input_scale
         if cfg.subtract_decoder_bias:
             x = x - self.b_dec
-        pre = jnp.einsum("...D,DX->...X", x.astype(dtype), self.W_enc.astype(dtype))
-        return pre.astype(jnp.float32) + self.b_enc
+        pre = jnp.einsum(
+            "...D,DX->...X",
+            x.astype(dtype),
+            self.W_enc.astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
+        return pre + self.b_enc
 
     def activate(self, pre):
         """The architecture's sparsifying non-linearity, in inference mode."""
@@ -151,8 +273,13 @@ class SAE(nn.Module):
         """Reconstruction [..., D] in the raw activations' scale."""
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        x_hat = jnp.einsum("...X,XD->...D", codes.astype(dtype), self.W_dec.astype(dtype))
-        return (x_hat.astype(jnp.float32) + self.b_dec) / cfg.input_scale
+        x_hat = jnp.einsum(
+            "...X,XD->...D",
+            codes.astype(dtype),
+            self.W_dec.astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
+        return (x_hat + self.b_dec) / cfg.input_scale
 
     def __call__(self, x):
         """(reconstruction [..., D], codes [..., X])."""
@@ -186,4 +313,453 @@ def init_params(config: SAEConfig, key: jax.Array, b_dec=None) -> dict[str, jax.
         params["threshold"] = jnp.full(
             (config.num_latents,), config.jumprelu_init_threshold, jnp.float32
         )
+    return params
+
+
+# ----------------------------------------------------------------------------- sparse kernels
+#
+# A TopK SAE's codes have k nonzeros per token, so the decoder and the encoder's weight
+# gradient only need the k active latents: x_hat = sum_j v_j W_dec[i_j], and
+# dW_enc[:, i] = sum over (b, j) with i_j = i of dpre_bj * x_b. Both are gathers and
+# scatter-adds of B * k rows of D numbers instead of [B, X] x [X, D] matmuls (OpenAI's sparse
+# kernels do the same). Only the encoder's forward stays dense: every pre-activation is needed
+# to pick the top k. The custom VJPs below are checked against `jax.grad` of the dense
+# formulation in tests/sae/modules_test.py.
+#
+# Active latents come in one of two layouts: per row, `cols` [B, k] (TopK, AuxK), or as
+# coordinates, `rows` and `cols` [N] sorted by row (BatchTopK, whose rows hold varying counts).
+# `rows` is None in the per-row layout.
+#
+# The trade-off: the gathers materialise [B, k, D] (per row) or [N, D] values, about as much
+# memory as dense [B, X] codes when k * D ~ X, and a scatter-add is slower per FLOP than a
+# matmul; the gain is k / X of the FLOPs (1/1000 for k=32, X=32768). `sparse_kernels=False`
+# switches to the dense path where that wins (small X).
+
+
+def _flat(rows, cols, values, width):
+    """Coordinates (rows [N], cols [N], values [N, ...]) of either layout."""
+    if rows is None:
+        batch, k = cols.shape
+        rows = jnp.repeat(jnp.arange(batch), k)
+        return rows, cols.reshape(-1), values.reshape((batch * k,) + values.shape[2:])
+    del width
+    return rows, cols, values
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def sparse_decode(num_rows, dtype, values, rows, cols, w_dec):
+    """sum_j values_j * W_dec[cols_j] per row, without b_dec.
+
+    Args:
+      num_rows: B (static).
+      dtype: Compute dtype of the products (static); accumulation is float32.
+      values: [B, k] (per row) or [N] (coordinates).
+      rows: None (per row) or [N] row of each value, sorted.
+      cols: [B, k] or [N] latent of each value.
+      w_dec: [X, D].
+
+    Returns:
+      [B, D] float32.
+    """
+    rows_, cols_, values_ = _flat(rows, cols, values, None)
+    gathered = w_dec.astype(dtype)[cols_]  # [N, D]
+    if rows is None:
+        batch, k = cols.shape
+        return jnp.einsum(
+            "BK,BKD->BD",
+            values.astype(dtype),
+            gathered.reshape(batch, k, -1),
+            preferred_element_type=jnp.float32,
+        )
+    products = (values_.astype(dtype)[:, None] * gathered).astype(jnp.float32)
+    return jax.ops.segment_sum(products, rows_, num_rows, indices_are_sorted=True)
+
+
+def _sparse_decode_fwd(num_rows, dtype, values, rows, cols, w_dec):
+    return sparse_decode(num_rows, dtype, values, rows, cols, w_dec), (values, rows, cols, w_dec)
+
+
+def _sparse_decode_bwd(num_rows, dtype, residuals, grad):
+    del num_rows
+    values, rows, cols, w_dec = residuals
+    rows_, cols_, values_ = _flat(rows, cols, values, None)
+    grad_rows = grad[rows_]  # [N, D]
+    gathered = w_dec.astype(dtype)[cols_]
+    d_values = jnp.einsum(
+        "ND,ND->N", grad_rows.astype(dtype), gathered, preferred_element_type=jnp.float32
+    )
+    # Only the active rows of W_dec get gradient: a scatter-add of N rows.
+    d_w_dec = (
+        jnp.zeros(w_dec.shape, jnp.float32)
+        .at[cols_]
+        .add(values_.astype(jnp.float32)[:, None] * grad_rows)
+    )
+    return d_values.reshape(values.shape).astype(values.dtype), None, None, d_w_dec
+
+
+sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
+
+
+@jax.custom_vjp
+def gather_pre_activation(pre, x, shift, w_enc, b_enc, rows, cols):
+    """pre[rows, cols] with gradients to the encoder through the active latents only.
+
+    `pre` must equal (x - shift) @ W_enc + b_enc (it is computed densely anyway, to select
+    the latents); it gets no gradient itself, the encoder's arguments get it sparsely.
+
+    Args:
+      pre: [B, X] pre-activations (treated as a constant).
+      x: [B, D] scaled inputs.
+      shift: [D] subtracted from x before encoding (b_dec, or zeros).
+      w_enc: [D, X].
+      b_enc: [X].
+      rows: None (per row) or [N] sorted row indices.
+      cols: [B, k] or [N] latent indices.
+
+    Returns:
+      [B, k] or [N] float32 pre-activations of the chosen latents.
+    """
+    del x, shift, w_enc, b_enc
+    if rows is None:
+        return jnp.take_along_axis(pre, cols, axis=-1)
+    return pre[rows, cols]
+
+
+def _gather_fwd(pre, x, shift, w_enc, b_enc, rows, cols):
+    out = gather_pre_activation(pre, x, shift, w_enc, b_enc, rows, cols)
+    return out, (x, shift, w_enc, rows, cols)
+
+
+def _gather_bwd(residuals, grad):
+    x, shift, w_enc, rows, cols = residuals
+    rows_, cols_, grad_ = _flat(rows, cols, grad.astype(jnp.float32), None)
+    centered = x.astype(jnp.float32) - shift
+    # dW_enc[:, i] = sum over active (b, j) with cols = i of dpre_bj * centered_b; built as
+    # [X, D] rows (a scatter of contiguous rows) and transposed.
+    d_w_enc = (
+        jnp.zeros(w_enc.shape[::-1], jnp.float32).at[cols_].add(grad_[:, None] * centered[rows_])
+    )
+    d_b_enc = jnp.zeros(w_enc.shape[1:], jnp.float32).at[cols_].add(grad_)
+    # d/dshift = -sum_b dx_b = -W_enc @ d_b_enc: a matvec, not a [B, D] scatter.
+    d_shift = -(w_enc @ d_b_enc)
+    # dx is only live when the caller differentiates the input; XLA drops it otherwise.
+    d_x = jax.ops.segment_sum(
+        grad_[:, None] * w_enc.T[cols_], rows_, x.shape[0], indices_are_sorted=True
+    )
+    return None, d_x.astype(x.dtype), d_shift, d_w_enc.T, d_b_enc, None, None
+
+
+gather_pre_activation.defvjp(_gather_fwd, _gather_bwd)
+
+
+# ----------------------------------------------------------------------------- JumpReLU
+
+
+def _rectangle(u):
+    """The rectangle kernel K(u) = 1 on (-1/2, 1/2) (Rajamanoharan et al. 2024, eq. 11)."""
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(pre, threshold, bandwidth):
+    """pre * H(pre - threshold); d/dthreshold by the straight-through estimator.
+
+    Pseudo-derivative (Rajamanoharan et al. 2024, eq. 12):
+    d/dtheta = -(theta / eps) K((pre - theta) / eps); d/dpre = H(pre - theta).
+    """
+    return jnp.where(pre > threshold, pre, 0.0)
+
+
+def _jumprelu_fwd(pre, threshold, bandwidth):
+    return jumprelu(pre, threshold, bandwidth), (pre, threshold)
+
+
+def _jumprelu_bwd(bandwidth, residuals, grad):
+    pre, threshold = residuals
+    d_pre = jnp.where(pre > threshold, grad, 0.0)
+    kernel = _rectangle((pre - threshold) / bandwidth)
+    d_threshold = -(threshold / bandwidth) * kernel * grad
+    return d_pre, _sum_to_shape(d_threshold, threshold.shape)
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step_function(pre, threshold, bandwidth):
+    """H(pre - threshold) as float; gradient only to threshold, by the STE.
+
+    Pseudo-derivative (Rajamanoharan et al. 2024, eq. 13): d/dtheta = -(1 / eps) K(...),
+    d/dpre = 0: the L0 penalty trains the thresholds, not the encoder.
+    """
+    return (pre > threshold).astype(pre.dtype)
+
+
+def _step_fwd(pre, threshold, bandwidth):
+    return step_function(pre, threshold, bandwidth), (pre, threshold)
+
+
+def _step_bwd(bandwidth, residuals, grad):
+    pre, threshold = residuals
+    d_threshold = -(1.0 / bandwidth) * _rectangle((pre - threshold) / bandwidth) * grad
+    return jnp.zeros_like(pre), _sum_to_shape(d_threshold, threshold.shape)
+
+
+step_function.defvjp(_step_fwd, _step_bwd)
+
+
+def _sum_to_shape(x, shape):
+    """Sums leading broadcast dims of x away: [..., X] -> [X]."""
+    return x.reshape((-1,) + tuple(shape)).sum(0) if x.shape != tuple(shape) else x
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def sparsity_coefficient(config: SAEConfig, step) -> jax.Array:
+    """l1_coefficient, warmed up linearly from 0 over l1_warmup_steps (step: steps done)."""
+    if config.l1_warmup_steps <= 0:
+        return jnp.asarray(config.l1_coefficient, jnp.float32)
+    ramp = jnp.minimum(jnp.asarray(step, jnp.float32) / config.l1_warmup_steps, 1.0)
+    return config.l1_coefficient * ramp
+
+
+def _pre_activation(config: SAEConfig, params, x_scaled):
+    """Encoder pre-activations [B, X] of already scaled inputs, and the encoder's shift [D]."""
+    dtype = jnp.dtype(config.dtype)
+    shift = params["b_dec"] if config.subtract_decoder_bias else jnp.zeros_like(params["b_dec"])
+    pre = jnp.einsum(
+        "BD,DX->BX",
+        (x_scaled - shift).astype(dtype),
+        params["W_enc"].astype(dtype),
+        preferred_element_type=jnp.float32,
+    )
+    pre = pre + params["b_enc"]
+    return nn.with_logical_constraint(pre, ("batch", "latent")), shift
+
+
+def _dense_decode(config: SAEConfig, codes, w_dec):
+    dtype = jnp.dtype(config.dtype)
+    return jnp.einsum(
+        "BX,XD->BD", codes.astype(dtype), w_dec.astype(dtype), preferred_element_type=jnp.float32
+    )
+
+
+def _mean_sum_sq(err):
+    """Mean over the batch of the squared error summed over D."""
+    return jnp.mean(jnp.sum(jnp.square(err), axis=-1))
+
+
+def _auxk_loss(config: SAEConfig, params, x, shift, pre, residual, dead_mask):
+    """AuxK (Gao et al. 2024, sec. A.2): the dead latents' top-k_aux reconstruct the residual.
+
+    Normalised by the residual's variance about its batch mean, as OpenAI's code does
+    (`normalized_mse`), and zero when no latent is dead.
+    """
+    num_latents = pre.shape[-1]
+    k_aux = min(config.auxk_k or config.d_in // 2, num_latents)
+    masked = jnp.where(dead_mask, pre, -jnp.inf)
+    _, cols = top_k_latents(jax.lax.stop_gradient(masked), k_aux)
+    alive_pick = dead_mask[cols]  # False where fewer than k_aux latents are dead.
+    if config.sparse_kernels:
+        values = gather_pre_activation(
+            jax.lax.stop_gradient(pre), x, shift, params["W_enc"], params["b_enc"], None, cols
+        )
+        values = jnp.where(alive_pick, jax.nn.relu(values), 0.0)
+        e_hat = sparse_decode(x.shape[0], jnp.dtype(config.dtype), values, None, cols,
+                              params["W_dec"])  # fmt: skip
+    else:
+        rows = jnp.arange(pre.shape[0])[:, None]
+        values = jnp.where(alive_pick, jax.nn.relu(jnp.take_along_axis(pre, cols, -1)), 0.0)
+        codes = jnp.zeros_like(pre).at[rows, cols].set(values)
+        e_hat = _dense_decode(config, codes, params["W_dec"])
+    residual = jax.lax.stop_gradient(residual)
+    variance = jnp.sum(jnp.square(residual - residual.mean(0)))
+    loss = jnp.sum(jnp.square(e_hat - residual)) / jnp.maximum(variance, 1e-12)
+    return jnp.where(jnp.any(dead_mask), loss, 0.0)
+
+
+def sae_forward(config: SAEConfig, params, x, *, step, dead_mask=None):
+    """The training forward pass: loss, scalar metrics and what the train step needs.
+
+    All of it is in the scaled units the SAE trains in (x * input_scale). Modes are training
+    modes: BatchTopK keeps the top k * B of the batch (not its threshold).
+
+    Args:
+      config: The SAE's config.
+      params: Its 'params' tree.
+      x: [B, D] raw activations.
+      step: Optimizer steps done so far (for the sparsity warm-up); may be traced.
+      dead_mask: Optional [X] bool, latents counted dead (for AuxK); None: none are.
+
+    Returns:
+      (loss, metrics, aux): metrics as in `sae_loss`; aux has 'fired' [X] bool (latents
+      active on some token of the batch) and, for batchtopk, 'batch_threshold' (the smallest
+      positive activation kept, +inf if none).
+    """
+    arch = config.architecture
+    dtype = jnp.dtype(config.dtype)
+    batch = x.shape[0]
+    x = x.astype(jnp.float32) * config.input_scale
+    pre, shift = _pre_activation(config, params, x)
+    w_dec = params["W_dec"]
+    coefficient = sparsity_coefficient(config, step)
+    sparsity = jnp.zeros((), jnp.float32)
+    aux = {}
+    if arch in ("topk", "batchtopk") and config.sparse_kernels:
+        constant_pre = jax.lax.stop_gradient(pre)
+        if arch == "topk":
+            _, cols = top_k_latents(constant_pre, config.k)
+            rows = None
+        else:
+            _, flat = batch_top_k(jax.nn.relu(constant_pre), config.k * batch)
+            flat = jnp.sort(flat)  # Row-sorted coordinates for segment sums.
+            rows, cols = flat // pre.shape[-1], flat % pre.shape[-1]
+        values = jax.nn.relu(
+            gather_pre_activation(constant_pre, x, shift, params["W_enc"], params["b_enc"],
+                                  rows, cols)
+        )  # fmt: skip
+        x_hat = sparse_decode(batch, dtype, values, rows, cols, w_dec) + params["b_dec"]
+        active = values > 0
+        l0 = jnp.sum(active) / batch
+        fired = jnp.zeros(pre.shape[-1], bool).at[cols.reshape(-1)].max(active.reshape(-1))
+        smallest = jnp.min(jnp.where(active, values, jnp.inf))
+    else:
+        if arch == "relu":
+            codes = jax.nn.relu(pre)
+            # Anthropic (April 2024 update): L1 of codes weighted by decoder row norms.
+            row_norms = jnp.linalg.norm(w_dec, axis=-1)
+            sparsity = jnp.mean(jnp.sum(codes * row_norms, axis=-1))
+        elif arch == "topk":
+            codes = topk_codes(pre, config.k)
+        elif arch == "batchtopk":
+            codes = batch_topk_codes(pre, config.k)
+        else:  # jumprelu
+            threshold = params["threshold"]
+            codes = jumprelu(pre, threshold, config.jumprelu_bandwidth)
+            l0_smooth = step_function(pre, threshold, config.jumprelu_bandwidth)
+            sparsity = jnp.mean(jnp.sum(l0_smooth, axis=-1))
+        x_hat = _dense_decode(config, codes, w_dec) + params["b_dec"]
+        active = codes > 0
+        l0 = jnp.sum(active) / batch
+        fired = jnp.any(active, axis=0)
+        smallest = jnp.min(jnp.where(active, codes, jnp.inf))
+    if arch == "batchtopk":
+        aux["batch_threshold"] = jax.lax.stop_gradient(smallest)
+    aux["fired"] = fired
+
+    mse = _mean_sum_sq(x_hat - x)
+    fvu = jnp.sum(jnp.square(x_hat - x)) / jnp.maximum(jnp.sum(jnp.square(x - x.mean(0))), 1e-12)
+    loss = mse
+    if arch in ("relu", "jumprelu"):
+        loss = loss + coefficient * sparsity
+    auxk = jnp.zeros((), jnp.float32)
+    if arch in ("topk", "batchtopk") and config.auxk_alpha > 0 and dead_mask is not None:
+        auxk = _auxk_loss(config, params, x, shift, pre, x - x_hat, dead_mask)
+        loss = loss + config.auxk_alpha * auxk
+    metrics = {
+        "loss": loss,
+        "mse": mse,
+        "fvu": fvu,
+        "l0": l0,
+        "sparsity_loss": sparsity,
+        "sparsity_coefficient": coefficient if arch in ("relu", "jumprelu") else jnp.zeros(()),
+        "auxk_loss": auxk,
+    }
+    return loss, metrics, aux
+
+
+def sae_loss(config: SAEConfig, params, x, *, step, dead_mask=None):
+    """The training loss of one SAE on a batch of raw activations.
+
+    - relu (Anthropic, April 2024 update): MSE + lambda * sum_i f_i ||W_dec_i||_2, lambda
+      warmed up linearly over l1_warmup_steps; decoder norms free.
+    - topk (Gao et al. 2024): MSE of the TopK reconstruction + auxk_alpha * AuxK.
+    - batchtopk (Bussmann et al. 2024): the top k * B activations of the batch, + AuxK.
+    - jumprelu (Rajamanoharan et al. 2024, Gemma Scope): MSE + lambda * L0, the threshold
+      trained through straight-through estimators of bandwidth `jumprelu_bandwidth`.
+
+    MSE is the mean over the batch of the squared error summed over D, in scaled units
+    (x * input_scale); FVU = sum of squared errors / sum of squared deviations from the batch
+    mean (scale-free).
+
+    Args:
+      config: The SAE's config.
+      params: Its 'params' tree.
+      x: [B, D] raw activations.
+      step: Optimizer steps done (sparsity warm-up).
+      dead_mask: Optional [X] bool of dead latents (AuxK); None means none are dead.
+
+    Returns:
+      (loss, metrics) with float32 scalar metrics 'loss', 'mse', 'fvu', 'l0' (mean active
+      latents per token), 'sparsity_loss' (the unweighted L1 or L0 term), 'sparsity_coefficient',
+      'auxk_loss'.
+    """
+    loss, metrics, _ = sae_forward(config, params, x, step=step, dead_mask=dead_mask)
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------- constraints
+
+
+def project_decoder_grad(grad_w_dec, w_dec):
+    """Removes from each row of dL/dW_dec its component along that decoder row [X, D].
+
+    With unit-norm rows this keeps the step tangent to the sphere, so Adam's update is not
+    spent on a norm the renormalisation would undo (Bricken et al. 2023; Gao et al. 2024).
+    """
+    norms_sq = jnp.maximum(jnp.sum(jnp.square(w_dec), axis=-1, keepdims=True), 1e-12)
+    parallel = jnp.sum(grad_w_dec * w_dec, axis=-1, keepdims=True) / norms_sq
+    return grad_w_dec - parallel * w_dec
+
+
+def normalize_decoder(w_dec):
+    """Decoder rows [X, D] rescaled to unit L2 norm."""
+    return w_dec / jnp.maximum(jnp.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)
+
+
+MIN_THRESHOLD = 1e-6  # JumpReLU thresholds are clipped here after each step to stay positive.
+
+
+def constrain_grads(config: SAEConfig, grads, params):
+    """What the train step applies to the gradients before the optimizer."""
+    grads = dict(grads)
+    if config.normalizes_decoder:
+        grads["W_dec"] = project_decoder_grad(grads["W_dec"], params["W_dec"])
+    if config.architecture == "batchtopk":
+        grads["threshold"] = jnp.zeros_like(grads["threshold"])  # Estimated, not trained.
+    return grads
+
+
+def constrain_params(config: SAEConfig, params, aux, step):
+    """What the train step applies to the parameters after the optimizer.
+
+    Unit-norm decoder rows (if `normalizes_decoder`); JumpReLU thresholds clipped to
+    MIN_THRESHOLD; the BatchTopK threshold moved toward this batch's smallest kept activation.
+
+    BatchTopK's inference threshold is one value for all latents (as SAELens does), stored
+    broadcast to [X] so that inference is the JumpReLU rule. It is a running average with rate
+    max(threshold_rate, 1 / (step + 1)), i.e. the plain mean of the first 1 / threshold_rate
+    batches and an exponential average after; batches with no positive activation are skipped.
+
+    Args:
+      config: The SAE's config.
+      params: Parameters after the optimizer's update.
+      aux: From `sae_forward`.
+      step: Steps done before this one.
+
+    Returns:
+      The constrained parameters.
+    """
+    params = dict(params)
+    if config.normalizes_decoder:
+        params["W_dec"] = normalize_decoder(params["W_dec"])
+    if config.architecture == "jumprelu":
+        params["threshold"] = jnp.maximum(params["threshold"], MIN_THRESHOLD)
+    if config.architecture == "batchtopk":
+        rate = jnp.maximum(config.threshold_rate, 1.0 / (jnp.asarray(step, jnp.float32) + 1.0))
+        observed = aux["batch_threshold"]
+        old = params["threshold"]
+        new = (1.0 - rate) * old + rate * observed
+        params["threshold"] = jnp.where(jnp.isfinite(observed), new, old)
     return params

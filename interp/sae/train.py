@@ -1,0 +1,480 @@
+"""Training sparse autoencoders: state, optimizer, a sharded step for several SAEs at once.
+
+    configs = (SAEConfig(architecture="topk", d_in=768, num_latents=32768, k=32, input_scale=s),
+               SAEConfig(architecture="topk", d_in=768, num_latents=32768, k=64, input_scale=s))
+    state = init_state(configs, train_config, jax.random.key(0), mesh, rules, b_dec_init=median)
+    step = make_train_step(configs, train_config, mesh, rules)
+    state, metrics = step(state, x)              # x [B, D] raw activations, shared by the SAEs
+    # or step(state, (x_a, x_b)): one batch per SAE (e.g. different hook sites)
+
+    state = run_training(configs, train_config, batch_fn, workdir, mesh=mesh, rules=rules,
+                         key=jax.random.key(0))  # checkpoints, metrics, exact resume
+
+The state is a plain pytree, everything a resume needs:
+
+    {"step": int32 [],                           # optimizer steps done
+     "saes": ({"params": {...},                  # SAE(config) params, latents over 'model'
+               "opt_state": ...,                 # optax state, laid out like the params
+               "tokens_since_fired": int32 [X]}, # saturating at config.dead_tokens
+              ...)}                              # one entry per config, same order
+
+Conventions: inputs are scaled by `config.input_scale` so that E||x||^2 = D (Anthropic's and
+SAELens's convention; `input_scale_for` computes it from a sample), and `b_dec` starts at the
+geometric median of a sample (OpenAI; `geometric_median`). Each SAE has its own optimizer
+state and gradient clipping, so training several together gives what training each alone does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from interp import checkpoint, metrics, parallel
+from interp.sae import modules
+from interp.sae.modules import SAE, SAEConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by the SAEs trained together.
+
+    Any object with these attributes (an ml_collections ConfigDict) works in its place.
+
+    Attributes:
+      steps: Optimizer steps in the run (the schedule decays to 0 at the end).
+      learning_rate: Peak Adam learning rate.
+      warmup_steps: Linear warm-up from 0.
+      lr_decay: 'cosine' or 'linear' decay to 0 by `steps`, or 'constant'.
+      decay_start: Fraction of the run after which the decay starts (Anthropic: 0.8); before
+        it the rate stays at its peak. 0 decays right after the warm-up.
+      grad_clip: Global-norm clipping per SAE; 0 disables it.
+      adam_b1, adam_b2, adam_eps: Adam's constants.
+      log_every: Steps between metric writes (run_training).
+      checkpoint_every: Steps between checkpoints (run_training); the last step is saved too.
+      keep_checkpoints: How many checkpoints to keep.
+    """
+
+    steps: int = 1000
+    learning_rate: float = 4e-4
+    warmup_steps: int = 100
+    lr_decay: str = "linear"
+    decay_start: float = 0.8
+    grad_clip: float = 1.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+
+
+Configs = Sequence[SAEConfig]
+
+
+def _as_tuple(configs) -> tuple[SAEConfig, ...]:
+    return (configs,) if isinstance(configs, SAEConfig) else tuple(configs)
+
+
+def as_train_config(train_config) -> TrainConfig:
+    """A `TrainConfig` from any object with (some of) its fields; missing ones get defaults."""
+    if isinstance(train_config, TrainConfig):
+        return train_config
+    defaults = TrainConfig()
+    return TrainConfig(
+        **{
+            f.name: getattr(train_config, f.name, getattr(defaults, f.name))
+            for f in dataclasses.fields(TrainConfig)
+        }
+    )
+
+
+def _optimizer_fields(train_config) -> TrainConfig:
+    """Only the fields the optimizer and step depend on (a cache key: logging does not count)."""
+    defaults = TrainConfig()
+    names = ("log_every", "checkpoint_every", "keep_checkpoints")
+    return dataclasses.replace(
+        as_train_config(train_config), **{n: getattr(defaults, n) for n in names}
+    )
+
+
+def _rules(rules):
+    return parallel.rules_from_config(rules)
+
+
+# ----------------------------------------------------------------------------- data helpers
+
+
+def input_scale_for(x) -> float:
+    """The factor s with E||s * x||^2 = D over the sample x [N, D] (SAELens, Anthropic)."""
+    x = np.asarray(x, np.float64)
+    return float(np.sqrt(x.shape[-1] / np.mean(np.sum(np.square(x), axis=-1))))
+
+
+@functools.partial(jax.jit, static_argnames="iters")
+def geometric_median(x, iters: int = 100, eps: float = 1e-8) -> jax.Array:
+    """The point [D] minimising the summed distances to the rows of x [N, D] (Weiszfeld).
+
+    Starts at the mean; each iteration re-weights the rows by their inverse distance.
+    """
+    x = jnp.asarray(x, jnp.float32)
+
+    def body(_, y):
+        weights = 1.0 / jnp.maximum(jnp.linalg.norm(x - y, axis=-1), eps)
+        return weights @ x / weights.sum()
+
+    return jax.lax.fori_loop(0, iters, body, x.mean(0))
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def make_schedule(train_config) -> optax.Schedule:
+    """Linear warm-up to the peak, flat until `decay_start`, then linear/cosine decay to 0."""
+    train_config = as_train_config(train_config)
+    steps, warmup = train_config.steps, train_config.warmup_steps
+    peak = train_config.learning_rate
+    decay_from = max(warmup, int(train_config.decay_start * steps))
+    decay_steps = max(steps - decay_from, 1)
+    if train_config.lr_decay == "constant":
+        decay = optax.constant_schedule(peak)
+    elif train_config.lr_decay == "linear":
+        decay = optax.linear_schedule(peak, 0.0, decay_steps)
+    elif train_config.lr_decay == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps)
+    else:
+        raise ValueError(f"lr_decay must be 'cosine', 'linear' or 'constant', got "
+                         f"{train_config.lr_decay!r}.")  # fmt: skip
+    pieces = [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)]
+    pieces.append(decay)
+    return optax.join_schedules(pieces, [warmup, decay_from])
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+    """Adam (no weight decay) on `make_schedule`, after global-norm clipping."""
+    train_config = as_train_config(train_config)
+    adam = optax.adam(
+        make_schedule(train_config),
+        b1=train_config.adam_b1,
+        b2=train_config.adam_b2,
+        eps=train_config.adam_eps,
+    )
+    if not train_config.grad_clip:
+        return adam
+    return optax.chain(optax.clip_by_global_norm(train_config.grad_clip), adam)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def _abstract_params(config: SAEConfig):
+    """The boxed (logically partitioned) params of `SAE(config)`, as shapes."""
+    sample = jax.ShapeDtypeStruct((1, config.d_in), jnp.float32)
+    # No rules while tracing: flax would otherwise constrain the boxed params themselves.
+    with nn.logical_axis_rules(()):
+        return jax.eval_shape(SAE(config).init, jax.random.key(0), sample)["params"]
+
+
+def param_shardings(config: SAEConfig, mesh: Mesh, rules=parallel.DEFAULT_RULES) -> Any:
+    """`NamedSharding`s of `SAE(config)`'s params from its logical axes (latent over model)."""
+    boxed = _abstract_params(config)
+    return parallel.logical_to_sharding(
+        nn.get_partition_spec(boxed), mesh, rules, shapes=nn.meta.unbox(boxed)
+    )
+
+
+def _sae_state_shardings(config, optimizer, mesh, rules):
+    params = param_shardings(config, mesh, rules)
+    shapes = nn.meta.unbox(_abstract_params(config))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shapes = jax.eval_shape(optimizer.init, shapes)
+    # Moments are laid out like their params; counts and other non-param leaves replicated.
+    opt_state = optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        opt_shapes,
+        params,
+        transform_non_params=lambda _: replicated,
+    )
+    counters = parallel.logical_to_sharding(
+        PartitionSpec("latent"), mesh, rules,
+        shapes=jax.ShapeDtypeStruct((config.num_latents,), jnp.int32),
+    )  # fmt: skip
+    return {"params": params, "opt_state": opt_state, "tokens_since_fired": counters}
+
+
+def state_shardings(configs, train_config, mesh: Mesh, rules=parallel.DEFAULT_RULES) -> Any:
+    """The `NamedSharding` tree of the train state of `configs`."""
+    optimizer = make_optimizer(train_config)
+    saes = tuple(_sae_state_shardings(c, optimizer, mesh, rules) for c in _as_tuple(configs))
+    return {"step": NamedSharding(mesh, PartitionSpec()), "saes": saes}
+
+
+def _init_one(config, optimizer, key, b_dec):
+    params = modules.init_params(config, key, b_dec=b_dec)
+    return {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "tokens_since_fired": jnp.zeros((config.num_latents,), jnp.int32),
+    }
+
+
+def _b_dec_list(b_dec_init, count):
+    if b_dec_init is None or (not isinstance(b_dec_init, (list, tuple)) and count >= 1):
+        return [b_dec_init] * count
+    if len(b_dec_init) != count:
+        raise ValueError(f"b_dec_init has {len(b_dec_init)} entries for {count} SAEs.")
+    return list(b_dec_init)
+
+
+def init_state(
+    configs: SAEConfig | Configs,
+    train_config,
+    key: jax.Array,
+    mesh: Mesh,
+    rules=parallel.DEFAULT_RULES,
+    b_dec_init=None,
+) -> dict[str, Any]:
+    """A fresh train state, built directly in its sharded layout.
+
+    Args:
+      configs: One SAEConfig or a sequence of them.
+      train_config: A `TrainConfig` (or ConfigDict with its fields).
+      key: PRNG key; every SAE uses the same one, so SAEs of one shape start identical (a
+        controlled comparison across k, say) and a set trained together matches each alone.
+      mesh, rules: Mesh and logical-axis rules.
+      b_dec_init: None, a [D] raw-activation vector for every SAE (e.g. `geometric_median`),
+        or a sequence with one (or None) per SAE.
+
+    Returns:
+      The state pytree (see the module docstring).
+    """
+    configs = _as_tuple(configs)
+    b_decs = tuple(None if b is None else np.asarray(b, np.float32)
+                   for b in _b_dec_list(b_dec_init, len(configs)))  # fmt: skip
+    init = _compiled_init(configs, _optimizer_fields(train_config), mesh, _rules(rules))
+    with jax.set_mesh(mesh):
+        return init(np.asarray(jax.random.key_data(key)), jax.random.key_impl(key), b_decs)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_init(configs, train_config, mesh, rules):
+    """The jitted initialiser (cached: a resumed or repeated run in one process reuses it)."""
+    optimizer = make_optimizer(train_config)
+    shardings = state_shardings(configs, train_config, mesh, rules)
+    jitted = {}
+
+    def init(raw_key, impl, b_decs):
+        if impl not in jitted:
+
+            def build(raw_key, b_decs):
+                key = jax.random.wrap_key_data(raw_key, impl=impl)
+                saes = tuple(
+                    _init_one(c, optimizer, key, b) for c, b in zip(configs, b_decs, strict=True)
+                )
+                return {"step": jnp.zeros((), jnp.int32), "saes": saes}
+
+            jitted[impl] = jax.jit(build, out_shardings=shardings)
+        return jitted[impl](raw_key, b_decs)
+
+    return init
+
+
+def abstract_state(configs, train_config, mesh: Mesh, rules=parallel.DEFAULT_RULES) -> Any:
+    """`ShapeDtypeStruct`s with shardings of the state: the target to restore a checkpoint."""
+    configs = _as_tuple(configs)
+    optimizer = make_optimizer(train_config)
+
+    def init(key):
+        saes = tuple(_init_one(c, optimizer, key, None) for c in configs)
+        return {"step": jnp.zeros((), jnp.int32), "saes": saes}
+
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    return checkpoint.abstract_like(shapes, state_shardings(configs, train_config, mesh, rules))
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def _sae_step(config, optimizer, sae_state, x, step):
+    """One SAE's update on x [B, D]; returns (new SAE state, metrics)."""
+    params = sae_state["params"]
+    counters = sae_state["tokens_since_fired"]
+    dead = counters >= config.dead_tokens
+
+    def loss_fn(params):
+        loss, scalars, aux = modules.sae_forward(config, params, x, step=step, dead_mask=dead)
+        return loss, (scalars, aux)
+
+    (_, (scalars, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grads = modules.constrain_grads(config, grads, params)
+    updates, opt_state = optimizer.update(grads, sae_state["opt_state"], params)
+    params = modules.constrain_params(config, optax.apply_updates(params, updates), aux, step)
+    # Tokens since each latent last fired, saturating at the window (no int32 overflow).
+    counters = jnp.where(aux["fired"], 0, jnp.minimum(counters + x.shape[0], config.dead_tokens))
+    scalars = dict(scalars)
+    scalars["grad_norm"] = optax.tree.norm(grads)
+    scalars["dead_fraction"] = jnp.mean(counters >= config.dead_tokens)
+    if "batch_threshold" in aux:
+        scalars["threshold"] = params["threshold"][0]
+    new_state = {"params": params, "opt_state": opt_state, "tokens_since_fired": counters}
+    return new_state, scalars
+
+
+def make_train_step(
+    configs: SAEConfig | Configs,
+    train_config,
+    mesh: Mesh,
+    rules=parallel.DEFAULT_RULES,
+) -> Callable[[Any, Any], tuple[Any, tuple[dict[str, jax.Array], ...]]]:
+    """A jitted step training every SAE of `configs` on one batch, state donated.
+
+    `step(state, x)`: x is one [B, D] array of raw activations shared by all SAEs, or a
+    sequence of arrays, one per SAE (different hook sites; batch sizes may differ). Batches
+    are sharded over the 'batch' mesh axes, latents over 'model'; the state keeps its layout
+    (explicit in/out shardings) and its buffers are donated, so do not reuse the argument.
+
+    Returns:
+      step(state, x) -> (state, metrics), metrics a tuple of dicts of float32 scalars, one
+      per SAE (see `flatten_metrics`): those of `modules.sae_loss` plus 'grad_norm',
+      'dead_fraction', 'learning_rate' and, for batchtopk, 'threshold'.
+    """
+    configs = _as_tuple(configs)
+    rules = _rules(rules)
+    fields = _optimizer_fields(train_config)
+
+    def call(state, x):
+        batches = tuple(x) if isinstance(x, (list, tuple)) else (x,) * len(configs)
+        if len(batches) != len(configs):
+            raise ValueError(f"Got {len(batches)} batches for {len(configs)} SAEs.")
+        for config, batch in zip(configs, batches, strict=True):
+            if np.ndim(batch) != 2 or np.shape(batch)[-1] != config.d_in:
+                raise ValueError(
+                    f"Expected a [B, {config.d_in}] batch, got shape {np.shape(batch)}."
+                )
+        shapes = tuple(tuple(np.shape(b)) for b in batches)
+        jitted, batch_shardings = _compiled_step(configs, fields, mesh, rules, shapes)
+        # Traced under the mesh and the rules, so the logical constraints take effect.
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            placed = tuple(
+                b if isinstance(b, jax.Array) and b.sharding == s else jax.device_put(b, s)
+                for b, s in zip(batches, batch_shardings, strict=True)
+            )
+            return jitted(state, placed)
+
+    return call
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_step(configs, train_config, mesh, rules, shapes):
+    """The jitted step for one set of batch shapes (cached across `make_train_step` calls)."""
+    optimizer = make_optimizer(train_config)
+    schedule = make_schedule(train_config)
+    shardings = state_shardings(configs, train_config, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def step_fn(state, batches):
+        step = state["step"]
+        saes, all_metrics = [], []
+        for config, sae_state, x in zip(configs, state["saes"], batches, strict=True):
+            new, scalars = _sae_step(config, optimizer, sae_state, x, step)
+            scalars["learning_rate"] = schedule(step)
+            saes.append(new)
+            all_metrics.append(scalars)
+        return {"step": step + 1, "saes": tuple(saes)}, tuple(all_metrics)
+
+    batch_shardings = tuple(parallel.batch_sharding(mesh, rules, 2, s) for s in shapes)
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    return jitted, batch_shardings
+
+
+def flatten_metrics(
+    per_sae: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None
+) -> dict[str, float]:
+    """{'name/metric': float}; with one SAE and no names, just {'metric': float}."""
+    if names is None:
+        if len(per_sae) == 1:
+            return {k: float(v) for k, v in per_sae[0].items()}
+        names = [f"sae{i}" for i in range(len(per_sae))]
+    return {f"{n}/{k}": float(v) for n, m in zip(names, per_sae, strict=True) for k, v in m.items()}
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def run_training(
+    configs: SAEConfig | Configs,
+    train_config,
+    batch_fn: Callable[[int], Any],
+    workdir: epath.PathLike,
+    *,
+    mesh: Mesh,
+    rules=parallel.DEFAULT_RULES,
+    key: jax.Array,
+    b_dec_init=None,
+    names: Sequence[str] | None = None,
+    writer: metrics.MetricWriter | None = None,
+    tokens_per_step: int | None = None,
+) -> dict[str, Any]:
+    """Trains to `train_config.steps`, resuming from the newest checkpoint in the workdir.
+
+    Args:
+      configs: The SAEs to train together.
+      train_config: A `TrainConfig` or a ConfigDict with its fields.
+      batch_fn: step index (0-based) -> the batch for `make_train_step`'s step (one [B, D]
+        array or one per SAE). It must be a function of the index alone, so that a resumed
+        run sees the batches an uninterrupted one would.
+      workdir: Checkpoints go to `<workdir>/checkpoints`.
+      mesh, rules: Mesh and logical-axis rules.
+      key: PRNG key of the initial state (unused when resuming).
+      b_dec_init: As for `init_state`.
+      names: Metric prefixes, one per SAE (see `flatten_metrics`).
+      writer: Where metrics go; None writes none (the progress line is logged regardless).
+      tokens_per_step: For the progress line's tokens/s.
+
+    Returns:
+      The final state.
+    """
+    configs = _as_tuple(configs)
+    train_config = as_train_config(train_config)
+    ckpt = checkpoint.Checkpointer(
+        epath.Path(workdir) / "checkpoints", max_to_keep=train_config.keep_checkpoints
+    )
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(start, target=abstract_state(configs, train_config, mesh, rules))
+        logging.info("Resumed SAE training from step %d.", start)
+    else:
+        state = init_state(configs, train_config, key, mesh, rules, b_dec_init)
+    step_fn = make_train_step(configs, train_config, mesh, rules)
+    progress = metrics.Progress(train_config.steps, tokens_per_step, start_step=start)
+    try:
+        for step in range(start + 1, train_config.steps + 1):
+            state, out = step_fn(state, batch_fn(step - 1))
+            last = step == train_config.steps
+            if step % train_config.log_every == 0 or last:
+                scalars = flatten_metrics(out, names)
+                if writer is not None:
+                    writer.write(step, scalars)
+                shown = {k: v for k, v in scalars.items() if k.split("/")[-1] in ("fvu", "l0")}
+                progress.update(step, **shown)
+            if step % train_config.checkpoint_every == 0 or last:
+                ckpt.save(step, state)
+    finally:
+        ckpt.close()
+    return state
