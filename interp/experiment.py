@@ -185,3 +185,15 @@ def quiet_library_logs() -> None:
     absl_logger = std_logging.getLogger("absl")
     if _drop_library_info not in absl_logger.filters:
         absl_logger.addFilter(_drop_library_info)
+
+
+def subconfig(
+    config: ml_collections.ConfigDict, *, keep=None, drop=()
+) -> ml_collections.ConfigDict:
+    """The part of a pipeline config one stage depends on (what its workdir saves and checks).
+
+    A pipeline config holds every stage's settings; checking all of them on resume would make
+    a change to a later stage (say the SAE widths) block resuming an earlier one.
+    """
+    keys = [k for k in config.keys() if (keep is None or k in keep) and k not in drop]
+    return ml_collections.ConfigDict({k: config[k] for k in keys})

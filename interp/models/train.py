@@ -75,11 +75,12 @@ def _tokenizer(config, workdir: epath.Path, train_documents) -> tokenizer_lib.To
     return tok
 
 
-def _documents(data_config) -> tuple[list[str], list[str]]:
+def documents(data_config) -> tuple[list[str], list[str]]:
+    """(train, held-out) documents: the built-in corpus, or `data_config.text_path`."""
     if data_config.text_path:
-        documents = text.read_documents(data_config.text_path, txt_paragraphs=True)
-        cut = max(1, int(len(documents) * data_config.heldout_fraction))
-        train, heldout = documents[:-cut], documents[-cut:]
+        docs = text.read_documents(data_config.text_path, txt_paragraphs=True)
+        cut = max(1, int(len(docs) * data_config.heldout_fraction))
+        train, heldout = docs[:-cut], docs[-cut:]
     else:
         train = corpus.load_documents("train", heldout_fraction=data_config.heldout_fraction)
         heldout = corpus.load_documents("heldout", heldout_fraction=data_config.heldout_fraction)
@@ -117,8 +118,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     Returns:
       Final figures: {'step', 'eval_loss', 'unigram_loss', 'export_dir'}.
     """
-    workdir = experiment.prepare_workdir(config, workdir)
-    train_docs, heldout_docs = _documents(config.data)
+    # The LM stage's workdir checks only the LM's settings, not later pipeline stages'.
+    workdir = experiment.prepare_workdir(experiment.subconfig(config, drop=("sae",)), workdir)
+    train_docs, heldout_docs = documents(config.data)
     tok = _tokenizer(config, workdir, train_docs)
     start = time.time()
     train_tokens = text.pack(train_docs, tok, config.data.seq_len)

@@ -1,0 +1,37 @@
+r"""The whole pipeline, stage after stage, each in its own folder under the workdir.
+
+    python -m experiments.pipeline --config=configs/demo.py --workdir=workdir/demo
+
+Stages: lm (train and export the language model, experiments/train_lm.py) and sae (harvest
+its activations, train and evaluate SAEs, experiments/train_sae.py). Re-running resumes.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from interp import experiment
+from interp.models import train as lm_train
+from interp.sae import job as sae_job
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; resumes if non-empty.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+    del argv
+    experiment.quiet_library_logs()
+    config = _CONFIG.value
+    summary = lm_train.run(config, sae_job.workdir_for(_WORKDIR.value, "lm"))
+    print(f"LM sample: {summary['sample']}")
+    print(
+        f"LM held-out loss {summary['eval_loss']:.3f} nats/token vs unigram "
+        f"{summary['unigram_loss']:.3f}; exported to {summary['export_dir']}"
+    )
+    results = sae_job.run(config, sae_job.workdir_for(_WORKDIR.value, "sae"))
+    print("SAEs on held-out text:")
+    print(sae_job.format_table(results))
+
+
+if __name__ == "__main__":
+    app.run(main)

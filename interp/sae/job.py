@@ -1,0 +1,215 @@
+"""The SAE job: harvest a model's activations, train several SAEs on them, evaluate, export.
+
+`run(config, workdir)` reads `config.sae` (see `configs/demo.py`):
+
+1. the model: a Hugging Face folder (`config.sae.model_path`, by default the demo LM the
+   pipeline trained under `<workdir>/../lm/export`);
+2. activations at the hook sites over the training text, cached as zarr under
+   `<workdir>/activations` (or `config.sae.cache_path`, local or gs://, shared across sweeps:
+   a complete cache is reused);
+3. every SAE in `config.sae.saes` trained together, one jitted step, on shuffled cached rows,
+   with `input_scale` (unit mean squared norm) and `b_dec` (geometric median) from the data;
+4. evaluation on held-out text (FVU, L0, dead/dense latents, spliced-in loss, KL, loss
+   recovered), written to `<workdir>/eval.json` and TensorBoard, and printed as a table;
+5. each SAE exported in SAELens format to `<workdir>/saes/<name>`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from interp import experiment, metrics, parallel
+from interp.data import activations, text
+from interp.models import from_pretrained
+from interp.models import train as lm_train
+from interp.sae import evaluate as sae_evaluate
+from interp.sae import io as sae_io
+from interp.sae import train as sae_train
+from interp.sae.modules import SAE, SAEConfig
+
+
+def sae_name(entry, site: str) -> str:
+    """A readable name: 'blocks_2.resid_post-topk-k16-x1024' or '...-relu-l0.3-x1024'."""
+    arch = entry["architecture"]
+    if arch in ("topk", "batchtopk"):
+        sparsity = f"-k{entry['k']}"
+    else:
+        sparsity = f"-l{entry.get('l1_coefficient', SAEConfig.l1_coefficient):g}"
+    return f"{site.replace('/', '.')}-{arch}{sparsity}-x{entry['num_latents']}"
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Appends -2, -3, ... to repeated names (two SAEs differing only in, say, a learning rate)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
+
+
+def _entries(sae_config) -> list[dict[str, Any]]:
+    entries = []
+    for raw in sae_config.saes:
+        entry = dict(raw)
+        entry.setdefault("site", sae_config.sites[0])
+        entry.setdefault("num_latents", sae_config.num_latents)
+        if entry["site"] not in sae_config.sites:
+            raise ValueError(
+                f"SAE {entry} trains on site {entry['site']!r}, which is not harvested; "
+                f"add it to config.sae.sites {list(sae_config.sites)}."
+            )
+        entries.append(entry)
+    return entries
+
+
+def _token_batches(tokens: np.ndarray, batch_size: int):
+    for start in range(0, len(tokens) - batch_size + 1, batch_size):
+        yield tokens[start : start + batch_size]
+
+
+def _cache(config, workdir, model, params, tokenizer, train_docs) -> activations.ActivationCache:
+    sae_config = config.sae
+    path = sae_config.cache_path or str(workdir / "activations")
+    if activations.is_complete(path):
+        cache = activations.ActivationCache.open(path)
+        made_by = cache.metadata.get("model", {}).get("config_hash")
+        if made_by != activations.config_hash(model.config):
+            logging.warning("The activation cache at %s was made with another model.", path)
+        missing = set(sae_config.sites) - set(cache.sites)
+        if not missing and cache.num_rows >= sae_config.harvest_rows:
+            logging.info("Reusing %d cached activation rows at %s.", cache.num_rows, path)
+            return cache
+    tokens = text.pack(train_docs, tokenizer, config.data.seq_len)
+    rows_per_batch = sae_config.harvest_batch_size * (config.data.seq_len - 1)
+    batches_needed = math.ceil(sae_config.harvest_rows / rows_per_batch)
+    order = np.random.default_rng(config.seed).permutation(len(tokens))[
+        : batches_needed * sae_config.harvest_batch_size
+    ]
+    logging.info("Harvesting %d rows at %s.", sae_config.harvest_rows, list(sae_config.sites))
+    stream = activations.harvest(
+        model,
+        params,
+        _token_batches(tokens[np.sort(order)], sae_config.harvest_batch_size),
+        list(sae_config.sites),
+        skip_first=True,  # A packed row's first position has no context and an outsized norm.
+    )
+    return activations.write_cache(
+        path,
+        stream,
+        list(sae_config.sites),
+        num_rows=sae_config.harvest_rows,
+        model_config=model.config,
+        model_name=str(sae_config.model_path),
+        overwrite=True,
+    )
+
+
+def run(config, workdir: str) -> dict[str, dict[str, float]]:
+    """Runs the SAE job; returns {sae name: evaluation metrics}."""
+    stage_config = experiment.subconfig(config, keep=("seed", "data", "mesh", "rules", "sae"))
+    workdir = experiment.prepare_workdir(stage_config, workdir)
+    sae_config = config.sae
+    model_path = sae_config.model_path or str(workdir.parent / "lm" / "export")
+    model, params, tokenizer = from_pretrained(model_path)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{model_path} has no tokenizer.json; the SAE job needs text.")
+    train_docs, heldout_docs = lm_train.documents(config.data)
+    cache = _cache(config, workdir, model, params, tokenizer, train_docs)
+
+    entries = _entries(sae_config)
+    sites = [entry["site"] for entry in entries]
+    sample = {site: cache.read(site, 0, min(cache.num_rows, 8192)) for site in set(sites)}
+    configs = tuple(
+        SAEConfig.from_dict(
+            {k: v for k, v in entry.items() if k != "site"}
+            | {"d_in": cache.dims[entry["site"]], "input_scale": cache.input_scale(entry["site"])}
+        )
+        for entry in entries
+    )
+    b_dec_init = [
+        np.asarray(sae_train.geometric_median(np.asarray(sample[site], np.float32)))
+        for site in sites
+    ]
+    names = _unique([sae_name(entry, entry["site"]) for entry in entries])
+
+    mesh = parallel.mesh_from_config(config.mesh)
+    rules = parallel.rules_from_config(config.get("rules") or None)
+    train_config = sae_config.train
+    stream: dict[str, Any] = {}
+
+    def batch_fn(step):
+        # Sequential reads from the cache's resumable shuffled order, opened at the first
+        # step asked for (the step a resumed run starts from).
+        if "iterator" not in stream:
+            stream["iterator"] = cache.batches(
+                sorted(set(sites)), train_config.batch_size, seed=config.seed, start_step=step
+            )
+        batch = next(stream["iterator"])
+        return tuple(np.asarray(batch[site], np.float32) for site in sites)
+
+    writer = metrics.MetricWriter(workdir)
+    state = sae_train.run_training(
+        configs,
+        train_config,
+        batch_fn,
+        workdir,
+        mesh=mesh,
+        rules=rules,
+        key=jax.random.key(config.seed),
+        b_dec_init=b_dec_init,
+        names=names,
+        writer=writer,
+        tokens_per_step=train_config.batch_size,
+    )
+
+    eval_tokens = text.pack(heldout_docs, tokenizer, config.data.seq_len)
+    eval_batches = list(_token_batches(eval_tokens, sae_config.eval_batch_size))
+    results = {}
+    for name, sae_cfg, site, sae_state in zip(names, configs, sites, state["saes"], strict=True):
+        sae_params = jax.device_get(sae_state["params"])
+        results[name] = sae_evaluate.evaluate(
+            model, params, SAE(sae_cfg), sae_params, eval_batches, site,
+            max_batches=sae_config.eval_batches,
+        )  # fmt: skip
+        if jax.process_index() == 0:
+            sae_io.save(
+                workdir / "saes" / name,
+                sae_cfg,
+                sae_params,
+                metadata={"hook_name": site, "model_name": model_path},
+            )
+    step = int(train_config.steps)
+    for name, result in results.items():
+        writer.write(step, {f"eval/{name}/{k}": v for k, v in result.items()})
+    writer.close()
+    if jax.process_index() == 0:
+        (workdir / "eval.json").write_text(experiment.config_to_json(results))
+    logging.info("SAE evaluation on held-out text:\n%s", format_table(results))
+    return results
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """A Markdown table of the headline metrics, one row per SAE."""
+    lines = [
+        "| SAE | FVU | L0 | dead | dense | loss clean | loss spliced | loss recovered | KL |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['dead_fraction']:.1%} "
+            f"| {r['dense_fraction']:.1%} | {r['clean_loss']:.3f} | {r['spliced_loss']:.3f} "
+            f"| {r['loss_recovered']:.1%} | {r['kl']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def workdir_for(pipeline_workdir: str, stage: str) -> str:
+    """Where a pipeline stage writes: <workdir>/<stage>."""
+    return str(epath.Path(pipeline_workdir) / stage)
