@@ -554,8 +554,19 @@ def _auxk_loss(config: SAEConfig, params, x, shift, pre, residual, dead_mask):
     """AuxK (Gao et al. 2024, sec. A.2): the dead latents' top-k_aux reconstruct the residual.
 
     Normalised by the residual's variance about its batch mean, as OpenAI's code does
-    (`normalized_mse`), and zero when no latent is dead.
+    (`normalized_mse`), and zero when no latent is dead. A `lax.cond` skips the work (a top-k
+    over all latents and a k_aux-sparse decode, k_aux = D/2 > k) while no latent is dead:
+    measured on CPU it tripled the gradient's cost otherwise.
     """
+    return jax.lax.cond(
+        jnp.any(dead_mask),
+        functools.partial(_auxk_value, config),
+        lambda *_: jnp.zeros((), jnp.float32),
+        params, x, shift, pre, residual, dead_mask,
+    )  # fmt: skip
+
+
+def _auxk_value(config: SAEConfig, params, x, shift, pre, residual, dead_mask):
     num_latents = pre.shape[-1]
     k_aux = min(config.auxk_k or config.d_in // 2, num_latents)
     masked = jnp.where(dead_mask, pre, -jnp.inf)
@@ -575,8 +586,7 @@ def _auxk_loss(config: SAEConfig, params, x, shift, pre, residual, dead_mask):
         e_hat = _dense_decode(config, codes, params["W_dec"])
     residual = jax.lax.stop_gradient(residual)
     variance = jnp.sum(jnp.square(residual - residual.mean(0)))
-    loss = jnp.sum(jnp.square(e_hat - residual)) / jnp.maximum(variance, 1e-12)
-    return jnp.where(jnp.any(dead_mask), loss, 0.0)
+    return jnp.sum(jnp.square(e_hat - residual)) / jnp.maximum(variance, 1e-12)
 
 
 def sae_forward(config: SAEConfig, params, x, *, step, dead_mask=None):
