@@ -39,5 +39,7 @@ setuptools.setup(
             "ruff",
         ],
         "notebooks": ["jupyter", "matplotlib"],
+        # The peer in benchmarks/sae_throughput.py; pin torch in the same pip command.
+        "bench": ["eai-sparsify==1.3.3", "torch"],
     },
 )

@@ -12,6 +12,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from interp import records
+
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITIONS = ("learned", "rotary")
@@ -160,11 +162,4 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values) -> ModelConfig:
         """Builds a config from a dict or ConfigDict, rejecting unknown fields by name."""
-        values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown ModelConfig field(s) {unknown}; valid fields are {sorted(known)}."
-            )
-        return cls(**values)
+        return records.from_dict(cls, values)

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from interp import records
+
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 
 
@@ -111,12 +113,8 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, values) -> SAEConfig:
-        values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown SAEConfig field(s) {unknown}; valid: {sorted(known)}.")
-        return cls(**values)
+        """Builds a config from a dict or ConfigDict, rejecting unknown fields by name."""
+        return records.from_dict(cls, values)
 
 
 def _mesh_axes(logical_name: str, size: int) -> tuple[tuple[str, ...], int]:

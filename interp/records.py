@@ -1,0 +1,20 @@
+"""Frozen-dataclass configs (ModelConfig, SAEConfig): building them strictly from dicts."""
+
+import dataclasses
+from typing import Any
+
+
+def from_dict(cls: type, values: Any):
+    """`cls(**values)` for a dict or ConfigDict, naming any field `cls` does not have.
+
+    A typo in a config (`num_latent=...`) would otherwise fail with Python's terse
+    "unexpected keyword argument", or, for configs read with defaults, not at all.
+    """
+    values = dict(values)
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown {cls.__name__} field(s) {unknown}; valid fields are {sorted(known)}."
+        )
+    return cls(**values)
