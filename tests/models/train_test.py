@@ -121,8 +121,8 @@ def test_readme_example_runs_on_the_exported_model(tiny_run):
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    assert "workdir/demo/export" in code
-    code = code.replace("workdir/demo/export", os.path.join(workdir, "export"))
+    assert "workdir/demo/lm/export" in code
+    code = code.replace("workdir/demo/lm/export", os.path.join(workdir, "export"))
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
     assert namespace["out"].shape == (2, namespace["tokens"].shape[1] + 20)
@@ -140,7 +140,7 @@ def test_quickstart_notebook_runs_on_the_exported_model(tiny_run):
     namespace = {}
     for cell in notebook["cells"]:
         if cell["cell_type"] == "code":
-            code = "".join(cell["source"]).replace("workdir/demo/export", f"{workdir}/export")
+            code = "".join(cell["source"]).replace("workdir/demo/lm/export", f"{workdir}/export")
             exec(compile(code, "quickstart.ipynb", "exec"), namespace)  # noqa: S102
     assert namespace["out"].shape[1] == namespace["tokens"].shape[1] + 20
     assert float(namespace["kl"].min()) >= 0.0

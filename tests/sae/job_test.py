@@ -97,3 +97,21 @@ def test_format_table_has_one_row_per_sae():
                spliced_loss=3.1, loss_recovered=0.9, kl=0.01)  # fmt: skip
     table = job.format_table({"a": row, "b": row})
     assert table.count("\n") == 3 and "| a | 0.100 | 2.0 |" in table
+
+
+def test_readme_sae_example_runs_on_the_pipeline_output(pipeline_run):
+    workdir, _ = pipeline_run
+    with open(os.path.join(ROOT, "README.md")) as f:
+        blocks = [b.split("```", 1)[0] for b in f.read().split("```python\n")[1:]]
+    topk = next(n for n in os.listdir(os.path.join(workdir, "sae", "saes")) if "-topk-" in n)
+    code = "\n".join(blocks[:2])
+    code = code.replace("workdir/demo/lm/export", os.path.join(workdir, "lm", "export"))
+    code = code.replace(
+        "workdir/demo/sae/saes/blocks_2.resid_post-topk-k16-x1024",
+        os.path.join(workdir, "sae", "saes", topk),
+    ).replace("blocks_2/resid_post", "blocks_1/resid_post")
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    codes = np.asarray(namespace["codes"])
+    assert codes.shape[:2] == namespace["tokens"].shape
+    assert np.all((codes != 0).sum(-1) <= namespace["sae"].config.k)
