@@ -7,6 +7,7 @@ import pytest
 from etils import epath
 
 from interp import experiment
+from tests import runs
 
 
 def _config(**overrides):
@@ -17,13 +18,7 @@ def _config(**overrides):
     c.model = dict(name="toy", d_model=64, dtype="bfloat16")
     c.train = dict(lr=3e-4, steps=500, betas=(0.9, 0.95))
     c.activation = lambda x: x  # Written as a string by to_json_best_effort.
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return c
+    return runs.override(c, **overrides)
 
 
 def test_writes_config_json(tmp_path):

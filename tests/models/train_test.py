@@ -3,8 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -16,19 +14,12 @@ import transformers
 from configs import demo
 from interp import models
 from interp.models import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import runs
+from tests.runs import ROOT
 
 
 def _tiny(**overrides):
-    config = demo.get_config("tiny=True")
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return runs.override(demo.get_config("tiny=True"), **overrides)
 
 
 def _exported(workdir):
@@ -39,13 +30,7 @@ def _exported(workdir):
 def tiny_run(tmp_path_factory):
     """One tiny run through the real command line, shared by the tests below."""
     workdir = str(tmp_path_factory.mktemp("tiny"))
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.train_lm", "--config=configs/demo.py:tiny=True",
-         f"--workdir={workdir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, result
+    return workdir, runs.run_main("experiments.train_lm", "configs/demo.py:tiny=True", workdir)
 
 
 def test_main_writes_config_metrics_checkpoints_and_export(tiny_run):

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,20 +10,14 @@ from configs import demo
 from interp import sae as interp_sae
 from interp.data import activations
 from interp.sae import job
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import runs
+from tests.runs import ROOT
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pipeline"))
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.pipeline", "--config=configs/demo.py:tiny=True",
-         f"--workdir={workdir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, result
+    return workdir, runs.run_main("experiments.pipeline", "configs/demo.py:tiny=True", workdir)
 
 
 def test_pipeline_prints_the_sae_table_and_writes_results(pipeline_run):
