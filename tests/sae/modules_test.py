@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from interp.sae import modules
+from interp.sae import kernels, modules
 from interp.sae.modules import SAE, SAEConfig
 
 D, X, B = 16, 64, 8
@@ -103,7 +103,7 @@ def test_batchtopk_keeps_exactly_k_times_batch_in_training(sparse_kernels):
     params["b_enc"] = params["b_enc"] + 10.0
     _, metrics, aux = modules.sae_forward(config, params, x, step=0)
     assert float(metrics["l0"]) * B == config.k * B
-    codes = modules.batch_topk_codes(
+    codes = kernels.batch_topk_codes(
         SAE(config).apply({"params": params}, x, method="pre_activation"), config.k
     )
     assert int(jnp.sum(codes > 0)) == config.k * B
@@ -131,13 +131,13 @@ def test_jumprelu_straight_through_gradients_match_the_paper():
     bandwidth = 0.5
     pre = jnp.asarray([[0.1, 0.9, 1.2, 3.0]])
     theta = jnp.asarray([1.0, 1.0, 1.0, 1.0])
-    out, vjp = jax.vjp(lambda p, t: modules.jumprelu(p, t, bandwidth), pre, theta)
+    out, vjp = jax.vjp(lambda p, t: kernels.jumprelu(p, t, bandwidth), pre, theta)
     np.testing.assert_allclose(out, [[0.0, 0.0, 1.2, 3.0]])
     d_pre, d_theta = vjp(jnp.ones_like(pre))
     np.testing.assert_allclose(d_pre, [[0.0, 0.0, 1.0, 1.0]])
     # -(theta / eps) K((pre - theta) / eps): only 0.9 and 1.2 are within eps / 2 of theta.
     np.testing.assert_allclose(d_theta, [0.0, -2.0, -2.0, 0.0])
-    out, vjp = jax.vjp(lambda p, t: modules.step_function(p, t, bandwidth), pre, theta)
+    out, vjp = jax.vjp(lambda p, t: kernels.step_function(p, t, bandwidth), pre, theta)
     np.testing.assert_allclose(out, [[0.0, 0.0, 1.0, 1.0]])
     d_pre, d_theta = vjp(jnp.ones_like(pre))
     np.testing.assert_allclose(d_pre, 0.0)
@@ -203,8 +203,8 @@ def test_sharded_top_k_equals_plain_top_k():
     want_values, want_indices = jax.lax.top_k(pre, 5)
     flat_values, flat_indices = jax.lax.top_k(pre.reshape(-1), 3 * 8)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
-        values, indices = jax.jit(modules.top_k_latents, static_argnums=1)(pre, 5)
-        batch_values, batch_indices = jax.jit(modules.batch_top_k, static_argnums=1)(pre, 24)
+        values, indices = jax.jit(kernels.top_k_latents, static_argnums=1)(pre, 5)
+        batch_values, batch_indices = jax.jit(kernels.batch_top_k, static_argnums=1)(pre, 24)
     np.testing.assert_array_equal(values, want_values)
     np.testing.assert_array_equal(indices, want_indices)
     np.testing.assert_array_equal(batch_values, flat_values)

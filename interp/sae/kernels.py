@@ -1,0 +1,312 @@
+"""SAE kernels: sharded top-k, k-sparse decode and encoder gradients, straight-through steps.
+
+Legend as in modules.py: B batch, D input width, X latents, k active latents per row.
+These are the hot path of SAE training; modules.py builds the losses from them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+
+def _mesh_axes(logical_name: str, size: int) -> tuple[tuple[str, ...], int]:
+    """Mesh axes (and how many ways) the current mesh and rules split a dim of `size`.
+
+    ((), 1) outside `jax.set_mesh` + `nn.logical_axis_rules`; trailing axes that do not
+    divide `size` are dropped, as parallel.py does.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (), 1
+    entry = nn.logical_to_mesh_axes((logical_name,))[0]
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    kept, count = [], 1
+    for axis in axes:
+        if axis not in mesh.shape or size % (count * mesh.shape[axis]):
+            break
+        kept.append(axis)
+        count *= mesh.shape[axis]
+    return tuple(kept), count
+
+
+def _spec(*axes):
+    return PartitionSpec(*(a if a else None for a in axes))
+
+
+def top_k_latents(pre, k):
+    """`jax.lax.top_k` over the latents of pre [B, X], shard-local under a mesh.
+
+    XLA replicates the operand of a top-k, so under a mesh each device takes the top k of its
+    own [B / data, X / model] block (`shard_map`) and only the model * k candidates per token
+    are gathered for the final top k (DESIGN.md: sharded TopK). Same values and indices as
+    `jax.lax.top_k` (ties go to the lower index).
+    """
+    batch, width = pre.shape
+    batch_axes, _ = _mesh_axes("batch", batch)
+    latent_axes, shards = _mesh_axes("latent", width)
+    block = width // shards
+    if (not batch_axes and not latent_axes) or k > block:
+        return jax.lax.top_k(pre, k)
+
+    def local(block_pre):
+        values, indices = jax.lax.top_k(block_pre, k)
+        if latent_axes:
+            indices = indices + jax.lax.axis_index(latent_axes) * block
+        return values, indices
+
+    spec = _spec(batch_axes, latent_axes)
+    values, indices = jax.shard_map(local, in_specs=spec, out_specs=(spec, spec))(pre)
+    if shards == 1:
+        return values, indices
+
+    def final(values, indices):  # [B / data, model * k] candidates.
+        values, pick = jax.lax.top_k(values, k)
+        return values, jnp.take_along_axis(indices, pick, axis=-1)
+
+    rows = _spec(batch_axes, ())
+    return jax.shard_map(final, in_specs=(rows, rows), out_specs=(rows, rows))(values, indices)
+
+
+def batch_top_k(values, count):
+    """Top `count` entries of a whole [B, X] array: (values [count], flat indices [count]).
+
+    Under a mesh, each device's block contributes its own top `count` (`shard_map`) and the
+    final top `count` runs over those candidates only.
+    """
+    batch, width = values.shape
+    batch_axes, row_shards = _mesh_axes("batch", batch)
+    latent_axes, col_shards = _mesh_axes("latent", width)
+    rows, cols = batch // row_shards, width // col_shards
+    if row_shards * col_shards == 1 or count > rows * cols:
+        return jax.lax.top_k(values.reshape(-1), count)
+
+    def local(block):
+        top, flat = jax.lax.top_k(block.reshape(-1), count)
+        row, col = flat // cols, flat % cols
+        if batch_axes:
+            row = row + jax.lax.axis_index(batch_axes) * rows
+        if latent_axes:
+            col = col + jax.lax.axis_index(latent_axes) * cols
+        return top[None], (row * width + col)[None]  # [1, count] per block.
+
+    out = _spec(batch_axes + latent_axes, ())
+    top, flat = jax.shard_map(local, in_specs=_spec(batch_axes, latent_axes), out_specs=(out, out))(
+        values
+    )
+    top, pick = jax.lax.top_k(top.reshape(-1), count)
+    return top, flat.reshape(-1)[pick]
+
+
+def topk_codes(pre, k):
+    """Keeps each row's k largest pre-activations (ReLU'd), zeros elsewhere. pre: [B, X]."""
+    values, indices = top_k_latents(pre, k)
+    rows = jnp.arange(pre.shape[0])[:, None]
+    return jnp.zeros_like(pre).at[rows, indices].set(jax.nn.relu(values))
+
+
+def batch_topk_codes(pre, k):
+    """Keeps the k * B largest ReLU'd pre-activations of the whole batch. pre: [B, X]."""
+    values, indices = batch_top_k(jax.nn.relu(pre), k * pre.shape[0])
+    return jnp.zeros(pre.size, pre.dtype).at[indices].set(values).reshape(pre.shape)
+
+
+# ----------------------------------------------------------------------------- sparse kernels
+#
+# A TopK SAE's codes have k nonzeros per token, so the decoder and the encoder's weight
+# gradient only need the k active latents: x_hat = sum_j v_j W_dec[i_j], and
+# dW_enc[:, i] = sum over (b, j) with i_j = i of dpre_bj * x_b. Both are gathers and
+# scatter-adds of B * k rows of D numbers instead of [B, X] x [X, D] matmuls (OpenAI's sparse
+# kernels do the same). Only the encoder's forward stays dense: every pre-activation is needed
+# to pick the top k. The custom VJPs below are checked against `jax.grad` of the dense
+# formulation in tests/sae/modules_test.py.
+#
+# Active latents come in one of two layouts: per row, `cols` [B, k] (TopK, AuxK), or as
+# coordinates, `rows` and `cols` [N] sorted by row (BatchTopK, whose rows hold varying counts).
+# `rows` is None in the per-row layout.
+#
+# The trade-off: the gathers materialise [B, k, D] (per row) or [N, D] values, about as much
+# memory as dense [B, X] codes when k * D ~ X, and a scatter-add is slower per FLOP than a
+# matmul; the gain is k / X of the FLOPs (1/1000 for k=32, X=32768). `sparse_kernels=False`
+# switches to the dense path where that wins (small X).
+
+
+def _flat(rows, cols, values, width):
+    """Coordinates (rows [N], cols [N], values [N, ...]) of either layout."""
+    if rows is None:
+        batch, k = cols.shape
+        rows = jnp.repeat(jnp.arange(batch), k)
+        return rows, cols.reshape(-1), values.reshape((batch * k,) + values.shape[2:])
+    del width
+    return rows, cols, values
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def sparse_decode(num_rows, dtype, values, rows, cols, w_dec):
+    """sum_j values_j * W_dec[cols_j] per row, without b_dec.
+
+    Args:
+      num_rows: B (static).
+      dtype: Compute dtype of the products (static); accumulation is float32.
+      values: [B, k] (per row) or [N] (coordinates).
+      rows: None (per row) or [N] row of each value, sorted.
+      cols: [B, k] or [N] latent of each value.
+      w_dec: [X, D].
+
+    Returns:
+      [B, D] float32.
+    """
+    rows_, cols_, values_ = _flat(rows, cols, values, None)
+    gathered = w_dec.astype(dtype)[cols_]  # [N, D]
+    if rows is None:
+        batch, k = cols.shape
+        return jnp.einsum(
+            "BK,BKD->BD",
+            values.astype(dtype),
+            gathered.reshape(batch, k, -1),
+            preferred_element_type=jnp.float32,
+        )
+    products = (values_.astype(dtype)[:, None] * gathered).astype(jnp.float32)
+    return jax.ops.segment_sum(products, rows_, num_rows, indices_are_sorted=True)
+
+
+def _sparse_decode_fwd(num_rows, dtype, values, rows, cols, w_dec):
+    return sparse_decode(num_rows, dtype, values, rows, cols, w_dec), (values, rows, cols, w_dec)
+
+
+def _sparse_decode_bwd(num_rows, dtype, residuals, grad):
+    del num_rows
+    values, rows, cols, w_dec = residuals
+    rows_, cols_, values_ = _flat(rows, cols, values, None)
+    grad_rows = grad[rows_]  # [N, D]
+    gathered = w_dec.astype(dtype)[cols_]
+    d_values = jnp.einsum(
+        "ND,ND->N", grad_rows.astype(dtype), gathered, preferred_element_type=jnp.float32
+    )
+    # Only the active rows of W_dec get gradient: a scatter-add of N rows.
+    d_w_dec = (
+        jnp.zeros(w_dec.shape, jnp.float32)
+        .at[cols_]
+        .add(values_.astype(jnp.float32)[:, None] * grad_rows)
+    )
+    return d_values.reshape(values.shape).astype(values.dtype), None, None, d_w_dec
+
+
+sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
+
+
+@jax.custom_vjp
+def gather_pre_activation(pre, x, shift, w_enc, b_enc, rows, cols):
+    """pre[rows, cols] with gradients to the encoder through the active latents only.
+
+    `pre` must equal (x - shift) @ W_enc + b_enc (it is computed densely anyway, to select
+    the latents); it gets no gradient itself, the encoder's arguments get it sparsely.
+
+    Args:
+      pre: [B, X] pre-activations (treated as a constant).
+      x: [B, D] scaled inputs.
+      shift: [D] subtracted from x before encoding (b_dec, or zeros).
+      w_enc: [D, X].
+      b_enc: [X].
+      rows: None (per row) or [N] sorted row indices.
+      cols: [B, k] or [N] latent indices.
+
+    Returns:
+      [B, k] or [N] float32 pre-activations of the chosen latents.
+    """
+    del x, shift, w_enc, b_enc
+    if rows is None:
+        return jnp.take_along_axis(pre, cols, axis=-1)
+    return pre[rows, cols]
+
+
+def _gather_fwd(pre, x, shift, w_enc, b_enc, rows, cols):
+    out = gather_pre_activation(pre, x, shift, w_enc, b_enc, rows, cols)
+    return out, (x, shift, w_enc, rows, cols)
+
+
+def _gather_bwd(residuals, grad):
+    x, shift, w_enc, rows, cols = residuals
+    rows_, cols_, grad_ = _flat(rows, cols, grad.astype(jnp.float32), None)
+    centered = x.astype(jnp.float32) - shift
+    # dW_enc[:, i] = sum over active (b, j) with cols = i of dpre_bj * centered_b; built as
+    # [X, D] rows (a scatter of contiguous rows) and transposed.
+    d_w_enc = (
+        jnp.zeros(w_enc.shape[::-1], jnp.float32).at[cols_].add(grad_[:, None] * centered[rows_])
+    )
+    d_b_enc = jnp.zeros(w_enc.shape[1:], jnp.float32).at[cols_].add(grad_)
+    # d/dshift = -sum_b dx_b = -W_enc @ d_b_enc: a matvec, not a [B, D] scatter.
+    d_shift = -(w_enc @ d_b_enc)
+    # dx is only live when the caller differentiates the input; XLA drops it otherwise.
+    d_x = jax.ops.segment_sum(
+        grad_[:, None] * w_enc.T[cols_], rows_, x.shape[0], indices_are_sorted=True
+    )
+    return None, d_x.astype(x.dtype), d_shift, d_w_enc.T, d_b_enc, None, None
+
+
+gather_pre_activation.defvjp(_gather_fwd, _gather_bwd)
+
+
+# ----------------------------------------------------------------------------- JumpReLU
+
+
+def _rectangle(u):
+    """The rectangle kernel K(u) = 1 on (-1/2, 1/2) (Rajamanoharan et al. 2024, eq. 11)."""
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(pre, threshold, bandwidth):
+    """pre * H(pre - threshold); d/dthreshold by the straight-through estimator.
+
+    Pseudo-derivative (Rajamanoharan et al. 2024, eq. 12):
+    d/dtheta = -(theta / eps) K((pre - theta) / eps); d/dpre = H(pre - theta).
+    """
+    return jnp.where(pre > threshold, pre, 0.0)
+
+
+def _jumprelu_fwd(pre, threshold, bandwidth):
+    return jumprelu(pre, threshold, bandwidth), (pre, threshold)
+
+
+def _jumprelu_bwd(bandwidth, residuals, grad):
+    pre, threshold = residuals
+    d_pre = jnp.where(pre > threshold, grad, 0.0)
+    kernel = _rectangle((pre - threshold) / bandwidth)
+    d_threshold = -(threshold / bandwidth) * kernel * grad
+    return d_pre, _sum_to_shape(d_threshold, threshold.shape)
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step_function(pre, threshold, bandwidth):
+    """H(pre - threshold) as float; gradient only to threshold, by the STE.
+
+    Pseudo-derivative (Rajamanoharan et al. 2024, eq. 13): d/dtheta = -(1 / eps) K(...),
+    d/dpre = 0: the L0 penalty trains the thresholds, not the encoder.
+    """
+    return (pre > threshold).astype(pre.dtype)
+
+
+def _step_fwd(pre, threshold, bandwidth):
+    return step_function(pre, threshold, bandwidth), (pre, threshold)
+
+
+def _step_bwd(bandwidth, residuals, grad):
+    pre, threshold = residuals
+    d_threshold = -(1.0 / bandwidth) * _rectangle((pre - threshold) / bandwidth) * grad
+    return jnp.zeros_like(pre), _sum_to_shape(d_threshold, threshold.shape)
+
+
+step_function.defvjp(_step_fwd, _step_bwd)
+
+
+def _sum_to_shape(x, shape):
+    """Sums leading broadcast dims of x away: [..., X] -> [X]."""
+    return x.reshape((-1,) + tuple(shape)).sum(0) if x.shape != tuple(shape) else x
