@@ -26,6 +26,7 @@ from etils import epath
 
 from interp import experiment, metrics, parallel
 from interp.data import activations, text
+from interp.data import cache as cache_lib
 from interp.models import from_pretrained
 from interp.models import train as lm_train
 from interp.sae import evaluate as sae_evaluate
@@ -74,13 +75,13 @@ def _token_batches(tokens: np.ndarray, batch_size: int):
         yield tokens[start : start + batch_size]
 
 
-def _cache(config, workdir, model, params, tokenizer, train_docs) -> activations.ActivationCache:
+def _cache(config, workdir, model, params, tokenizer, train_docs) -> cache_lib.ActivationCache:
     sae_config = config.sae
     path = sae_config.cache_path or str(workdir / "activations")
-    if activations.is_complete(path):
-        cache = activations.ActivationCache.open(path)
+    if cache_lib.is_complete(path):
+        cache = cache_lib.ActivationCache.open(path)
         made_by = cache.metadata.get("model", {}).get("config_hash")
-        if made_by != activations.config_hash(model.config):
+        if made_by != cache_lib.config_hash(model.config):
             logging.warning("The activation cache at %s was made with another model.", path)
         missing = set(sae_config.sites) - set(cache.sites)
         if not missing and cache.num_rows >= sae_config.harvest_rows:
@@ -100,7 +101,7 @@ def _cache(config, workdir, model, params, tokenizer, train_docs) -> activations
         list(sae_config.sites),
         skip_first=True,  # A packed row's first position has no context and an outsized norm.
     )
-    return activations.write_cache(
+    return cache_lib.write_cache(
         path,
         stream,
         list(sae_config.sites),

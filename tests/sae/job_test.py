@@ -8,7 +8,7 @@ import pytest
 
 from configs import demo
 from interp import sae as interp_sae
-from interp.data import activations
+from interp.data import cache as cache_lib
 from interp.sae import job
 from tests import runs
 from tests.runs import ROOT
@@ -30,7 +30,7 @@ def test_pipeline_prints_the_sae_table_and_writes_results(pipeline_run):
     for metrics in results.values():
         assert 0.0 <= metrics["fvu"] < 1.5
         assert metrics["clean_loss"] > 0 and np.isfinite(metrics["spliced_loss"])
-    assert activations.is_complete(os.path.join(workdir, "sae", "activations"))
+    assert cache_lib.is_complete(os.path.join(workdir, "sae", "activations"))
 
 
 def test_exported_saes_load_and_encode_like_the_trained_ones(pipeline_run):
@@ -39,7 +39,7 @@ def test_exported_saes_load_and_encode_like_the_trained_ones(pipeline_run):
     topk = next(n for n in names if "-topk-" in n)
     sae, params = interp_sae.load(os.path.join(workdir, "sae", "saes", topk))
     assert sae.config.architecture == "topk"
-    cache = activations.ActivationCache.open(os.path.join(workdir, "sae", "activations"))
+    cache = cache_lib.ActivationCache.open(os.path.join(workdir, "sae", "activations"))
     x = np.asarray(cache.read(cache.sites[0], 0, 32), np.float32)
     codes = sae.apply({"params": params}, x, method="encode")
     assert np.all(np.sum(np.asarray(codes) != 0, axis=-1) <= sae.config.k)

@@ -1,0 +1,196 @@
+"""The on-disk activation cache: local and gs:// round trips, atomicity, shuffled reads."""
+
+import itertools
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from interp import parallel
+from interp.data import activations
+from interp.data import cache as cache_lib
+from interp.models.config import ModelConfig
+from interp.models.transformer import Transformer, init_params
+
+CONFIG = ModelConfig(
+    vocab_size=50,
+    d_model=16,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    max_len=16,
+)
+BOS, PAD = 1, 0
+SITES = ["blocks_0/resid_post", "blocks_1/mlp/out"]
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    return Transformer(CONFIG), init_params(CONFIG, seed=3)
+
+
+def _tokens(seed, batch=3, length=8):
+    return np.random.default_rng(seed).integers(2, CONFIG.vocab_size, (batch, length), np.int32)
+
+
+def _synthetic_stream(num_items=7, rows_per_item=13, dims=(8, 6), seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(num_items):
+        yield {
+            f"site_{i}": 3 * rng.normal(size=(rows_per_item, d)).astype(np.float32)
+            for i, d in enumerate(dims)
+        }
+
+
+def _concat(stream):
+    items = list(stream)
+    return {key: np.concatenate([item[key] for item in items]) for key in items[0]}
+
+
+@pytest.mark.parametrize("num_rows,chunk_rows", [(None, 4), (70, 16)])  # Grows; trims.
+def test_cache_round_trip_local(tmp_path, num_rows, chunk_rows):
+    source = _concat(_synthetic_stream())  # 91 rows.
+    path = tmp_path / "cache"
+    cache_lib.write_cache(
+        path,
+        _synthetic_stream(),
+        num_rows=num_rows,
+        chunk_rows=chunk_rows,
+        model_name="toy",
+        model_config=CONFIG,
+        extra={"bos_id": BOS},
+    )
+    expected_rows = 91 if num_rows is None else 70
+    cache = cache_lib.ActivationCache.open(path)
+    assert cache_lib.is_complete(path)
+    assert cache.num_rows == expected_rows
+    assert cache.sites == ["site_0", "site_1"]
+    assert cache.dims == {"site_0": 8, "site_1": 6}
+    assert cache.dtype == ml_dtypes.bfloat16
+    assert cache.metadata["model"]["config_hash"] == cache_lib.config_hash(CONFIG)
+    assert cache.metadata["extra"] == {"bos_id": BOS}
+    for site in cache.sites:
+        stored = source[site][:expected_rows].astype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(cache.read(site), stored)
+        np.testing.assert_array_equal(cache.read(site, 10, 40), stored[10:40])
+        msn = activations.mean_squared_norm(stored.astype(np.float32))
+        assert cache.mean_squared_norm(site) == pytest.approx(msn, rel=1e-9)
+        assert cache.input_scale(site) == pytest.approx(1 / np.sqrt(msn))
+        scaled = stored.astype(np.float32) * cache.input_scale(site)
+        assert activations.mean_squared_norm(scaled) == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match="different widths"):
+        _ = cache.d
+
+
+def test_cache_round_trip_gcs(gcs_bucket):
+    path = f"{gcs_bucket}/runs/acts"
+    source = _concat(_synthetic_stream(num_items=3, dims=(8,)))
+    cache = cache_lib.write_cache(path, _synthetic_stream(num_items=3, dims=(8,)), chunk_rows=8)
+    cache = cache_lib.ActivationCache.open(path)
+    assert cache.num_rows == 39 and cache.d == 8
+    np.testing.assert_array_equal(cache.read("site_0"), source["site_0"].astype(ml_dtypes.bfloat16))
+    batch = next(cache.batches("site_0", 16, seed=0))
+    assert batch.shape == (16, 8)
+    with pytest.raises(FileExistsError):
+        cache_lib.write_cache(path, _synthetic_stream(dims=(8,)))
+
+
+def test_partially_written_cache_is_not_complete(tmp_path):
+    def dying_stream():
+        yield from itertools.islice(_synthetic_stream(), 3)
+        raise RuntimeError("harvest died")
+
+    path = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="harvest died"):
+        cache_lib.write_cache(path, dying_stream(), chunk_rows=8)
+    assert not cache_lib.is_complete(path)
+    with pytest.raises(ValueError, match="incomplete"):
+        cache_lib.ActivationCache.open(path)
+    with pytest.raises(FileNotFoundError):
+        cache_lib.ActivationCache.open(tmp_path / "nothing")
+
+    # Overwriting a complete cache marks it incomplete before touching its arrays.
+    cache_lib.write_cache(path, _synthetic_stream(), chunk_rows=8, overwrite=True)
+    assert cache_lib.is_complete(path)
+    with pytest.raises(RuntimeError):
+        cache_lib.write_cache(path, dying_stream(), chunk_rows=8, overwrite=True)
+    assert not cache_lib.is_complete(path)
+
+
+def test_harvest_into_cache(tmp_path, model_and_params):
+    model, params = model_and_params
+    token_batches = [_tokens(seed) for seed in range(4)]
+    for tokens in token_batches:
+        tokens[:, 0] = BOS
+    stream = activations.harvest(model, params, token_batches, SITES, bos_id=BOS)
+    direct = _concat(activations.harvest(model, params, token_batches, SITES, bos_id=BOS))
+    cache = cache_lib.write_cache(tmp_path / "c", stream, SITES, num_rows=50, chunk_rows=16)
+    assert cache.num_rows == 50 and cache.d == CONFIG.d_model and cache.sites == SITES
+    for site in SITES:
+        np.testing.assert_array_equal(
+            cache.read(site), direct[site][:50].astype(ml_dtypes.bfloat16)
+        )
+
+
+@pytest.fixture
+def row_id_cache(tmp_path):
+    """200 rows whose values are their row index (float32 keeps them exact)."""
+    rows = np.arange(200, dtype=np.float32)
+    stream = (
+        {"a": np.stack([rows[i : i + 30]] * 4, 1), "b": -rows[i : i + 30, None]}
+        for i in range(0, 200, 30)
+    )
+    return cache_lib.write_cache(tmp_path / "ids", stream, dtype="float32", chunk_rows=16)
+
+
+def test_batches_shuffle_within_epoch_and_resume(row_id_cache):
+    cache = row_id_cache
+    steps_per_epoch = cache.steps_per_epoch(24)  # 8, 8 rows skipped per epoch.
+    assert steps_per_epoch == 8
+    full = list(
+        cache.batches(["a", "b"], 24, seed=3, num_steps=20, window_chunks=3, return_indices=True)
+    )
+    for batch, indices in full:
+        np.testing.assert_array_equal(batch["a"][:, 0], indices)
+        np.testing.assert_array_equal(batch["b"][:, 0], -indices)  # Sites aligned.
+    epoch0 = np.concatenate([indices for _, indices in full[:8]])
+    assert len(np.unique(epoch0)) == 192  # No row twice within an epoch.
+    assert len(np.unique(full[0][1] // 16)) >= 2  # A batch mixes several chunks.
+    epoch1 = np.concatenate([indices for _, indices in full[8:16]])
+    assert not np.array_equal(epoch0, epoch1)  # A fresh order each epoch.
+
+    options = dict(seed=3, window_chunks=3, return_indices=True)
+    resumed = list(cache.batches(["a", "b"], 24, start_step=7, num_steps=13, **options))
+    assert len(resumed) == 13
+    for (want, want_indices), (got, got_indices) in zip(full[7:], resumed, strict=True):
+        np.testing.assert_array_equal(got_indices, want_indices)
+        np.testing.assert_array_equal(got["a"], want["a"])
+    other_seed = next(cache.batches("a", 24, seed=4, window_chunks=3))
+    assert not np.array_equal(other_seed, full[0][0]["a"])
+
+
+@pytest.mark.parametrize(
+    "mesh_shape,spec", [((8, 1), PartitionSpec("data")), ((4, 2), PartitionSpec("data", "model"))]
+)
+def test_read_sharded(row_id_cache, monkeypatch, mesh_shape, spec):
+    cache = row_id_cache
+    mesh = parallel.make_mesh(data=mesh_shape[0], model=mesh_shape[1])
+    sharding = NamedSharding(mesh, spec)
+    reads = []
+    original = cache.read
+    monkeypatch.setattr(cache, "read", lambda *args: reads.append(args[1:3]) or original(*args))
+
+    array = cache.read_sharded("a", slice(8, 56), sharding)
+
+    assert isinstance(array, jax.Array) and array.shape == (48, 4)
+    assert array.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(array), cache.read("a", 8, 56))
+    # Every read covers one device's 6 rows, never the whole range.
+    assert reads and all(stop - start == 48 // mesh_shape[0] for start, stop in reads[:-1])
+    for shard in array.addressable_shards:
+        rows = np.asarray(shard.data)[:, 0]
+        np.testing.assert_array_equal(rows, np.arange(8, 56)[shard.index[0]])
