@@ -149,6 +149,11 @@ class SAE(nn.Module):
     def pre_activation(self, x):
         """Encoder pre-activations [..., X] (before the sparsifying non-linearity)."""
         cfg = self.config
+        if x.shape[-1] != cfg.d_in:
+            raise ValueError(
+                f"This SAE reads {cfg.d_in}-wide activations but got shape {x.shape}; is it "
+                "applied at the hook site it was trained on?"
+            )
         dtype = jnp.dtype(cfg.dtype)
         x = x.astype(jnp.float32) * cfg.input_scale
         if cfg.subtract_decoder_bias:

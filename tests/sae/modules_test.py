@@ -174,3 +174,9 @@ def test_bfloat16_compute_is_close_to_float32():
     np.testing.assert_allclose(loss16, loss, rtol=3e-2)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))
     np.testing.assert_allclose(grads16["W_dec"], grads["W_dec"], atol=0.1)
+
+
+def test_activations_of_the_wrong_width_are_a_clear_error():
+    config, params, _ = _setup("topk")
+    with pytest.raises(ValueError, match=r"reads 16-wide activations but got shape \(2, 8\)"):
+        SAE(config).apply({"params": params}, jnp.zeros((2, 8)), method="encode")
