@@ -24,6 +24,7 @@ deletes them, oldest first, after a newer save has been committed.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -74,6 +75,10 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}.")
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
+        if "://" not in os.fspath(directory):
+            # Orbax's tensorstore layer refuses relative paths ("should be absolute"), and
+            # `make demo` passes workdir/demo.
+            directory = os.path.abspath(os.fspath(directory))
         self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,

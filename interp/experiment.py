@@ -120,6 +120,10 @@ def prepare_workdir(
       ConfigMismatchError: If the saved config differs in other fields.
       ValueError: If the saved `config.json` is not valid JSON.
     """
+    if "://" not in os.fspath(workdir):
+        # Absolute, so every library downstream (orbax and tensorstore refuse or misread
+        # relative paths) sees the same directory whatever its working directory.
+        workdir = os.path.abspath(os.fspath(workdir))
     workdir = epath.Path(workdir)
     path = workdir / CONFIG_FILE
     text = config_to_json(config)

@@ -211,3 +211,13 @@ def test_abstract_leaf_without_sharding_restores_as_numpy(tmp_path):
     assert isinstance(restored["x"], np.ndarray) and restored["x"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(restored["x"].astype(np.float32), np.arange(4.0))
     assert restored["n"] == 3
+
+
+def test_relative_local_directory_works(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = {"w": np.arange(6.0).reshape(2, 3)}
+    with checkpoint.Checkpointer("runs/relative", async_save=False) as ckpt:
+        ckpt.save(1, state)
+        restored = ckpt.restore(1, target=checkpoint.abstract_like(state))
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert (tmp_path / "runs" / "relative" / "1").is_dir()

@@ -98,3 +98,9 @@ def test_gcs_workdir(gcs_bucket):
     experiment.prepare_workdir(_config(steps=3), workdir)
     with pytest.raises(experiment.ConfigMismatchError, match="seed: saved 0, now 1"):
         experiment.prepare_workdir(_config(seed=1), workdir)
+
+
+def test_a_relative_workdir_comes_back_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    workdir = experiment.prepare_workdir(_config(), "runs/a")
+    assert workdir.is_absolute() and workdir == epath.Path(tmp_path / "runs" / "a")
