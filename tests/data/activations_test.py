@@ -7,30 +7,13 @@ import pytest
 from interp import parallel
 from interp.data import activations
 from interp.models import hooks
-from interp.models.config import ModelConfig
-from interp.models.transformer import Transformer, init_params
-
-CONFIG = ModelConfig(
-    vocab_size=50,
-    d_model=16,
-    num_layers=2,
-    num_heads=2,
-    num_kv_heads=2,
-    head_dim=8,
-    mlp_dim=32,
-    max_len=16,
-)
-BOS, PAD = 1, 0
-SITES = ["blocks_0/resid_post", "blocks_1/mlp/out"]
+from tests.data import testing
+from tests.data.testing import BOS, CONFIG, PAD, SITES, random_tokens
 
 
 @pytest.fixture(scope="module")
 def model_and_params():
-    return Transformer(CONFIG), init_params(CONFIG, seed=3)
-
-
-def _tokens(seed, batch=3, length=8):
-    return np.random.default_rng(seed).integers(2, CONFIG.vocab_size, (batch, length), np.int32)
+    return testing.model_and_params()
 
 
 # ---------------------------------------------------------------------------- harvesting
@@ -55,7 +38,7 @@ def test_harvest_equals_direct_capture_at_kept_positions(model_and_params):
     model, params = model_and_params
     batches = []
     for seed in range(2):
-        tokens = _tokens(seed)
+        tokens = random_tokens(seed)
         tokens[:, 0] = BOS
         tokens[0, 4] = BOS  # A second document starting inside a packed row.
         mask = np.ones_like(tokens)
@@ -80,7 +63,7 @@ def test_harvest_equals_direct_capture_at_kept_positions(model_and_params):
 
 def test_harvest_pad_id_and_skip_first(model_and_params):
     model, params = model_and_params
-    tokens = _tokens(5)
+    tokens = random_tokens(5)
     tokens[0, 6:] = PAD
     (out,) = activations.harvest(
         model, params, [tokens], ["blocks_1/resid_pre"], pad_id=PAD, skip_first=True
@@ -99,7 +82,7 @@ def test_harvest_pad_id_and_skip_first(model_and_params):
 
 def test_harvest_sites_align_row_by_row(model_and_params):
     model, params = model_and_params
-    tokens = _tokens(7)
+    tokens = random_tokens(7)
     tokens[:, 0] = BOS
     tokens[1, 3] = BOS
     (out,) = activations.harvest(
@@ -118,7 +101,7 @@ def test_harvest_sites_align_row_by_row(model_and_params):
 
 def test_harvest_on_a_mesh_matches_unsharded(model_and_params):
     model, params = model_and_params
-    tokens = np.concatenate([_tokens(8), _tokens(9), _tokens(10)[:2]])  # B = 8.
+    tokens = np.concatenate([random_tokens(8), random_tokens(9), random_tokens(10)[:2]])  # B = 8.
     mesh = parallel.make_mesh(data=4, model=2)
     (plain,) = activations.harvest(model, params, [tokens], SITES, skip_first=True)
     (sharded,) = activations.harvest(model, params, [tokens], SITES, skip_first=True, mesh=mesh)

@@ -11,30 +11,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from interp import parallel
 from interp.data import activations
 from interp.data import cache as cache_lib
-from interp.models.config import ModelConfig
-from interp.models.transformer import Transformer, init_params
-
-CONFIG = ModelConfig(
-    vocab_size=50,
-    d_model=16,
-    num_layers=2,
-    num_heads=2,
-    num_kv_heads=2,
-    head_dim=8,
-    mlp_dim=32,
-    max_len=16,
-)
-BOS, PAD = 1, 0
-SITES = ["blocks_0/resid_post", "blocks_1/mlp/out"]
+from tests.data import testing
+from tests.data.testing import BOS, CONFIG, SITES, random_tokens
 
 
 @pytest.fixture(scope="module")
 def model_and_params():
-    return Transformer(CONFIG), init_params(CONFIG, seed=3)
-
-
-def _tokens(seed, batch=3, length=8):
-    return np.random.default_rng(seed).integers(2, CONFIG.vocab_size, (batch, length), np.int32)
+    return testing.model_and_params()
 
 
 def _synthetic_stream(num_items=7, rows_per_item=13, dims=(8, 6), seed=0):
@@ -123,7 +106,7 @@ def test_partially_written_cache_is_not_complete(tmp_path):
 
 def test_harvest_into_cache(tmp_path, model_and_params):
     model, params = model_and_params
-    token_batches = [_tokens(seed) for seed in range(4)]
+    token_batches = [random_tokens(seed) for seed in range(4)]
     for tokens in token_batches:
         tokens[:, 0] = BOS
     stream = activations.harvest(model, params, token_batches, SITES, bos_id=BOS)
