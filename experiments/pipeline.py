@@ -6,29 +6,25 @@ Stages: lm (train and export the language model, experiments/train_lm.py) and sa
 its activations, train and evaluate SAEs, experiments/train_sae.py). Re-running resumes.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
+from experiments import common
 from interp import experiment
 from interp.models import train as lm_train
 from interp.sae import job as sae_job
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; resumes if non-empty.")
-flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
     del argv
     experiment.quiet_library_logs()
-    config = _CONFIG.value
-    summary = lm_train.run(config, sae_job.workdir_for(_WORKDIR.value, "lm"))
+    config = common.CONFIG.value
+    summary = lm_train.run(config, sae_job.workdir_for(common.WORKDIR.value, "lm"))
     print(f"LM sample: {summary['sample']}")
     print(
         f"LM held-out loss {summary['eval_loss']:.3f} nats/token vs unigram "
         f"{summary['unigram_loss']:.3f}; exported to {summary['export_dir']}"
     )
-    results = sae_job.run(config, sae_job.workdir_for(_WORKDIR.value, "sae"))
+    results = sae_job.run(config, sae_job.workdir_for(common.WORKDIR.value, "sae"))
     print("SAEs on held-out text:")
     print(sae_job.format_table(results))
 

@@ -135,10 +135,6 @@ def _generate(
     return jnp.concatenate([prompt, new.T.astype(prompt.dtype)], axis=1)
 
 
-class _Frozen(tuple):
-    """Interventions as a hashable static argument (compared by function identity)."""
-
-
 def generate(
     model: nn.Module,
     params,
@@ -190,7 +186,8 @@ def generate(
     mask = jnp.ones_like(prompt) if attention_mask is None else jnp.asarray(attention_mask)
     if interventions:
         hooks.resolve(model, list(interventions))  # Fail early, outside the trace.
-    frozen = _Frozen(sorted(interventions.items())) if interventions else None
+    # A hashable static argument; functions compare by identity.
+    frozen = tuple(sorted(interventions.items())) if interventions else None
     return _generate(
         model,
         params,
