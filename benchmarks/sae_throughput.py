@@ -5,11 +5,17 @@ r"""TopK SAE training throughput: ours (JAX) against EleutherAI sparsify (PyTorc
 
 Each row times full training steps on random activations: forward, backward, optimizer
 update, decoder renormalisation (both libraries), with AuxK enabled but no latent dead yet
-(both libraries then skip its top-k and decode; a healthy run is mostly in this state). Ours runs one jitted step on
-all local devices (batch over 'data'); sparsify runs its SparseCoder forward + backward +
-Adam on the same device. The table reports tokens/s, the speed-up, and our fraction of the
-encoder-matmul limit: the tokens/s of a bare dense [B, D] x [D, X] matmul in the compute dtype,
-the one piece of dense work a TopK step cannot avoid.
+(both libraries then skip its top-k and decode; a healthy run is mostly in this state).
+Ours runs one jitted step on all local devices (batch over 'data'); sparsify runs its
+SparseCoder forward + backward + Adam on the same device. The table reports tokens/s, the
+speed-up, and our fraction of the encoder-matmul limit: the tokens/s of a bare dense
+[B, D] x [D, X] matmul in the compute dtype, the one piece of dense work a TopK step cannot
+avoid.
+
+A second table times the top-k alone on the same [batch, latents] pre-activations: XLA's
+`lax.top_k` (a sort of whole rows on CPU, and on GPU for k > 16 unless XLA's RAFT select-k is
+switched on: `--raft_top_k` sets `--xla_gpu_experimental_use_raft_select_k=true`), our
+grouped `kernels.top_k` (what the step uses), and torch.topk (what sparsify uses).
 
 Needs `eai-sparsify` installed beside interp (`pip install eai-sparsify torch==2.13.0` on CPU
 machines); without it the sparsify column is empty.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import time
 
@@ -26,11 +33,17 @@ import jax
 import jax.numpy as jnp
 
 from interp import parallel
+from interp.sae import kernels
 from interp.sae import train as sae_train
 from interp.sae.modules import SAEConfig
 
 GPU_SIZES = ((768, 32768, 32, 4096), (768, 32768, 32, 16384), (2304, 65536, 64, 8192))
-CPU_SIZES = ((256, 4096, 32, 1024), (256, 4096, 32, 4096), (512, 8192, 64, 2048))
+CPU_SIZES = (
+    (256, 4096, 32, 1024),
+    (256, 4096, 32, 4096),
+    (512, 8192, 64, 2048),
+    (768, 32768, 32, 1024),  # the issue's first shape at a CPU-sized batch
+)
 
 
 def _time(fn, steps, warmup):
@@ -65,6 +78,30 @@ def matmul_limit(d, x, batch, steps, warmup, dtype):
     w = jax.random.normal(jax.random.key(1), (d, x), dtype)
     matmul = jax.jit(lambda a, w: a @ w)
     return batch / _time(lambda: jax.block_until_ready(matmul(a, w)), steps, warmup)
+
+
+def top_k_times(x, k, batch, steps, warmup, dtype):
+    """Milliseconds per top-k of [batch, x]: lax.top_k, ours (grouped), torch.topk (or None)."""
+    pre = jax.random.normal(jax.random.key(2), (batch, x), dtype)
+    times = []
+    for fn in (jax.lax.top_k, kernels.top_k):
+        jitted = jax.jit(fn, static_argnums=1)
+        one = functools.partial(lambda f: jax.block_until_ready(f(pre, k)), jitted)
+        times.append(1e3 * _time(one, steps, warmup))
+    try:
+        import torch
+    except ImportError:
+        return times + [None]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
+    values = torch.randn(batch, x, device=device, dtype=torch_dtype)
+
+    def one():
+        torch.topk(values, k, dim=-1, sorted=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return times + [1e3 * _time(one, steps, warmup)]
 
 
 def sparsify(d, x, k, batch, steps, warmup, dtype):
@@ -102,11 +139,18 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default by sizes)")
+    parser.add_argument(
+        "--raft_top_k", action="store_true", help="turn on XLA's RAFT select-k for lax.top_k (GPU)"
+    )
     args = parser.parse_args()
+    if args.raft_top_k:  # Read when the backend starts, which is below.
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_experimental_use_raft_select_k=true"
     sizes = GPU_SIZES if args.sizes == "gpu" else CPU_SIZES
     dtype = args.dtype or ("bfloat16" if args.sizes == "gpu" else "float32")
     device = jax.devices()[0].device_kind
-    print(f"# {datetime.date.today()} | {device} x{jax.device_count()} | dtype {dtype}")
+    raft = " | XLA RAFT select-k on" if args.raft_top_k else ""
+    print(f"# {datetime.date.today()} | {device} x{jax.device_count()} | dtype {dtype}{raft}")
     print(
         "| d_in | latents | k | batch | ours tok/s | sparsify tok/s | speed-up | of matmul limit |"
     )
@@ -122,6 +166,14 @@ def main():
             f"| {ours_rate / limit:.0%} |",
             flush=True,
         )
+    print("\n| latents | k | batch | lax.top_k ms | ours (grouped) ms | torch.topk ms |")
+    print("|---|---|---|---|---|---|")
+    for _, x, k, batch in sizes:
+        lax_ms, ours_ms, torch_ms = top_k_times(
+            x, k, batch, args.steps, args.warmup, jnp.dtype(dtype)
+        )
+        torch_text = f"{torch_ms:.2f}" if torch_ms is not None else "n/a"
+        print(f"| {x} | {k} | {batch} | {lax_ms:.2f} | {ours_ms:.2f} | {torch_text} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""SAE kernels: straight-through estimators by hand, sharded top-k against lax.top_k."""
+"""SAE kernels: straight-through estimators by hand, grouped and sharded top-k against
+lax.top_k, slot-wise sparse decode against the dense matmul."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from interp import parallel
 from interp.sae import kernels
@@ -40,3 +42,54 @@ def test_sharded_top_k_equals_plain_top_k():
     np.testing.assert_array_equal(indices, want_indices)
     np.testing.assert_array_equal(batch_values, flat_values)
     np.testing.assert_array_equal(batch_indices, flat_indices)
+
+
+@pytest.mark.parametrize(
+    "rows, width, k",
+    [(4, 4096, 32), (3, 2048, 4), (2, 65536, 64)],  # the last recurses on its group maxima
+)
+def test_grouped_top_k_equals_lax_top_k_ties_included(rows, width, k):
+    assert kernels._group_size(width, k) is not None
+    pre = jax.random.normal(jax.random.key(1), (rows, width))
+    masked = jnp.where(jax.random.bernoulli(jax.random.key(2), 0.99, pre.shape), -jnp.inf, pre)
+    for values in (pre, jnp.round(pre * 2) / 2, pre.astype(jnp.bfloat16), masked):
+        got_values, got_indices = jax.jit(kernels.top_k, static_argnums=1)(values, k)
+        want_values, want_indices = jax.lax.top_k(values, k)
+        np.testing.assert_array_equal(got_values, want_values)
+        np.testing.assert_array_equal(got_indices, want_indices)
+
+
+def test_sharded_grouped_top_k_equals_plain_top_k():
+    mesh = parallel.make_mesh(data=2, model=4)
+    pre = jnp.round(jax.random.normal(jax.random.key(3), (4, 4 * 2048)) * 4) / 4
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
+        values, indices = jax.jit(kernels.top_k_latents, static_argnums=1)(pre, 16)
+    want_values, want_indices = jax.lax.top_k(pre, 16)
+    np.testing.assert_array_equal(values, want_values)
+    np.testing.assert_array_equal(indices, want_indices)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sparse_decode_and_its_gradients_match_the_dense_matmul(dtype):
+    batch, width, d, k = 6, 96, 8, 40  # k > 32 runs the slot loop past its unrolled part.
+    keys = jax.random.split(jax.random.key(4), 3)
+    w_dec = jax.random.normal(keys[0], (width, d))
+    values = jax.random.normal(keys[1], (batch, k))
+    cols = jax.vmap(lambda key: jax.random.permutation(key, width)[:k])(
+        jax.random.split(keys[2], batch)
+    )
+
+    def sparse(values, w_dec):
+        return kernels.sparse_decode(batch, dtype, values, None, cols, w_dec)
+
+    def dense(values, w_dec):
+        codes = jnp.zeros((batch, width)).at[jnp.arange(batch)[:, None], cols].set(values)
+        return jnp.dot(codes.astype(dtype), w_dec.astype(dtype), preferred_element_type=jnp.float32)
+
+    cotangent = jax.random.normal(keys[0], (batch, d))
+    got, got_vjp = jax.vjp(sparse, values, w_dec)
+    want, want_vjp = jax.vjp(dense, values, w_dec)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    for g, w in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol * 5)
