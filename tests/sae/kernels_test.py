@@ -93,3 +93,15 @@ def test_sparse_decode_and_its_gradients_match_the_dense_matmul(dtype):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
     for g, w in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
         np.testing.assert_allclose(g, w, rtol=tol, atol=tol * 5)
+
+
+@pytest.mark.parametrize("rows, width, k", [(64, 4096, 32), (16, 512, 4)])
+def test_candidate_flat_top_k_equals_lax_top_k_and_falls_back_when_it_must(rows, width, k):
+    pre = jax.random.normal(jax.random.key(5), (rows, width))
+    one_row_holds_the_top = pre.at[3].add(10.0)  # Certification fails: the fallback runs.
+    cases = (pre, jax.nn.relu(jnp.round(pre * 2) / 2), pre.astype(jnp.bfloat16))
+    for values in cases + (one_row_holds_the_top, jnp.zeros_like(pre)):
+        got = jax.jit(kernels.candidate_top_k, static_argnums=1)(values, k * rows)
+        want = jax.lax.top_k(values.reshape(-1), k * rows)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
