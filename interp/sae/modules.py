@@ -28,7 +28,6 @@ mesh (`top_k_latents`, `batch_top_k`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -268,16 +267,19 @@ def _auxk_loss(config: SAEConfig, params, x, shift, pre, residual, dead_mask):
     """AuxK (Gao et al. 2024, sec. A.2): the dead latents' top-k_aux reconstruct the residual.
 
     Normalised by the residual's variance about its batch mean, as OpenAI's code does
-    (`normalized_mse`), and zero when no latent is dead. A `lax.cond` skips the work (a top-k
-    over all latents and a k_aux-sparse decode, k_aux = D/2 > k) while no latent is dead:
-    measured on CPU it tripled the gradient's cost otherwise.
+    (`normalized_mse`), and zero when no latent is dead. Its work (a top-k over all latents
+    and a k_aux-sparse decode, k_aux = D/2 > k) is done whenever a dead_mask is given: the
+    train step skips it by branching outside the gradient while no latent is dead
+    (`uses_auxk`), which costs less than a `lax.cond` here (whose gradient would carry
+    zero-filled, full-size gradients through every step).
     """
-    return jax.lax.cond(
-        jnp.any(dead_mask),
-        functools.partial(_auxk_value, config),
-        lambda *_: jnp.zeros((), jnp.float32),
-        params, x, shift, pre, residual, dead_mask,
-    )  # fmt: skip
+    value = _auxk_value(config, params, x, shift, pre, residual, dead_mask)
+    return jnp.where(jnp.any(dead_mask), value, 0.0)
+
+
+def uses_auxk(config: SAEConfig) -> bool:
+    """Whether the loss has an AuxK term (topk and batchtopk with auxk_alpha > 0)."""
+    return config.architecture in ("topk", "batchtopk") and config.auxk_alpha > 0
 
 
 def _auxk_value(config: SAEConfig, params, x, shift, pre, residual, dead_mask):
@@ -378,7 +380,7 @@ def sae_forward(config: SAEConfig, params, x, *, step, dead_mask=None):
     if arch in ("relu", "jumprelu"):
         loss = loss + coefficient * sparsity
     auxk = jnp.zeros((), jnp.float32)
-    if arch in ("topk", "batchtopk") and config.auxk_alpha > 0 and dead_mask is not None:
+    if uses_auxk(config) and dead_mask is not None:
         auxk = _auxk_loss(config, params, x, shift, pre, x - x_hat, dead_mask)
         loss = loss + config.auxk_alpha * auxk
     metrics = {

@@ -312,11 +312,23 @@ def _sae_step(config, optimizer, sae_state, x, step):
     counters = sae_state["tokens_since_fired"]
     dead = counters >= config.dead_tokens
 
-    def loss_fn(params):
-        loss, scalars, aux = modules.sae_forward(config, params, x, step=step, dead_mask=dead)
-        return loss, (scalars, aux)
+    def loss_and_grads(dead_mask):
+        def loss_fn(params):
+            loss, scalars, aux = modules.sae_forward(
+                config, params, x, step=step, dead_mask=dead_mask
+            )
+            return loss, (scalars, aux)
 
-    (_, (scalars, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    if modules.uses_auxk(config):
+        # AuxK's work only while some latent is dead; the branch is outside the gradient, so
+        # the usual step carries no zero-filled AuxK gradients (see modules._auxk_loss).
+        (_, (scalars, aux)), grads = jax.lax.cond(
+            jnp.any(dead), lambda: loss_and_grads(dead), lambda: loss_and_grads(None)
+        )
+    else:
+        (_, (scalars, aux)), grads = loss_and_grads(None)
     grads = modules.constrain_grads(config, grads, params)
     updates, opt_state = optimizer.update(grads, sae_state["opt_state"], params)
     params = modules.constrain_params(config, optax.apply_updates(params, updates), aux, step)
