@@ -238,7 +238,12 @@ def sparsity_coefficient(config: SAEConfig, step) -> jax.Array:
 
 
 def _pre_activation(config: SAEConfig, params, x_scaled):
-    """Encoder pre-activations [B, X] of already scaled inputs, and the encoder's shift [D]."""
+    """Encoder pre-activations [B, X] of already scaled inputs, and the encoder's shift [D].
+
+    In the compute dtype (accumulated in float32 inside the matmul): [B, X] is the largest
+    array of a step, and every pass over it (bias, top-k, masks) reads it again, so bf16
+    halves that traffic, as torch's autocast does for sparsify.
+    """
     dtype = jnp.dtype(config.dtype)
     shift = params["b_dec"] if config.subtract_decoder_bias else jnp.zeros_like(params["b_dec"])
     pre = jnp.einsum(
@@ -246,8 +251,8 @@ def _pre_activation(config: SAEConfig, params, x_scaled):
         (x_scaled - shift).astype(dtype),
         params["W_enc"].astype(dtype),
         preferred_element_type=jnp.float32,
-    )
-    pre = pre + params["b_enc"]
+    ).astype(dtype)
+    pre = pre + params["b_enc"].astype(dtype)
     return nn.with_logical_constraint(pre, ("batch", "latent")), shift
 
 
