@@ -81,17 +81,32 @@ def matmul_limit(d, x, batch, steps, warmup, dtype):
 
 
 def top_k_times(x, k, batch, steps, warmup, dtype):
-    """Milliseconds per top-k of [batch, x]: lax.top_k, ours (grouped), torch.topk (or None)."""
+    """Milliseconds per top-k of [batch, x] pre-activations.
+
+    Per row (TopK): lax.top_k, ours (`kernels.top_k`, grouped), torch.topk (None without
+    torch). Whole batch (BatchTopK, the top k * batch of all entries, ReLU'd): lax.top_k
+    over the flattened array and ours from per-row candidates (`kernels.candidate_top_k`,
+    which `flat_top_k` uses off CPU).
+    """
     pre = jax.random.normal(jax.random.key(2), (batch, x), dtype)
-    times = []
-    for fn in (jax.lax.top_k, kernels.top_k):
+    relu = jax.nn.relu(pre)
+    calls = (
+        (jax.lax.top_k, pre, k),
+        (kernels.top_k, pre, k),
+        (lambda v, n: jax.lax.top_k(v.reshape(-1), n), relu, k * batch),
+        (kernels.candidate_top_k, relu, k * batch),
+    )
+    times = {}
+    names = ("lax", "ours", "lax_flat", "ours_flat")
+    for name, (fn, values, count) in zip(names, calls, strict=True):
         jitted = jax.jit(fn, static_argnums=1)
-        one = functools.partial(lambda f: jax.block_until_ready(f(pre, k)), jitted)
-        times.append(1e3 * _time(one, steps, warmup))
+        one = functools.partial(lambda f, *a: jax.block_until_ready(f(*a)), jitted, values, count)
+        times[name] = 1e3 * _time(one, steps, warmup)
+    times["torch"] = None
     try:
         import torch
     except ImportError:
-        return times + [None]
+        return times
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
     values = torch.randn(batch, x, device=device, dtype=torch_dtype)
@@ -101,7 +116,8 @@ def top_k_times(x, k, batch, steps, warmup, dtype):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return times + [1e3 * _time(one, steps, warmup)]
+    times["torch"] = 1e3 * _time(one, steps, warmup)
+    return times
 
 
 def sparsify(d, x, k, batch, steps, warmup, dtype):
@@ -166,14 +182,21 @@ def main():
             f"| {ours_rate / limit:.0%} |",
             flush=True,
         )
-    print("\n| latents | k | batch | lax.top_k ms | ours (grouped) ms | torch.topk ms |")
-    print("|---|---|---|---|---|---|")
-    for _, x, k, batch in sizes:
-        lax_ms, ours_ms, torch_ms = top_k_times(
-            x, k, batch, args.steps, args.warmup, jnp.dtype(dtype)
+    print(
+        "\n| latents | k | batch | per row: lax.top_k ms | ours ms | torch.topk ms "
+        "| whole batch: lax.top_k ms | ours ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    top_k_sizes = [(x, k, batch) for _, x, k, batch in sizes]
+    top_k_sizes.append((1 << 20, 32, 256 if args.sizes == "gpu" else 64))  # 1M latents.
+    for x, k, batch in top_k_sizes:
+        ms = top_k_times(x, k, batch, args.steps, args.warmup, jnp.dtype(dtype))
+        torch_text = f"{ms['torch']:.2f}" if ms["torch"] is not None else "n/a"
+        print(
+            f"| {x} | {k} | {batch} | {ms['lax']:.2f} | {ms['ours']:.2f} | {torch_text} "
+            f"| {ms['lax_flat']:.2f} | {ms['ours_flat']:.2f} |",
+            flush=True,
         )
-        torch_text = f"{torch_ms:.2f}" if torch_ms is not None else "n/a"
-        print(f"| {x} | {k} | {batch} | {lax_ms:.2f} | {ours_ms:.2f} | {torch_text} |", flush=True)
 
 
 if __name__ == "__main__":

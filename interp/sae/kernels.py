@@ -159,13 +159,18 @@ def flat_top_k(values, count):
 
     A top-k over all R * N entries is a sort of all of them in XLA (BatchTopK at B=16384,
     X=32768: 5e8 entries). Off CPU it goes through per-row candidates (`candidate_top_k`).
-    On CPU the plain top-k stays: XLA's CPU backend sorts rows no faster than the whole
-    array, and the candidates' `lax.cond` stops it from using its partial-sort TopK kernel
-    (measured at [4096, 4096], count 131072: 305 ms plain, 500 ms through candidates).
+    On CPU only rows of CPU_CANDIDATES_MIN_WIDTH or more do: there XLA sorts rows little
+    faster than the whole array, and the candidates' `lax.cond` stops it from using its
+    partial-sort TopK kernel (benchmarks/sae_throughput.py, count = 32 per row: 308 ms
+    plain vs 529 ms through candidates at [4096, 4096]; 205 vs 193 at [1024, 32768];
+    350 vs 45 at [64, 2^20]).
     """
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" and values.shape[-1] < CPU_CANDIDATES_MIN_WIDTH:
         return jax.lax.top_k(values.reshape(-1), count)
     return candidate_top_k(values, count)
+
+
+CPU_CANDIDATES_MIN_WIDTH = 65536
 
 
 def candidate_top_k(values, count):
