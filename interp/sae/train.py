@@ -18,8 +18,10 @@ The state is a plain pytree, everything a resume needs:
                "tokens_since_fired": int32 [X]}, # saturating at config.dead_tokens
               ...)}                              # one entry per config, same order
 
-Conventions: inputs are scaled by `config.input_scale` so that E||x||^2 = D (Anthropic's and
-SAELens's convention; `input_scale_for` computes it from a sample), and `b_dec` starts at the
+Conventions: inputs are scaled by `config.input_scale` to unit mean squared norm, E||x||^2 = 1
+(`input_scale_for` computes it from a sample, the activation cache stores it per site; the
+Anthropic April 2024 recipe scales to E||x||^2 = D, so its L1 coefficient is sqrt(D) times
+ours), and `b_dec` starts at the
 geometric median of a sample (OpenAI; `geometric_median`). Each SAE has its own optimizer
 state and gradient clipping, so training several together gives what training each alone does.
 """
@@ -41,6 +43,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from interp import checkpoint, metrics, parallel
+from interp.data import activations
 from interp.sae import modules
 from interp.sae.modules import SAE, SAEConfig
 
@@ -116,9 +119,8 @@ def _rules(rules):
 
 
 def input_scale_for(x) -> float:
-    """The factor s with E||s * x||^2 = D over the sample x [N, D] (SAELens, Anthropic)."""
-    x = np.asarray(x, np.float64)
-    return float(np.sqrt(x.shape[-1] / np.mean(np.sum(np.square(x), axis=-1))))
+    """The factor s with E||s * x||^2 = 1 over the sample x [N, D] (what caches store)."""
+    return activations.unit_norm_scale(activations.mean_squared_norm(x))
 
 
 @functools.partial(jax.jit, static_argnames="iters")
