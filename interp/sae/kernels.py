@@ -19,7 +19,7 @@ def _mesh_axes(logical_name: str, size: int) -> tuple[tuple[str, ...], int]:
     """Mesh axes (and how many ways) the current mesh and rules split a dim of `size`.
 
     ((), 1) outside `jax.set_mesh` + `nn.logical_axis_rules`; trailing axes that do not
-    divide `size` are dropped, as parallel.py does.
+    divide `size` are dropped, as parallel.py does, and so are axes of size 1.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -30,8 +30,9 @@ def _mesh_axes(logical_name: str, size: int) -> tuple[tuple[str, ...], int]:
     for axis in axes:
         if axis not in mesh.shape or size % (count * mesh.shape[axis]):
             break
-        kept.append(axis)
-        count *= mesh.shape[axis]
+        if mesh.shape[axis] > 1:  # Axes of size 1 split nothing.
+            kept.append(axis)
+            count *= mesh.shape[axis]
     return tuple(kept), count
 
 
@@ -112,7 +113,7 @@ def top_k_latents(pre, k):
     latent_axes, shards = _mesh_axes("latent", width)
     block = width // shards
     if (not batch_axes and not latent_axes) or k > block:
-        return top_k(pre, k)
+        return _unsliceable(top_k(pre, k))
 
     def local(block_pre):
         values, indices = top_k(block_pre, k)
@@ -133,6 +134,18 @@ def top_k_latents(pre, k):
     return jax.shard_map(final, in_specs=(rows, rows), out_specs=(rows, rows))(values, indices)
 
 
+def _unsliceable(top):
+    """A top-k's (values, indices) behind an optimization barrier.
+
+    XLA recognises a top-k as a sort whose users are slices of its first k entries; the slot
+    loops' slices cols[:, j] merge with that slice and break the match, and the top-k
+    becomes a sort of whole [B, X] rows (CPU: the demo's step went from 77 to 222 ms). Only
+    outside `shard_map`: there a barrier crashes XLA's CPU compiler (a failed cast to
+    GetTupleElement), and the sharded results pass through further ops anyway.
+    """
+    return tuple(jax.lax.optimization_barrier(tuple(top)))
+
+
 def batch_top_k(values, count):
     """Top `count` entries of a whole [B, X] array: (values [count], flat indices [count]).
 
@@ -145,7 +158,7 @@ def batch_top_k(values, count):
     latent_axes, col_shards = _mesh_axes("latent", width)
     rows, cols = batch // row_shards, width // col_shards
     if row_shards * col_shards == 1 or count > rows * cols:
-        return flat_top_k(values, count)
+        return _unsliceable(flat_top_k(values, count))
 
     def local(block):
         top, flat = flat_top_k(block, count)

@@ -1,5 +1,6 @@
 """SAE training: planted features are recovered, sharding/resume/joint training are exact."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -244,3 +245,24 @@ def test_state_is_laid_out_latents_over_model():
         lambda a, b: a.sharding.is_equivalent_to(b.sharding, a.ndim), abstract, state
     )
     assert all(jax.tree.leaves(same))
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize("num_latents", [512, 4096])  # lax.top_k directly, and grouped.
+def test_the_compiled_step_never_sorts_the_pre_activations(architecture, num_latents):
+    # XLA turns a top-k into a sort of whole [B, X] rows when its pattern match fails (it
+    # did once: the demo's step went from 77 to 222 ms); on CPU it should be its TopK kernel.
+    batch = 256
+    config = SAEConfig(architecture=architecture, d_in=D, num_latents=num_latents, k=8)
+    train_config = sae_train.TrainConfig(steps=10)
+    mesh, rules = _one_device_mesh(), parallel.DEFAULT_RULES
+    state = sae_train.init_state(config, train_config, jax.random.key(0), mesh)
+    fields = sae_train._optimizer_fields(train_config)
+    jitted, _ = sae_train._compiled_step((config,), fields, mesh, rules, ((batch, D),))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        hlo = jitted.lower(state, (jnp.zeros((batch, D)),)).compile().as_text()
+    sorts = [line for line in hlo.splitlines() if " sort(" in line]
+    assert 'custom_call_target="TopK"' in hlo
+    assert not [
+        s for s in sorts if f"[{batch},{num_latents}]" in s or f"[{batch * num_latents}]" in s
+    ]
