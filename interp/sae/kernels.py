@@ -250,10 +250,12 @@ def batch_topk_codes(pre, k):
 # coordinates, `rows` and `cols` [N] sorted by row (BatchTopK, whose rows hold varying counts).
 # `rows` is None in the per-row layout.
 #
-# The trade-off: the gathers materialise [B, k, D] (per row) or [N, D] values, about as much
-# memory as dense [B, X] codes when k * D ~ X, and a scatter-add is slower per FLOP than a
-# matmul; the gain is k / X of the FLOPs (1/1000 for k=32, X=32768). `sparse_kernels=False`
-# switches to the dense path where that wins (small X).
+# The trade-off: the scatter-adds materialise [B * k, D] (per row) or [N, D] update rows,
+# about as much memory as dense [B, X] codes when k * D ~ X, and a scatter-add is slower per
+# FLOP than a matmul; the gain is k / X of the FLOPs (1/1000 for k=32, X=32768). The per-row
+# decode and its value gradient avoid the gathered [B, k, D] by looping over the k slots
+# (`_slot_sum`, `_slot_dots`). `sparse_kernels=False` switches to the dense path where that
+# wins (small X; benchmarks/sae_throughput.py has a column for it).
 
 
 def _flat(rows, cols, values, width):
