@@ -75,8 +75,8 @@ def _lax_top_k(values, k):
     """`jax.lax.top_k`, through float32 on CPU for narrower floats.
 
     XLA's CPU TopK kernel takes float32 only; bf16 falls back to a sort with a slow
-    comparator (benchmarks/sae_throughput.py, [4096, 4096], k=32: 2866 ms in bf16 against
-    80 ms in float32). The upcast is exact and keeps the order, so results are identical.
+    comparator (benchmarks/RESULTS.md, [4096, 4096], k=32: 2856 ms in bf16 against 62 ms
+    in float32). The upcast is exact and keeps the order, so results are identical.
     """
     narrow = jnp.issubdtype(values.dtype, jnp.floating) and values.dtype.itemsize < 4
     if not narrow or jax.default_backend() != "cpu":
@@ -179,6 +179,8 @@ def batch_top_k(values, count):
 
 # Rows keep this many times their even share of a flat top-k as candidates.
 FLAT_TOP_K_SLACK = 4
+# On CPU, flat_top_k takes per-row candidates only for rows at least this wide.
+CPU_CANDIDATES_MIN_WIDTH = 65536
 
 
 def flat_top_k(values, count):
@@ -188,16 +190,13 @@ def flat_top_k(values, count):
     X=32768: 5e8 entries). Off CPU it goes through per-row candidates (`candidate_top_k`).
     On CPU only rows of CPU_CANDIDATES_MIN_WIDTH or more do: there XLA sorts rows little
     faster than the whole array, and the candidates' `lax.cond` stops it from using its
-    partial-sort TopK kernel (benchmarks/sae_throughput.py, count = 32 per row: 308 ms
-    plain vs 529 ms through candidates at [4096, 4096]; 205 vs 193 at [1024, 32768];
-    350 vs 45 at [64, 2^20]).
+    partial-sort TopK kernel (benchmarks/RESULTS.md, count = 32 per row: 309 ms plain vs
+    513 ms through candidates at [4096, 4096]; 218 vs 181 at [1024, 32768]; 340 vs 41 at
+    [64, 2^20]).
     """
     if jax.default_backend() == "cpu" and values.shape[-1] < CPU_CANDIDATES_MIN_WIDTH:
         return _lax_top_k(values.reshape(-1), count)
     return candidate_top_k(values, count)
-
-
-CPU_CANDIDATES_MIN_WIDTH = 65536
 
 
 def candidate_top_k(values, count):
