@@ -1,7 +1,7 @@
 """SAE kernels: sharded top-k, k-sparse decode and encoder gradients, straight-through steps.
 
 Legend as in modules.py: B batch, D input width, X latents, k active latents per row.
-These are the hot path of SAE training; modules.py builds the losses from them.
+These are the hot path of SAE training; losses.py builds the losses from them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,164 @@
+"""Tests for interp.models.pretrained: Hugging Face folders (shards, dtypes, tokenizer, files).
+
+The checkpoints are the tiny random-weight HF models of `hf_testing`; the name maps' parity
+with transformers is tested in hf_params_test.
+"""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from interp import models, safetensors_io
+from interp.models import tokenizer as tokenizer_lib
+from tests.models import hf_testing
+from tests.models.hf_testing import TOLERANCE
+from tests.models.testing import LLAMA_LIKE
+
+
+@pytest.fixture
+def llama_folder():
+    return hf_testing.converted("llama_gqa_llama3")[2]
+
+
+def _logit_error(model, params, hf, tokens):
+    ours, reference = hf_testing.ours(model, params, tokens), hf_testing.hf_logits(hf, tokens)
+    return hf_testing.relative_error(ours, reference)
+
+
+def test_sharded_checkpoints_load(tmp_path):
+    _, hf, _, model, params = hf_testing.converted("llama_gqa_llama3")
+    hf.save_pretrained(tmp_path / "hf_sharded", safe_serialization=True, max_shard_size="100KB")
+    assert (tmp_path / "hf_sharded" / "model.safetensors.index.json").exists()
+    hf_testing.assert_trees_identical(models.from_pretrained(tmp_path / "hf_sharded")[1], params)
+
+    models.save_pretrained(tmp_path / "ours_sharded", model, params, max_shard_bytes=100_000)
+    index = json.loads((tmp_path / "ours_sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert not (tmp_path / "ours_sharded" / "model.safetensors").exists()
+    hf_testing.assert_trees_identical(models.from_pretrained(tmp_path / "ours_sharded")[1], params)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ours_sharded", attn_implementation="eager"
+    ).eval()
+    assert _logit_error(model, params, reloaded, hf_testing.random_tokens()) <= TOLERANCE
+
+
+def test_bfloat16_checkpoint_loads(tmp_path):
+    hf = hf_testing.hf_model("gemma2", dtype=torch.bfloat16)
+    hf.save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    state = {k: v.float().numpy() for k, v in hf.state_dict().items()}
+    # Default: float32 compute and storage, the bf16 values exactly.
+    model, params, _ = models.from_pretrained(tmp_path / "bf16")
+    embed = np.asarray(params["embed"])
+    assert embed.dtype == np.float32
+    np.testing.assert_array_equal(embed, state["model.embed_tokens.weight"])
+    tokens = hf_testing.random_tokens()
+    # fp32 compute on the same (bf16) values; a fresh load, since `.to(bfloat16)` also rounded
+    # the rotary frequency buffers.
+    hf32 = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "bf16", dtype=torch.float32, attn_implementation="eager"
+    )
+    reference = hf_testing.hf_logits(hf32.eval(), tokens)
+    ours = hf_testing.ours(model, params, tokens)
+    assert hf_testing.relative_error(ours, reference) <= TOLERANCE
+    # bfloat16 storage and compute: params are the file's bytes; logits are close.
+    model16, params16, _ = models.from_pretrained(tmp_path / "bf16", dtype="bfloat16")
+    assert model16.config.dtype == model16.config.param_dtype == "bfloat16"
+    assert np.asarray(params16["embed"]).dtype == jax.numpy.bfloat16
+    np.testing.assert_array_equal(np.asarray(params16["embed"], np.float32), embed)
+    ours16 = hf_testing.ours(model16, params16, tokens)
+    assert hf_testing.relative_error(ours16, reference) < 0.1
+    # Mixed: bf16 compute over float32 storage.
+    model_mixed, params_mixed, _ = models.from_pretrained(
+        tmp_path / "bf16", dtype="bfloat16", param_dtype="float32"
+    )
+    assert model_mixed.config.param_dtype == "float32"
+    assert np.asarray(params_mixed["embed"]).dtype == np.float32
+    # Export keeps bf16: HF's file and ours hold the same bytes.
+    models.save_pretrained(tmp_path / "out", model16, params16)
+    original = safetensors_io.read(tmp_path / "bf16" / "model.safetensors")
+    exported = safetensors_io.read(tmp_path / "out" / "model.safetensors")
+    assert sorted(original) == sorted(exported)
+    for name, value in original.items():
+        assert value.dtype == exported[name].dtype and value.tobytes() == exported[name].tobytes()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_missing_files_raise_file_not_found(llama_folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        models.from_pretrained(tmp_path / "does-not-exist")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/config\.json"):
+        models.from_pretrained(tmp_path / "empty")
+    shutil.copy(llama_folder / "config.json", tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"(?s)No weights in .*empty.*model\.safetensors"):
+        models.from_pretrained(tmp_path / "empty")
+
+
+TOKENIZER_TEXT = [
+    "Alice was beginning to get very tired of sitting by her sister on the bank.",
+    "So she was considering in her own mind, as well as she could, whether the pleasure "
+    "of making a daisy-chain would be worth the trouble of getting up.",
+] * 10
+
+
+def test_save_pretrained_writes_the_tokenizer_and_its_ids(tmp_path):
+    trained = tokenizer_lib.train_bpe(
+        TOKENIZER_TEXT, vocab_size=300, special_tokens=("<pad>", "<s>", "</s>")
+    )
+    tokenizer = tokenizer_lib.Tokenizer(
+        trained.backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (1, 2, 0)
+    config = LLAMA_LIKE.replace(vocab_size=tokenizer.vocab_size)
+    params = models.init_params(config)
+    # Without a tokenizer: no tokenizer files, and null token ids in config.json.
+    models.save_pretrained(tmp_path / "bare", config, params)
+    hf_config = json.loads((tmp_path / "bare" / "config.json").read_text())
+    assert [hf_config[f"{role}_token_id"] for role in ("bos", "eos", "pad")] == [None] * 3
+    assert models.from_pretrained(tmp_path / "bare")[2] is None
+
+    models.save_pretrained(tmp_path / "out", config, params, tokenizer=tokenizer)
+    hf_config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert [hf_config[f"{role}_token_id"] for role in ("bos", "eos", "pad")] == [1, 2, 0]
+    texts = ["Alice was tired of the bank.", "naïve café, 日本語, 🚀 </s> and\ttabs"]
+    want = tokenizer.encode_many(texts, add_bos=True)
+    # Our loader and transformers read back the same tokenizer: same ids, same specials.
+    loaded = models.from_pretrained(tmp_path / "out")[2]
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<s>", "</s>", "<pad>")
+    assert loaded.encode_many(texts, add_bos=True) == want
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    special = (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id)
+    assert special == (1, 2, 0)
+    assert [[1] + hf_tokenizer.encode(text) for text in texts] == want
+
+
+def test_save_pretrained_replaces_an_export_atomically(llama_folder, tmp_path, monkeypatch):
+    model, params, _ = models.from_pretrained(llama_folder)
+    out = tmp_path / "out"
+    models.save_pretrained(out, model, params, max_shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").exists()
+    models.save_pretrained(out, model, params)  # Unsharded now: no stale shards remain.
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    before = (out / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors_io, "write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        models.save_pretrained(out, model, jax.tree.map(lambda x: x + 1, params))
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # No staging debris.
+
+
+def test_save_pretrained_refuses_a_folder_with_other_files(llama_folder, tmp_path):
+    model, params, _ = models.from_pretrained(llama_folder)
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        models.save_pretrained(tmp_path, model, params)
+    assert (tmp_path / "notes.txt").read_text() == "precious"
