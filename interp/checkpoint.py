@@ -24,12 +24,13 @@ deletes them, oldest first, after a newer save has been committed.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from interp import paths
 
 PyTree = Any
 
@@ -75,11 +76,8 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}.")
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
-        if "://" not in os.fspath(directory):
-            # Orbax's tensorstore layer refuses relative paths ("should be absolute"), and
-            # `make demo` passes workdir/demo.
-            directory = os.path.abspath(os.fspath(directory))
-        self.directory = epath.Path(directory)
+        # Absolute: orbax's tensorstore layer refuses relative paths ("should be absolute").
+        self.directory = paths.resolve(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,

@@ -34,14 +34,11 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from interp import paths
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 _RESERVED = ("step", "wall_time")
-
-
-def _is_local(path: epath.Path) -> bool:
-    """Whether `path` is on the local file system (not gs:// or another URL scheme)."""
-    return "://" not in os.fspath(path)
 
 
 def _to_scalar(name: str, value: Any) -> int | float | bool:
@@ -89,7 +86,7 @@ class MetricWriter:
             TensorBoard writer's flush interval.
           enabled: Whether to write at all; defaults to `jax.process_index() == 0`.
         """
-        self.workdir = epath.Path(workdir)
+        self.workdir = paths.resolve(workdir)
         self.path = self.workdir / METRICS_FILE
         self._enabled = jax.process_index() == 0 if enabled is None else enabled
         self._flush_every_secs = flush_every_secs
@@ -102,7 +99,7 @@ class MetricWriter:
         if not self._enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if _is_local(self.path):
+        if not paths.is_remote(self.path):
             self._file = open(self.path, "a", encoding="utf-8")
             if self._file.tell() > 0 and not _ends_with_newline(self.path):
                 self._file.write("\n")  # A crash cut the last line short: keep the next whole.
@@ -112,7 +109,7 @@ class MetricWriter:
         if tensorboard:
             import tensorboardX  # Heavy import (protobuf): only when asked for.
 
-            if not _is_local(self.workdir):
+            if paths.is_remote(self.workdir):
                 _register_remote_event_files(self.workdir)
 
             # A unique suffix: tensorboardX names files by the second, and a second writer
@@ -228,7 +225,7 @@ def _register_remote_event_files(workdir: epath.Path) -> None:
     """Routes tensorboardX's event files for `workdir`'s URL scheme through epath."""
     from tensorboardX import record_writer
 
-    scheme = os.fspath(workdir).split("://", 1)[0]
+    scheme = paths.scheme(workdir)
     if not isinstance(record_writer.REGISTERED_FACTORIES.get(scheme), _RemoteEventFileFactory):
         record_writer.register_writer_factory(scheme, _RemoteEventFileFactory())
 

@@ -19,6 +19,8 @@ from typing import Protocol
 import fsspec
 import numpy as np
 
+from interp import paths
+
 # File kinds `read_documents` understands, optionally compressed (fsspec infers it).
 _TEXT_SUFFIXES = (".txt",)
 _JSONL_SUFFIXES = (".jsonl",)
@@ -222,12 +224,7 @@ def _resolve(path: str) -> list[str]:
         raise FileNotFoundError(f"No such file or folder: {path}")
     if not found:
         raise FileNotFoundError(f"{what}; check the path.")
-    return [fs.unstrip_protocol(p) if _has_protocol(path) else p for p in sorted(found)]
-
-
-def _has_protocol(path: str) -> bool:
-    """Whether `path` is a URL (gs://, memory://, ...) rather than a local path."""
-    return "://" in path and not path.startswith("file://")
+    return [fs.unstrip_protocol(p) if paths.is_remote(path) else p for p in sorted(found)]
 
 
 def _kind(path: str) -> str | None:

@@ -17,6 +17,8 @@ Three ways to use a site:
     # Differentiate: d loss / d value at any site (K-FAC, attribution).
     loss, acts, grads = hooks.hook_grads(model, params, tokens, loss_fn, ["blocks_0/mlp/out"])
 
+Under `jax.jit` with sharded parameters over a mesh: `sharded_run_with_hooks(model, mesh, ...)`.
+
 Names may be exact or shell-style patterns (`blocks_*/resid_pre`); a name or pattern that
 matches no site is an error listing the valid names.
 """
@@ -34,6 +36,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from interp import parallel
 
 Intervention = Callable[[jax.Array], jax.Array]
 
@@ -269,3 +273,35 @@ def hook_grads(
 
     (loss, acts), grads = jax.value_and_grad(perturbed, has_aux=True)(zeros)
     return loss, acts, grads
+
+
+def sharded_run_with_hooks(
+    model: nn.Module,
+    mesh: jax.sharding.Mesh,
+    rules: parallel.Rules = parallel.DEFAULT_RULES,
+    *,
+    capture: Iterable[str] = (),
+    interventions: Mapping[str, Intervention] | None = None,
+    params_sharding: Any = None,
+) -> Callable[..., Any]:
+    """Sharded, jitted `run_with_hooks`: `run(params, tokens, **model_kwargs)`.
+
+    Returns (output, {hook name: value}); captured values are batch-sharded like the logits.
+    Interventions are closed over (they are functions), so a new set needs a new call here.
+    """
+    if params_sharding is None:
+        params_sharding = parallel.param_shardings(model, mesh, rules)
+    capture = list(resolve(model, capture)) if capture else []
+    resolve(model, list(interventions or {}))  # Fail early on unknown names.
+
+    def run(params, tokens, **model_kwargs):
+        return run_with_hooks(
+            model,
+            params,
+            tokens,
+            capture=capture,
+            interventions=interventions,
+            **model_kwargs,
+        )
+
+    return parallel.sharded_jit(run, mesh, rules, params_sharding=params_sharding)

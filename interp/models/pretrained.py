@@ -3,9 +3,9 @@
     model, params, tokenizer = from_pretrained("/ckpt/pythia-70m")   # a local HF folder
     save_pretrained("/out/pythia-70m", model, params, tokenizer)      # loads in transformers too
 
-Safetensors files are read and written here directly (an 8-byte header length, a JSON header,
-raw little-endian bytes), so bfloat16 works with any safetensors/NumPy version and large shards
-are memory-mapped instead of read whole. The name maps are in `convert.py`.
+Safetensors files go through `interp.safetensors_io` (bfloat16 with any NumPy, large shards
+memory-mapped). Model folders are local only for now: a gs:// path is a clear error
+(`paths.RemotePathError`), never a local folder named like the bucket.
 """
 
 from __future__ import annotations
@@ -14,83 +14,21 @@ import json
 import os
 import pathlib
 import shutil
-import struct
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from interp import paths, safetensors_io
 from interp.models.config import ModelConfig
-from interp.models.convert import config_from_hf, config_to_hf, hf_to_params, params_to_hf
+from interp.models.hf_config import config_from_hf, config_to_hf
+from interp.models.hf_params import hf_to_params, params_to_hf
 from interp.models.transformer import Transformer
 
-_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn,
-    "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _TORCH_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-
-
-def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """{name: array} of one .safetensors file, memory-mapped (read-only views)."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    data = (
-        np.memmap(path, np.uint8, mode="r", offset=8 + size, shape=(end,))
-        if end
-        else np.zeros(0, np.uint8)
-    )
-    out = {}
-    for name, info in header.items():
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"Tensor {name!r} in {path} has unsupported dtype {info['dtype']}.")
-        start, stop = info["data_offsets"]
-        dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
-        out[name] = data[start:stop].view(dtype).reshape(info["shape"])
-    return out
-
-
-def write_safetensors(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
-    """Writes {name: array} as one .safetensors file (metadata format 'pt', as HF expects)."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    arrays, offset = [], 0
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        if array.dtype not in _NAMES:
-            raise ValueError(f"Tensor {name!r} has dtype {array.dtype}, not storable.")
-        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
-        header[name] = {
-            "dtype": _NAMES[array.dtype],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
-        }
-        arrays.append(array)
-        offset += array.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # Keep the data 8-byte aligned, as the reference writer does.
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for array in arrays:
-            f.write(array.tobytes())
 
 
 def _read_weights(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -110,7 +48,7 @@ def _read_weights(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str
     for name in files:
         if not (folder / name).exists():
             raise FileNotFoundError(f"Shard {folder / name} listed in {index} is missing.")
-        for key, value in read_safetensors(folder / name).items():
+        for key, value in safetensors_io.read(folder / name).items():
             tensors[key], source[key] = value, str(folder / name)
     return tensors, source
 
@@ -142,9 +80,10 @@ def from_pretrained(
 
     Raises:
       FileNotFoundError: naming the missing folder, config.json or weights.
+      paths.RemotePathError: for a gs:// (or other remote) path; only local folders for now.
       ValueError: for an unsupported model or weights that do not match config.json.
     """
-    folder = pathlib.Path(path)
+    folder = pathlib.Path(paths.require_local(path, "from_pretrained"))
     if not folder.is_dir():
         raise FileNotFoundError(
             f"Model folder {folder} does not exist; expected a Hugging Face folder with "
@@ -179,18 +118,22 @@ def save_pretrained(
         config.json.
       max_shard_bytes: Split weights into model-0000X-of-0000Y.safetensors shards of at most
         this size (a larger single tensor gets a shard of its own) plus an index.
+
+    Raises:
+      paths.RemotePathError: for a gs:// (or other remote) path; only local folders for now.
+      FileExistsError: if the folder holds files other than a model's.
     """
     config = getattr(model_or_config, "config", model_or_config)
     hf_config = config_to_hf(config)
     for role in ("bos", "eos", "pad"):  # None unless the tokenizer knows them.
         hf_config[f"{role}_token_id"] = getattr(tokenizer, f"{role}_id", None)
     tensors = params_to_hf(params, config)
-    dtypes = {_NAMES.get(t.dtype) for t in tensors.values()}
+    dtypes = {safetensors_io.NAMES.get(t.dtype) for t in tensors.values()}
     if len(dtypes) == 1 and (name := _TORCH_NAMES.get(dtypes.pop())):
         hf_config["dtype"] = name
     # Written to a sibling folder, then swapped in: an interrupted export never leaves a mix of
     # old and new files, and the previous export survives until the new one is complete.
-    folder = pathlib.Path(path)
+    folder = pathlib.Path(paths.require_local(path, "save_pretrained"))
     if folder.exists():
         others = sorted(p.name for p in folder.iterdir() if not _is_model_file(p.name))
         if others:
@@ -233,7 +176,7 @@ def _write_folder(folder, hf_config, tensors, tokenizer, max_shard_bytes) -> Non
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     total = sum(t.nbytes for t in tensors.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
-        write_safetensors(folder / "model.safetensors", tensors)
+        safetensors_io.write(folder / "model.safetensors", tensors)
     else:
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
@@ -246,7 +189,7 @@ def _write_folder(folder, hf_config, tensors, tokenizer, max_shard_bytes) -> Non
         weight_map = {}
         for i, shard in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(folder / file, shard)
+            safetensors_io.write(folder / file, shard)
             weight_map.update(dict.fromkeys(shard, file))
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,7 +44,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from interp.models.pretrained import read_safetensors, write_safetensors
+from interp import safetensors_io
 from interp.sae.modules import SAE, SAEConfig
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -93,30 +92,9 @@ def _check_params(params: Mapping[str, Any], config: SAEConfig, where: str) -> N
             )
 
 
-def _is_local(path: epath.Path) -> bool:
-    return "://" not in os.fspath(path)
-
-
-def _write_tensors(path: epath.Path, tensors: Mapping[str, np.ndarray]) -> None:
-    if _is_local(path):
-        write_safetensors(path, tensors)
-        return
-    with tempfile.TemporaryDirectory() as tmp:  # gs://: write locally, then upload.
-        local = os.path.join(tmp, WEIGHTS_FILE)
-        write_safetensors(local, tensors)
-        with open(local, "rb") as f:
-            path.write_bytes(f.read())
-
-
 def _read_tensors(path: epath.Path) -> dict[str, np.ndarray]:
     """{name: float32 array}, copied out of the file (memory maps are not kept open)."""
-    if _is_local(path):
-        return {k: np.asarray(v, np.float32) for k, v in read_safetensors(path).items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, WEIGHTS_FILE)
-        with open(local, "wb") as f:
-            f.write(path.read_bytes())
-        return {k: np.asarray(v, np.float32) for k, v in read_safetensors(local).items()}
+    return {k: np.asarray(v, np.float32) for k, v in safetensors_io.read(path).items()}
 
 
 def save(
@@ -173,7 +151,7 @@ def save(
 
     folder = epath.Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_tensors(folder / WEIGHTS_FILE, tensors)
+    safetensors_io.write(folder / WEIGHTS_FILE, tensors)
     # After the weights: a new folder that has a cfg.json has complete weights.
     (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from interp import sae as sae_lib
-from interp.models.pretrained import read_safetensors, write_safetensors
 from interp.sae import io
 from interp.sae.modules import SAE, SAEConfig
+from interp.safetensors_io import read as read_safetensors
+from interp.safetensors_io import write as write_safetensors
+from tests import references
 
 D, X, K = 24, 96, 5
 ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk")
@@ -233,8 +235,9 @@ def test_shape_and_name_mismatches_raise(tmp_path):
 
 @pytest.fixture(scope="module")
 def sae_lens():
-    pytest.importorskip("torch")
-    return pytest.importorskip("sae_lens")
+    hint = "pip install -e '.[test]' torch==2.13.0 (the SAELens reference)"
+    references.require_module("torch", hint)
+    return references.require_module("sae_lens", hint)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

@@ -1,0 +1,63 @@
+"""A model's identity: a short hash of its config and parameters.
+
+Artefacts computed from a model (activation caches, and EK-FAC factors) record it, so that
+reusing one with another model (a retrained LM with the same config, a different checkpoint)
+is an error instead of silently wrong results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from interp import parallel
+
+# Elements hashed per parameter array: all of a smaller array, else this many evenly spaced.
+SAMPLE_SIZE = 1 << 16
+
+
+def _sample(leaf: Any) -> np.ndarray:
+    """Up to SAMPLE_SIZE evenly spaced elements of `leaf`, exactly (no arithmetic on them)."""
+    size = int(np.prod(np.shape(leaf)))
+    stride = max(1, size // SAMPLE_SIZE)
+    if isinstance(leaf, jax.Array):
+        picked = jax.jit(lambda x: x.reshape(-1)[::stride][:SAMPLE_SIZE])(leaf)
+        return np.asarray(parallel.process_allgather(picked))
+    return np.asarray(leaf).reshape(-1)[::stride][:SAMPLE_SIZE]
+
+
+def fingerprint(config: Any, params: Any) -> str:
+    """16 hex digits identifying a model: sha256 of its config and parameter samples.
+
+    The config (a dataclass such as `ModelConfig`, or a mapping) is hashed whole, except its
+    compute/storage dtypes; every parameter contributes its path, shape and the values (as
+    float32 for floating types, so a bf16 checkpoint loaded in f32 keeps its hash) of up to
+    `SAMPLE_SIZE` evenly spaced elements, so any retraining or other checkpoint changes the
+    hash while the cost stays small for billion-parameter models. Independent of how params
+    are sharded.
+
+    Args:
+      config: The model's config.
+      params: Its parameter tree (NumPy or jax arrays, sharded or not).
+
+    Returns:
+      A 16-character hex string.
+    """
+    values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    for field in ("dtype", "param_dtype"):
+        values.pop(field, None)
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        sample = _sample(leaf)
+        if jnp.issubdtype(sample.dtype, jnp.floating):  # bf16 values hash as their f32 selves.
+            sample = sample.astype(np.float32)
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(f"{np.shape(leaf)}{sample.dtype}".encode())
+        digest.update(np.ascontiguousarray(sample).tobytes())
+    return digest.hexdigest()[:16]
