@@ -9,24 +9,23 @@ its activations, train and evaluate SAEs, experiments/train_sae.py). Re-running 
 from absl import app
 
 from experiments import common
-from interp import experiment
-from interp.models import train as lm_train
-from interp.sae import job as sae_job
+from interp.jobs import lm, sae
+from interp.jobs import workdir as workdir_lib
 
 
 def main(argv):
     del argv
-    experiment.quiet_library_logs()
+    workdir_lib.quiet_library_logs()
     config = common.CONFIG.value
-    summary = lm_train.run(config, sae_job.workdir_for(common.WORKDIR.value, "lm"))
+    summary = lm.run(config, workdir_lib.stage(common.WORKDIR.value, "lm"))
     print(f"LM sample: {summary['sample']}")
     print(
         f"LM held-out loss {summary['eval_loss']:.3f} nats/token vs unigram "
         f"{summary['unigram_loss']:.3f}; exported to {summary['export_dir']}"
     )
-    results = sae_job.run(config, sae_job.workdir_for(common.WORKDIR.value, "sae"))
+    results = sae.run(config, workdir_lib.stage(common.WORKDIR.value, "sae"))
     print("SAEs on held-out text:")
-    print(sae_job.format_table(results))
+    print(sae.format_table(results))
 
 
 if __name__ == "__main__":

@@ -6,14 +6,14 @@ python -m experiments.train_lm --config=configs/demo.py --workdir=workdir/demo/l
 from absl import app
 
 from experiments import common
-from interp import experiment
-from interp.models import train
+from interp.jobs import lm
+from interp.jobs import workdir as workdir_lib
 
 
 def main(argv):
     del argv
-    experiment.quiet_library_logs()
-    summary = train.run(common.CONFIG.value, common.WORKDIR.value)
+    workdir_lib.quiet_library_logs()
+    summary = lm.run(common.CONFIG.value, common.WORKDIR.value)
     print(f"Sample: {summary['sample']}")
     print(
         f"Held-out loss {summary['eval_loss']:.3f} nats/token vs unigram "

@@ -7,15 +7,15 @@ r"""Trains sparse autoencoders on a model's activations, evaluates and exports t
 from absl import app
 
 from experiments import common
-from interp import experiment
-from interp.sae import job
+from interp.jobs import sae
+from interp.jobs import workdir as workdir_lib
 
 
 def main(argv):
     del argv
-    experiment.quiet_library_logs()
-    results = job.run(common.CONFIG.value, common.WORKDIR.value)
-    print(job.format_table(results))
+    workdir_lib.quiet_library_logs()
+    results = sae.run(common.CONFIG.value, common.WORKDIR.value)
+    print(sae.format_table(results))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,16 @@ def override(config, **dotted):
     return config
 
 
-def run_main(module: str, config: str, workdir: str, timeout: int = 900):
-    """Runs `python -m module --config=... --workdir=...` from the repo root; fails on error."""
+def flags(**dotted) -> list[str]:
+    """`--config.a.b=value` flags for `override`-style `a.b=value` pairs."""
+    return [f"--config.{key}={value}" for key, value in dotted.items()]
+
+
+def run_main(module: str, config: str, workdir: str, *extra: str, timeout: int = 900):
+    """Runs `python -m module --config=... --workdir=... *extra` from the repo root; fails on
+    error."""
     result = subprocess.run(
-        [sys.executable, "-m", module, f"--config={config}", f"--workdir={workdir}"],
+        [sys.executable, "-m", module, f"--config={config}", f"--workdir={workdir}", *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

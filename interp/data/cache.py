@@ -40,6 +40,7 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
+from interp import paths
 from interp.data.activations import Batch, sum_squared_norms, unit_norm_scale
 
 FORMAT = "interp.activations"
@@ -51,13 +52,13 @@ ARRAYS = "arrays"
 def _kvstore(path: str | os.PathLike) -> dict[str, Any]:
     """tensorstore kvstore spec of a local directory or gs://bucket/prefix."""
     path = os.fspath(path)
-    if path.startswith("gs://"):
+    if paths.scheme(path) == "gs":
         bucket, _, prefix = path[len("gs://") :].partition("/")
         prefix = prefix.strip("/")
         return {"driver": "gcs", "bucket": bucket, "path": prefix + "/" if prefix else ""}
-    if "://" in path:
+    if paths.is_remote(path):
         raise ValueError(f"Activation caches live on local disk or gs://; got {path!r}.")
-    return {"driver": "file", "path": os.path.abspath(path) + "/"}
+    return {"driver": "file", "path": os.fspath(paths.resolve(path)) + "/"}
 
 
 def _array_key(site: str) -> str:
@@ -170,87 +171,141 @@ def write_cache(
     dims = {site: int(np.prod(np.shape(first[site])[1:])) for site in sites}
     if chunk_rows is None:
         chunk_rows = _default_chunk_rows(max(dims.values()), dtype.itemsize)
-    capacity = num_rows if num_rows is not None else 16 * chunk_rows
-    arrays = {
-        site: ts.open(
-            _array_spec(path, site),
-            create=True,
-            delete_existing=True,
-            dtype=ts.dtype(dtype.name),
-            shape=[capacity, dims[site]],
-            chunk_layout=ts.ChunkLayout(write_chunk_shape=[chunk_rows, dims[site]]),
-            fill_value=0,
-        ).result()
-        for site in sites
-    }
 
-    squared_norms = dict.fromkeys(sites, 0.0)  # float64 sums.
-    staged: dict[str, list[np.ndarray]] = {site: [] for site in sites}
-    staged_rows = written = 0
-    in_flight: collections.deque = collections.deque()
-
-    def flush(final: bool) -> None:
-        nonlocal staged_rows, written, capacity, arrays
-        rows = staged_rows if final else (staged_rows // chunk_rows) * chunk_rows
-        if rows == 0:
-            return
-        if written + rows > capacity:  # Unknown length: grow geometrically.
-            capacity = max(2 * capacity, written + rows)
-            arrays = {
-                site: array.resize(exclusive_max=[capacity, dims[site]], expand_only=True).result()
-                for site, array in arrays.items()
-            }
-        for site in sites:
-            block = np.concatenate(staged[site])
-            in_flight.append(arrays[site][written : written + rows].write(block[:rows]))
-            staged[site] = [block[rows:]] if rows < len(block) else []
-        written += rows
-        staged_rows -= rows
-        while len(in_flight) > 4 * len(sites):  # Bound memory; keep a few chunks in flight.
-            in_flight.popleft().result()
-
-    item = first
-    while item is not None:
-        n = len(item[sites[0]])
-        if num_rows is not None:
-            n = min(n, num_rows - written - staged_rows)
-        for site in sites:
-            if len(item[site]) != len(item[sites[0]]):
-                raise ValueError(f"Sites {site!r} and {sites[0]!r} have different row counts.")
-            rows = np.asarray(item[site])[:n].reshape(n, dims[site]).astype(dtype)
-            squared_norms[site] += sum_squared_norms(rows)
-            staged[site].append(rows)
-        staged_rows += n
-        flush(final=False)
-        if num_rows is not None and written + staged_rows >= num_rows:
+    writer = _CacheWriter(path, dims, dtype, chunk_rows, num_rows)
+    for item in itertools.chain([first], stream):
+        writer.add(item)
+        if writer.full:  # Stop pulling: no forward pass is wasted.
             break
-        item = next(stream, None)
-    flush(final=True)
-    for future in in_flight:
-        future.result()
-    if written == 0:
-        raise ValueError("The activation stream had no rows; nothing to cache.")
-    if written != capacity:  # Trim: only metadata changes, no chunk beyond `written` exists.
-        for site, array in arrays.items():
-            array.resize(
-                exclusive_max=[written, dims[site]], resize_metadata_only=True, shrink_only=True
-            ).result()
+    written = writer.finish()
     if num_rows is not None and written < num_rows:
         logging.warning("The stream ended after %d of %d rows.", written, num_rows)
 
     metadata["num_rows"] = written
     metadata["chunk_rows"] = chunk_rows
-    for site in sites:
-        msn = squared_norms[site] / written
-        metadata["sites"][site] = {
-            "array": _array_key(site).rstrip("/"),
-            "d": dims[site],
-            "mean_squared_norm": msn,
-            "input_scale": unit_norm_scale(msn) if msn > 0 else 1.0,
-        }
+    metadata["sites"] = writer.site_metadata()
     metadata["complete"] = True
     _write_metadata(path, metadata)  # Last: now the cache counts as written.
     return ActivationCache.open(path)
+
+
+class _CacheWriter:
+    """Streams rows into one zarr array per site, in whole chunks, a few chunks in flight.
+
+    `add` stages an item's rows and writes every chunk they complete; `finish` writes the
+    partial last chunk, waits for all writes and trims the arrays to the rows written. The
+    arrays start at `num_rows` rows, or 16 chunks when the length is unknown, and grow
+    geometrically.
+    """
+
+    def __init__(
+        self, path, dims: Mapping[str, int], dtype: np.dtype, chunk_rows: int, num_rows: int | None
+    ):
+        self._sites = list(dims)
+        self._dims = dict(dims)
+        self._dtype = dtype
+        self._chunk_rows = chunk_rows
+        self._num_rows = num_rows
+        self._capacity = num_rows if num_rows is not None else 16 * chunk_rows
+        self._arrays = {site: self._create(path, site) for site in self._sites}
+        self._squared_norms = dict.fromkeys(self._sites, 0.0)  # float64 sums.
+        self._staged: dict[str, list[np.ndarray]] = {site: [] for site in self._sites}
+        self._staged_rows = 0
+        self._written = 0
+        self._in_flight: collections.deque = collections.deque()
+
+    def _create(self, path, site: str) -> ts.TensorStore:
+        """A new (or replacing) zarr array [capacity, D] of the site, chunked [R, D]."""
+        d = self._dims[site]
+        return ts.open(
+            _array_spec(path, site),
+            create=True,
+            delete_existing=True,
+            dtype=ts.dtype(self._dtype.name),
+            shape=[self._capacity, d],
+            chunk_layout=ts.ChunkLayout(write_chunk_shape=[self._chunk_rows, d]),
+            fill_value=0,
+        ).result()
+
+    @property
+    def full(self) -> bool:
+        """Whether `num_rows` rows are written or staged."""
+        return self._num_rows is not None and self._written + self._staged_rows >= self._num_rows
+
+    def add(self, item: Batch) -> None:
+        """Stages the item's rows (up to `num_rows` in all) and writes the chunks they fill."""
+        first = self._sites[0]
+        n = len(item[first])
+        if self._num_rows is not None:
+            n = min(n, self._num_rows - self._written - self._staged_rows)
+        for site in self._sites:
+            if len(item[site]) != len(item[first]):
+                raise ValueError(f"Sites {site!r} and {first!r} have different row counts.")
+            rows = np.asarray(item[site])[:n].reshape(n, self._dims[site]).astype(self._dtype)
+            self._squared_norms[site] += sum_squared_norms(rows)
+            self._staged[site].append(rows)
+        self._staged_rows += n
+        self._flush(final=False)
+
+    def finish(self) -> int:
+        """Writes what is staged, waits for every write, trims; returns the rows written."""
+        self._flush(final=True)
+        for future in self._in_flight:
+            future.result()
+        if self._written == 0:
+            raise ValueError("The activation stream had no rows; nothing to cache.")
+        if self._written != self._capacity:
+            # Only metadata changes: no chunk beyond the rows written exists.
+            for site, array in self._arrays.items():
+                array.resize(
+                    exclusive_max=[self._written, self._dims[site]],
+                    resize_metadata_only=True,
+                    shrink_only=True,
+                ).result()
+        return self._written
+
+    def site_metadata(self) -> dict[str, dict[str, Any]]:
+        """{site: its metadata.json entry}, once `finish` has run."""
+        out = {}
+        for site in self._sites:
+            msn = self._squared_norms[site] / self._written
+            out[site] = {
+                "array": _array_key(site).rstrip("/"),
+                "d": self._dims[site],
+                "mean_squared_norm": msn,
+                # None: an all-zero site has no unit-norm scale (`input_scale` says so).
+                "input_scale": unit_norm_scale(msn) if msn > 0 else None,
+            }
+        return out
+
+    def _flush(self, final: bool) -> None:
+        """Starts the writes of the staged whole chunks (of all staged rows if `final`)."""
+        staged = self._staged_rows
+        rows = staged if final else (staged // self._chunk_rows) * self._chunk_rows
+        if rows == 0:
+            return
+        if self._written + rows > self._capacity:
+            self._grow(self._written + rows)
+        start = self._written
+        for site in self._sites:
+            block = np.concatenate(self._staged[site])
+            write = self._arrays[site][start : start + rows].write(block[:rows])
+            self._in_flight.append(write)
+            self._staged[site] = [block[rows:]] if rows < len(block) else []
+        self._written += rows
+        self._staged_rows -= rows
+        while len(self._in_flight) > 4 * len(self._sites):  # Bound memory; a few in flight.
+            self._in_flight.popleft().result()
+
+    def _grow(self, rows: int) -> None:
+        """Resizes the arrays to hold at least `rows` rows, at least doubling them."""
+        self._capacity = max(2 * self._capacity, rows)
+        self._arrays = {
+            site: array.resize(
+                exclusive_max=[self._capacity, self._dims[site]], expand_only=True
+            ).result()
+            for site, array in self._arrays.items()
+        }
 
 
 def _jsonable_config(config: Any) -> dict[str, Any]:
@@ -317,8 +372,21 @@ class ActivationCache:
         return float(self.metadata["sites"][self._check(site)]["mean_squared_norm"])
 
     def input_scale(self, site: str) -> float:
-        """Factor giving the site's rows unit mean squared norm (`SAEConfig.input_scale`)."""
-        return float(self.metadata["sites"][self._check(site)]["input_scale"])
+        """Factor giving the site's rows unit mean squared norm (`SAEConfig.input_scale`).
+
+        Raises:
+          ValueError: If every cached row of the site is zero: no scale gives it unit norm,
+            and an SAE on it would learn nothing.
+        """
+        scale = self.metadata["sites"][self._check(site)]["input_scale"]
+        if scale is None:
+            raise ValueError(
+                f"Every cached activation at {site!r} in {self.path} is zero (mean squared "
+                "norm 0), so there is no input scale and nothing for an SAE to learn. Check "
+                "the hook site (a site after an ablation or of an unused module?) and "
+                "harvest another one."
+            )
+        return float(scale)
 
     def _check(self, site: str) -> str:
         if site not in self.dims:

@@ -13,7 +13,7 @@ Reconstruction (codes c = encode(x), x_hat = decode(c), over the rows of x [N, D
   dead_fraction  latents that fired on none of the rows
   dense_fraction latents that fired on more than `dense_threshold` of the rows
 Language-model loss (next-token cross-entropy, nats, over the predicted positions of
-`interp.models.train.next_token_loss`):
+`interp.models.losses.next_token_loss`):
   clean_loss, spliced_loss (site replaced by the SAE's reconstruction), zero_ablation_loss
   (site replaced by zeros), kl = mean KL(clean || spliced) over the same positions, and
   loss_recovered = (zero - spliced) / (zero - clean).

@@ -7,8 +7,8 @@
     state, metrics = step(state, x)              # x [B, D] raw activations, shared by the SAEs
     # or step(state, (x_a, x_b)): one batch per SAE (e.g. different hook sites)
 
-    state = run_training(configs, train_config, batch_fn, workdir, mesh=mesh, rules=rules,
-                         key=jax.random.key(0))  # checkpoints, metrics, exact resume
+    # Checkpoints, metrics, exact resume: the SAE job runs `init_state` / `make_train_step`
+    # through the shared loop (interp/jobs/sae.py, interp/jobs/loop.py).
 
 The state is a plain pytree, everything a resume needs:
 
@@ -38,13 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
-from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from interp import checkpoint, metrics, parallel
+from interp import checkpoint, parallel, records
 from interp.data import activations
-from interp.sae import modules
+from interp.sae import losses, modules
 from interp.sae.modules import SAE, SAEConfig
 
 
@@ -52,10 +50,14 @@ from interp.sae.modules import SAE, SAEConfig
 class TrainConfig:
     """Optimisation settings shared by the SAEs trained together.
 
-    Any object with these attributes (an ml_collections ConfigDict) works in its place.
+    A mapping (an ml_collections ConfigDict) with some of these fields works in its place
+    (`as_train_config`); a field it does not have is an error, not a default.
 
     Attributes:
-      steps: Optimizer steps in the run (the schedule decays to 0 at the end).
+      steps: Optimizer steps in the run.
+      batch_size: Activation rows per step (global), what the SAE job reads per step.
+      schedule_steps: Length of the learning-rate schedule (the decay reaches 0 there);
+        0 = `steps`. Set it to train longer or shorter along the same schedule.
       learning_rate: Peak Adam learning rate.
       warmup_steps: Linear warm-up from 0.
       lr_decay: 'cosine' or 'linear' decay to 0 by `steps`, or 'constant'.
@@ -63,12 +65,13 @@ class TrainConfig:
         it the rate stays at its peak. 0 decays right after the warm-up.
       grad_clip: Global-norm clipping per SAE; 0 disables it.
       adam_b1, adam_b2, adam_eps: Adam's constants.
-      log_every: Steps between metric writes (run_training).
-      checkpoint_every: Steps between checkpoints (run_training); the last step is saved too.
+      log_every: Steps between metric writes (the SAE job's loop).
+      checkpoint_every: Steps between checkpoints (the SAE job's loop); the last step too.
       keep_checkpoints: How many checkpoints to keep.
     """
 
     steps: int = 1000
+    batch_size: int = 4096
     learning_rate: float = 4e-4
     warmup_steps: int = 100
     lr_decay: str = "linear"
@@ -80,6 +83,11 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
+    schedule_steps: int = 0
+
+    @property
+    def schedule_length(self) -> int:
+        return self.schedule_steps or self.steps
 
 
 Configs = Sequence[SAEConfig]
@@ -90,22 +98,23 @@ def _as_tuple(configs) -> tuple[SAEConfig, ...]:
 
 
 def as_train_config(train_config) -> TrainConfig:
-    """A `TrainConfig` from any object with (some of) its fields; missing ones get defaults."""
+    """A `TrainConfig` from itself or a mapping (ConfigDict) of some of its fields.
+
+    Fields the mapping leaves out take the dataclass defaults.
+
+    Raises:
+      ValueError: Naming every field `TrainConfig` does not have (a typo such as
+        `learning_rte` would otherwise train at the default rate).
+    """
     if isinstance(train_config, TrainConfig):
         return train_config
-    defaults = TrainConfig()
-    return TrainConfig(
-        **{
-            f.name: getattr(train_config, f.name, getattr(defaults, f.name))
-            for f in dataclasses.fields(TrainConfig)
-        }
-    )
+    return records.from_dict(TrainConfig, train_config)
 
 
 def _optimizer_fields(train_config) -> TrainConfig:
     """Only the fields the optimizer and step depend on (a cache key: logging does not count)."""
     defaults = TrainConfig()
-    names = ("log_every", "checkpoint_every", "keep_checkpoints")
+    names = ("log_every", "checkpoint_every", "keep_checkpoints", "batch_size")
     return dataclasses.replace(
         as_train_config(train_config), **{n: getattr(defaults, n) for n in names}
     )
@@ -142,9 +151,12 @@ def geometric_median(x, iters: int = 100, eps: float = 1e-8) -> jax.Array:
 
 
 def make_schedule(train_config) -> optax.Schedule:
-    """Linear warm-up to the peak, flat until `decay_start`, then linear/cosine decay to 0."""
+    """Linear warm-up to the peak, flat until `decay_start`, then linear/cosine decay to 0.
+
+    The decay ends at `schedule_length` (`schedule_steps`, or `steps` when that is 0).
+    """
     train_config = as_train_config(train_config)
-    steps, warmup = train_config.steps, train_config.warmup_steps
+    steps, warmup = train_config.schedule_length, train_config.warmup_steps
     peak = train_config.learning_rate
     decay_from = max(warmup, int(train_config.decay_start * steps))
     decay_steps = max(steps - decay_from, 1)
@@ -198,16 +210,7 @@ def param_shardings(config: SAEConfig, mesh: Mesh, rules=parallel.DEFAULT_RULES)
 def _sae_state_shardings(config, optimizer, mesh, rules):
     params = param_shardings(config, mesh, rules)
     shapes = nn.meta.unbox(_abstract_params(config))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shapes = jax.eval_shape(optimizer.init, shapes)
-    # Moments are laid out like their params; counts and other non-param leaves replicated.
-    opt_state = optax.tree_map_params(
-        optimizer,
-        lambda _, sharding: sharding,
-        opt_shapes,
-        params,
-        transform_non_params=lambda _: replicated,
-    )
+    opt_state = parallel.optimizer_state_shardings(optimizer, shapes, params, mesh)
     counters = parallel.logical_to_sharding(
         PartitionSpec("latent"), mesh, rules,
         shapes=jax.ShapeDtypeStruct((config.num_latents,), jnp.int32),
@@ -316,24 +319,24 @@ def _sae_step(config, optimizer, sae_state, x, step):
 
     def loss_and_grads(dead_mask):
         def loss_fn(params):
-            loss, scalars, aux = modules.sae_forward(
+            loss, scalars, aux = losses.sae_forward(
                 config, params, x, step=step, dead_mask=dead_mask
             )
             return loss, (scalars, aux)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    if modules.uses_auxk(config):
+    if losses.uses_auxk(config):
         # AuxK's work only while some latent is dead; the branch is outside the gradient, so
-        # the usual step carries no zero-filled AuxK gradients (see modules._auxk_loss).
+        # the usual step carries no zero-filled AuxK gradients (see losses._auxk_loss).
         (_, (scalars, aux)), grads = jax.lax.cond(
             jnp.any(dead), lambda: loss_and_grads(dead), lambda: loss_and_grads(None)
         )
     else:
         (_, (scalars, aux)), grads = loss_and_grads(None)
-    grads = modules.constrain_grads(config, grads, params)
+    grads = losses.constrain_grads(config, grads, params)
     updates, opt_state = optimizer.update(grads, sae_state["opt_state"], params)
-    params = modules.constrain_params(config, optax.apply_updates(params, updates), aux, step)
+    params = losses.constrain_params(config, optax.apply_updates(params, updates), aux, step)
     # Tokens since each latent last fired, saturating at the window (no int32 overflow).
     counters = jnp.where(aux["fired"], 0, jnp.minimum(counters + x.shape[0], config.dead_tokens))
     scalars = dict(scalars)
@@ -360,7 +363,7 @@ def make_train_step(
 
     Returns:
       step(state, x) -> (state, metrics), metrics a tuple of dicts of float32 scalars, one
-      per SAE (see `flatten_metrics`): those of `modules.sae_loss` plus 'grad_norm',
+      per SAE (see `flatten_metrics`): those of `losses.sae_loss` plus 'grad_norm',
       'dead_fraction', 'learning_rate' and, for batchtopk, 'threshold'.
     """
     configs = _as_tuple(configs)
@@ -426,69 +429,3 @@ def flatten_metrics(
             return {k: float(v) for k, v in per_sae[0].items()}
         names = [f"sae{i}" for i in range(len(per_sae))]
     return {f"{n}/{k}": float(v) for n, m in zip(names, per_sae, strict=True) for k, v in m.items()}
-
-
-# ----------------------------------------------------------------------------- loop
-
-
-def run_training(
-    configs: SAEConfig | Configs,
-    train_config,
-    batch_fn: Callable[[int], Any],
-    workdir: epath.PathLike,
-    *,
-    mesh: Mesh,
-    rules=parallel.DEFAULT_RULES,
-    key: jax.Array,
-    b_dec_init=None,
-    names: Sequence[str] | None = None,
-    writer: metrics.MetricWriter | None = None,
-    tokens_per_step: int | None = None,
-) -> dict[str, Any]:
-    """Trains to `train_config.steps`, resuming from the newest checkpoint in the workdir.
-
-    Args:
-      configs: The SAEs to train together.
-      train_config: A `TrainConfig` or a ConfigDict with its fields.
-      batch_fn: step index (0-based) -> the batch for `make_train_step`'s step (one [B, D]
-        array or one per SAE). It must be a function of the index alone, so that a resumed
-        run sees the batches an uninterrupted one would.
-      workdir: Checkpoints go to `<workdir>/checkpoints`.
-      mesh, rules: Mesh and logical-axis rules.
-      key: PRNG key of the initial state (unused when resuming).
-      b_dec_init: As for `init_state`.
-      names: Metric prefixes, one per SAE (see `flatten_metrics`).
-      writer: Where metrics go; None writes none (the progress line is logged regardless).
-      tokens_per_step: For the progress line's tokens/s.
-
-    Returns:
-      The final state.
-    """
-    configs = _as_tuple(configs)
-    train_config = as_train_config(train_config)
-    ckpt = checkpoint.Checkpointer(
-        epath.Path(workdir) / "checkpoints", max_to_keep=train_config.keep_checkpoints
-    )
-    start = ckpt.latest_step() or 0
-    if start:
-        state = ckpt.restore(start, target=abstract_state(configs, train_config, mesh, rules))
-        logging.info("Resumed SAE training from step %d.", start)
-    else:
-        state = init_state(configs, train_config, key, mesh, rules, b_dec_init)
-    step_fn = make_train_step(configs, train_config, mesh, rules)
-    progress = metrics.Progress(train_config.steps, tokens_per_step, start_step=start)
-    try:
-        for step in range(start + 1, train_config.steps + 1):
-            state, out = step_fn(state, batch_fn(step - 1))
-            last = step == train_config.steps
-            if step % train_config.log_every == 0 or last:
-                scalars = flatten_metrics(out, names)
-                if writer is not None:
-                    writer.write(step, scalars)
-                shown = {k: v for k, v in scalars.items() if k.split("/")[-1] in ("fvu", "l0")}
-                progress.update(step, **shown)
-            if step % train_config.checkpoint_every == 0 or last:
-                ckpt.save(step, state)
-    finally:
-        ckpt.close()
-    return state

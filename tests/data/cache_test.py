@@ -34,6 +34,18 @@ def _concat(stream):
     return {key: np.concatenate([item[key] for item in items]) for key in items[0]}
 
 
+def test_an_all_zero_site_has_no_input_scale_and_says_so(tmp_path):
+    stream = ({"live": np.ones((8, 4), np.float32), "dead": np.zeros((8, 4), np.float32)}
+              for _ in range(3))  # fmt: skip
+    cache = cache_lib.write_cache(tmp_path / "cache", stream)
+    assert cache.input_scale("live") == pytest.approx(0.5)  # ||1_4|| = 2.
+    with pytest.raises(ValueError, match="'dead'.* is zero"):
+        cache.input_scale("dead")
+    # And after reopening: the metadata does not claim a scale of 1.
+    with pytest.raises(ValueError, match="harvest another"):
+        cache_lib.ActivationCache.open(tmp_path / "cache").input_scale("dead")
+
+
 @pytest.mark.parametrize("num_rows,chunk_rows", [(None, 4), (70, 16)])  # Grows; trims.
 def test_cache_round_trip_local(tmp_path, num_rows, chunk_rows):
     source = _concat(_synthetic_stream())  # 91 rows.

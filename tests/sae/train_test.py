@@ -198,35 +198,6 @@ def test_one_batch_per_sae_for_different_sites():
         step(state, np.ones((16, D), np.float32))
 
 
-def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
-    configs = _configs()[:2]
-    data = _activations(_dictionary(), 6 * 16, seed=5)
-    train_config = sae_train.TrainConfig(
-        steps=6, learning_rate=1e-2, warmup_steps=2, checkpoint_every=2, log_every=1
-    )
-    mesh = parallel.make_mesh(data=2, model=4)
-    kwargs = dict(mesh=mesh, key=jax.random.key(0), b_dec_init=data.mean(0))
-
-    def batch_fn(index):
-        return data[index * 16 : (index + 1) * 16]
-
-    straight = sae_train.run_training(configs, train_config, batch_fn, tmp_path / "a", **kwargs)
-
-    def crashing(index):
-        if index == 3:
-            raise KeyboardInterrupt
-        return batch_fn(index)
-
-    with pytest.raises(KeyboardInterrupt):
-        sae_train.run_training(configs, train_config, crashing, tmp_path / "b", **kwargs)
-    resumed = sae_train.run_training(configs, train_config, batch_fn, tmp_path / "b", **kwargs)
-    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["4", "6"]
-    assert int(resumed["step"]) == 6
-    jax.tree.map(
-        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), straight, resumed
-    )
-
-
 def test_state_is_laid_out_latents_over_model():
     config = _configs()[1]
     train_config = sae_train.TrainConfig(steps=10)

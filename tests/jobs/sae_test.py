@@ -3,33 +3,69 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from configs import demo
+from interp import models
 from interp import sae as interp_sae
 from interp.data import cache as cache_lib
-from interp.sae import job
+from interp.jobs import sae as job
 from tests import runs
 from tests.runs import ROOT
+
+# The tiny config, trained long enough that the LM depends on the SAE's site (a 6-step LM is
+# near chance, so "loss recovered" would mean nothing) and the SAEs reconstruct it. Seconds.
+LONGER = {
+    "train.steps": 150,
+    "train.warmup_steps": 10,
+    "checkpoint_every": 150,
+    "eval_every": 50,
+    "log_every": 50,
+    "sae.train.steps": 300,
+    "sae.train.warmup_steps": 20,
+    "sae.train.checkpoint_every": 150,
+    "sae.train.log_every": 50,
+}
+
+
+def _config():
+    return runs.override(demo.get_config("tiny=True"), **LONGER)
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pipeline"))
-    return workdir, runs.run_main("experiments.pipeline", "configs/demo.py:tiny=True", workdir)
+    result = runs.run_main(
+        "experiments.pipeline", "configs/demo.py:tiny=True", workdir, *runs.flags(**LONGER)
+    )
+    return workdir, result
 
 
-def test_pipeline_prints_the_sae_table_and_writes_results(pipeline_run):
+def test_pipeline_trains_saes_that_reconstruct_and_keep_the_model_working(pipeline_run):
     workdir, result = pipeline_run
-    config = demo.get_config("tiny=True")
+    config = _config()
     assert "| SAE | FVU | L0 | dead |" in result.stdout
     with open(os.path.join(workdir, "sae", "eval.json")) as f:
         results = json.load(f)
     assert len(results) == len(config.sae.saes)
-    for metrics in results.values():
-        assert 0.0 <= metrics["fvu"] < 1.5
-        assert metrics["clean_loss"] > 0 and np.isfinite(metrics["spliced_loss"])
+    for name, m in results.items():
+        # The site matters to the model: zero-ablating it costs far more than splicing.
+        assert m["zero_ablation_loss"] > m["clean_loss"] + 1.0, name
+        assert m["fvu"] < 0.3, name
+        assert m["loss_recovered"] > 0.9 and m["kl"] < 0.05, name
+        recovered = (m["zero_ablation_loss"] - m["spliced_loss"]) / (
+            m["zero_ablation_loss"] - m["clean_loss"]
+        )
+        assert m["loss_recovered"] == pytest.approx(recovered, rel=1e-5), name
+        k = next(s.get("k") for s in config.sae.saes if f"-{s['architecture']}-" in name)
+        if "-topk-" in name:
+            assert k - 0.5 < m["l0"] <= k + 1e-6, name  # At most k, and nearly always k.
+        elif "-batchtopk-" in name:
+            assert abs(m["l0"] - k) < 1.0, name  # k on average over a batch.
+        else:
+            assert 1.0 < m["l0"] < config.sae.num_latents / 2, name  # Sparse, not dead.
     assert cache_lib.is_complete(os.path.join(workdir, "sae", "activations"))
 
 
@@ -50,7 +86,7 @@ def test_exported_saes_load_and_encode_like_the_trained_ones(pipeline_run):
 
 def test_a_new_workdir_reuses_the_cache_and_reproduces_the_saes(pipeline_run, tmp_path):
     workdir, _ = pipeline_run
-    config = demo.get_config("tiny=True")
+    config = _config()
     config.sae.model_path = os.path.join(workdir, "lm", "export")
     config.sae.cache_path = os.path.join(workdir, "sae", "activations")
     before = os.path.getmtime(os.path.join(config.sae.cache_path, "metadata.json"))
@@ -61,6 +97,29 @@ def test_a_new_workdir_reuses_the_cache_and_reproduces_the_saes(pipeline_run, tm
         original = json.load(f)
     for name, metrics in results.items():
         np.testing.assert_allclose(metrics["fvu"], original[name]["fvu"], rtol=1e-4)
+
+
+def test_a_cache_harvested_from_another_model_is_refused(pipeline_run, tmp_path):
+    workdir, _ = pipeline_run
+    model, params, tokenizer = models.from_pretrained(os.path.join(workdir, "lm", "export"))
+    # Same architecture and tokenizer (same config hash), other weights: a retrained model.
+    other = str(tmp_path / "other")
+    models.save_pretrained(other, model, jax.tree.map(lambda x: x * 1.01, params), tokenizer)
+    config = _config()
+    config.sae.model_path = other
+    config.sae.cache_path = os.path.join(workdir, "sae", "activations")
+    before = os.path.getmtime(os.path.join(config.sae.cache_path, "metadata.json"))
+    with pytest.raises(job.CacheModelMismatchError, match="delete the cache"):
+        job.run(config, str(tmp_path / "sae"))
+    assert os.path.getmtime(os.path.join(config.sae.cache_path, "metadata.json")) == before
+    assert not os.path.exists(tmp_path / "sae" / "checkpoints")  # Refused before training.
+
+
+def test_a_typo_in_the_sae_train_config_is_an_error_naming_it(tmp_path):
+    config = _config()
+    config.sae.train.learning_rte = 1e-3
+    with pytest.raises(ValueError, match="learning_rte"):
+        job.run(config, str(tmp_path))
 
 
 def test_names_are_unique_and_readable():

@@ -1,4 +1,4 @@
-"""The LM training job: runs from its absl main, resumes exactly, shards, exports loadably."""
+"""The LM job: runs from its absl main, resumes exactly (on any mesh), shards, exports loadably."""
 
 import json
 import os
@@ -12,8 +12,9 @@ import torch
 import transformers
 
 from configs import demo
-from interp import models
-from interp.models import train
+from interp import models, parallel, paths
+from interp.jobs import lm as train
+from interp.jobs import workdir as workdir_lib
 from tests import runs
 from tests.runs import ROOT
 
@@ -62,6 +63,75 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_run, tmp_path):
         np.testing.assert_allclose(again[name], original[name], rtol=0, atol=1e-6, err_msg=name)
 
 
+def _interrupted_copy(workdir, destination):
+    """A copy of a finished tiny run as if the process died after the step-3 checkpoint."""
+    shutil.copytree(workdir, destination)
+    shutil.rmtree(os.path.join(destination, "checkpoints", "6"))
+    shutil.rmtree(os.path.join(destination, "export"))
+    return destination
+
+
+def test_resuming_on_another_mesh_is_accepted_and_equal(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    resumed = _interrupted_copy(workdir, str(tmp_path / "resumed"))
+    # The tiny run used mesh data=-1 (8 devices); finish on data=2, fsdp=2, model=2.
+    train.run(_tiny(**{"mesh.data": 2, "mesh.model": 2, "mesh.fsdp": 2}), resumed)
+    original, again = _exported(workdir), _exported(resumed)
+    for name in original:
+        np.testing.assert_allclose(again[name], original[name], atol=2e-5, err_msg=name)
+    saved = json.loads(open(os.path.join(resumed, "config.json")).read())
+    assert saved["mesh"] == {"data": 2, "fsdp": 2, "model": 2}  # The new layout is recorded.
+
+
+def test_resuming_with_more_steps_is_refused_when_the_schedule_follows_steps(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    copy = _interrupted_copy(workdir, str(tmp_path / "copy"))
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="train.steps: saved 6, now 9"):
+        train.run(_tiny(**{"train.steps": 9}), copy)
+
+
+def test_with_a_pinned_schedule_a_longer_run_continues_the_shorter_one(tmp_path):
+    pinned = {"train.schedule_steps": 6, "checkpoint_every": 3}
+    short, long = str(tmp_path / "short"), str(tmp_path / "long")
+    train.run(_tiny(**pinned, **{"train.steps": 3}), short)
+    train.run(_tiny(**pinned, **{"train.steps": 6}), short)  # Resumes at 3, goes on to 6.
+    train.run(_tiny(**pinned, **{"train.steps": 6}), long)
+    for name, value in _exported(long).items():
+        np.testing.assert_allclose(_exported(short)[name], value, atol=1e-6, err_msg=name)
+
+
+def test_a_typo_in_the_train_config_is_an_error_naming_it(tmp_path):
+    config = _tiny()
+    config.train.learning_rte = 1e-3
+    with pytest.raises(ValueError, match="learning_rte"):
+        train.run(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "config.json")  # Refused before anything is written.
+
+
+def test_a_remote_workdir_is_refused_before_training(tmp_path):
+    with pytest.raises(paths.RemotePathError, match="gs://bucket/run"):
+        train.run(_tiny(), "gs://bucket/run")
+
+
+def test_train_state_is_sharded_by_construction():
+    config = train.train_config_from(_tiny().train)
+    model = models.Transformer(train.model_config_from(_tiny(), vocab_size=300))
+    mesh = parallel.make_mesh(data=2, fsdp=2, model=2)
+    rules = parallel.DEFAULT_RULES
+    init, abstract = train.init_state(model, train.make_optimizer(config), 0, mesh, rules)
+    state = init()
+    expected = parallel.param_shardings(model, mesh, rules)
+    for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(expected), strict=True):
+        assert got.sharding.is_equivalent_to(want, got.ndim)
+    # The optimizer's moments are laid out like their params, not replicated.
+    mu = state["opt_state"][1][0].mu
+    for got, want in zip(jax.tree.leaves(mu), jax.tree.leaves(expected), strict=True):
+        assert got.sharding.is_equivalent_to(want, got.ndim)
+    # The step counter is a global array on the mesh (saves from any number of processes).
+    assert state["step"].sharding.mesh.shape == mesh.shape and state["step"].is_fully_replicated
+    assert jax.tree.structure(abstract) == jax.tree.structure(state)
+
+
 def test_sharded_training_matches_unsharded(tiny_run, tmp_path):
     workdir, _ = tiny_run
     sharded = str(tmp_path / "sharded")
@@ -89,7 +159,7 @@ def test_resuming_with_a_different_model_is_refused(tiny_run, tmp_path):
     workdir, _ = tiny_run
     copy = str(tmp_path / "copy")
     shutil.copytree(workdir, copy)
-    with pytest.raises(Exception, match="d_model"):
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="model.d_model"):
         train.run(_tiny(**{"model.d_model": 48}), copy)
 
 

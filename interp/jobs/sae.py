@@ -6,9 +6,10 @@
    pipeline trained under `<workdir>/../lm/export`);
 2. activations at the hook sites over the training text, cached as zarr under
    `<workdir>/activations` (or `config.sae.cache_path`, local or gs://, shared across sweeps:
-   a complete cache is reused);
+   a complete cache of the same model is reused; one made by another model is an error);
 3. every SAE in `config.sae.saes` trained together, one jitted step, on shuffled cached rows,
-   with `input_scale` (unit mean squared norm) and `b_dec` (geometric median) from the data;
+   with `input_scale` (unit mean squared norm) and `b_dec` (geometric median) from the data,
+   through the shared loop (`interp.jobs.loop`: metrics, progress, checkpoints, resume);
 4. evaluation on held-out text (FVU, L0, dead/dense latents, spliced-in loss, KL, loss
    recovered), written to `<workdir>/eval.json` and TensorBoard, and printed as a table;
 5. each SAE exported in SAELens format to `<workdir>/saes/<name>`.
@@ -22,13 +23,15 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from etils import epath
 
-from interp import experiment, metrics, parallel
+from interp import metrics, parallel, paths
 from interp.data import activations, text
 from interp.data import cache as cache_lib
+from interp.data.documents import documents
+from interp.jobs import loop
+from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained
-from interp.models import train as lm_train
+from interp.models.fingerprint import fingerprint
 from interp.sae import evaluate as sae_evaluate
 from interp.sae import io as sae_io
 from interp.sae import train as sae_train
@@ -75,14 +78,33 @@ def _token_batches(tokens: np.ndarray, batch_size: int):
         yield tokens[start : start + batch_size]
 
 
-def _cache(config, workdir, model, params, tokenizer, train_docs) -> cache_lib.ActivationCache:
+class CacheModelMismatchError(ValueError):
+    """An activation cache was harvested from another model than the one this job studies."""
+
+
+def _check_cache_model(cache, path: str, model_path: str, model_hash: str) -> None:
+    """Raises unless the cache at `path` was harvested from the model with `model_hash`."""
+    made_by = cache.metadata.get("extra", {}).get("model_fingerprint")
+    if made_by == model_hash:
+        return
+    name = cache.metadata.get("model", {}).get("name")
+    raise CacheModelMismatchError(
+        f"The activation cache at {path} was harvested from another model ({name!r}, "
+        f"fingerprint {made_by}) than {model_path!r} (fingerprint {model_hash}); SAEs would "
+        "train on the wrong activations. To re-harvest for this model, delete the cache "
+        "(and this SAE workdir's checkpoints, which were trained on it) or set "
+        "config.sae.cache_path to a new location."
+    )
+
+
+def _cache(
+    config, workdir, model, params, tokenizer, train_docs, model_hash
+) -> cache_lib.ActivationCache:
     sae_config = config.sae
     path = sae_config.cache_path or str(workdir / "activations")
     if cache_lib.is_complete(path):
         cache = cache_lib.ActivationCache.open(path)
-        made_by = cache.metadata.get("model", {}).get("config_hash")
-        if made_by != cache_lib.config_hash(model.config):
-            logging.warning("The activation cache at %s was made with another model.", path)
+        _check_cache_model(cache, path, str(sae_config.model_path), model_hash)
         missing = set(sae_config.sites) - set(cache.sites)
         if not missing and cache.num_rows >= sae_config.harvest_rows:
             logging.info("Reusing %d cached activation rows at %s.", cache.num_rows, path)
@@ -108,21 +130,35 @@ def _cache(config, workdir, model, params, tokenizer, train_docs) -> cache_lib.A
         num_rows=sae_config.harvest_rows,
         model_config=model.config,
         model_name=str(sae_config.model_path),
+        extra={"model_fingerprint": model_hash},
         overwrite=True,
     )
 
 
 def run(config, workdir: str) -> dict[str, dict[str, float]]:
-    """Runs the SAE job; returns {sae name: evaluation metrics}."""
-    stage_config = experiment.subconfig(config, keep=("seed", "data", "mesh", "rules", "sae"))
-    workdir = experiment.prepare_workdir(stage_config, workdir)
+    """Runs the SAE job; returns {sae name: evaluation metrics}.
+
+    Raises:
+      CacheModelMismatchError: If the activation cache was made from another model.
+      workdir_lib.ConfigMismatchError: When resuming with a config that changes the maths.
+      ValueError: For unknown fields in `config.sae.train` or an SAE entry.
+    """
+    train_config = sae_train.as_train_config(config.sae.train)  # Unknown fields fail first.
+    stage_config = workdir_lib.subconfig(config, keep=("seed", "data", "mesh", "rules", "sae"))
+    workdir = workdir_lib.prepare_workdir(
+        stage_config,
+        workdir,
+        resumable_fields=workdir_lib.RESUMABLE_FIELDS
+        + workdir_lib.resumable_steps(config.sae.train, "sae.train"),
+    )
     sae_config = config.sae
     model_path = sae_config.model_path or str(workdir.parent / "lm" / "export")
     model, params, tokenizer = from_pretrained(model_path)
     if tokenizer is None:
         raise FileNotFoundError(f"{model_path} has no tokenizer.json; the SAE job needs text.")
-    train_docs, heldout_docs = lm_train.documents(config.data)
-    cache = _cache(config, workdir, model, params, tokenizer, train_docs)
+    train_docs, heldout_docs = documents(config.data)
+    model_hash = fingerprint(model.config, params)
+    cache = _cache(config, workdir, model, params, tokenizer, train_docs, model_hash)
 
     entries = _entries(sae_config)
     sites = [entry["site"] for entry in entries]
@@ -142,7 +178,6 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
 
     mesh = parallel.mesh_from_config(config.mesh)
     rules = parallel.rules_from_config(config.get("rules") or None)
-    train_config = sae_config.train
     stream: dict[str, Any] = {}
 
     def batch_fn(step):
@@ -155,43 +190,57 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
         batch = next(stream["iterator"])
         return tuple(np.asarray(batch[site], np.float32) for site in sites)
 
-    writer = metrics.MetricWriter(workdir)
-    state = sae_train.run_training(
-        configs,
-        train_config,
-        batch_fn,
-        workdir,
-        mesh=mesh,
-        rules=rules,
-        key=jax.random.key(config.seed),
-        b_dec_init=b_dec_init,
-        names=names,
-        writer=writer,
-        tokens_per_step=train_config.batch_size,
+    key = jax.random.key(config.seed)
+    task = loop.Task(
+        init=lambda: sae_train.init_state(configs, train_config, key, mesh, rules, b_dec_init),
+        abstract=sae_train.abstract_state(configs, train_config, mesh, rules),
+        step=sae_train.make_train_step(configs, train_config, mesh, rules),
+        batch=batch_fn,
+        flatten=lambda out: sae_train.flatten_metrics(out, names),
+        shown=lambda name: name.split("/")[-1] in ("fvu", "l0"),
     )
+    loop_config = loop.LoopConfig(
+        steps=train_config.steps,
+        log_every=train_config.log_every,
+        checkpoint_every=train_config.checkpoint_every,
+        keep_checkpoints=train_config.keep_checkpoints,
+    )
+    writer = metrics.MetricWriter(workdir)
+    try:
+        state, _ = loop.train(
+            task,
+            workdir,
+            loop_config,
+            writer=writer,
+            tokens_per_step=train_config.batch_size,
+            name="SAE training",
+        )
 
-    eval_tokens = text.pack(heldout_docs, tokenizer, config.data.seq_len)
-    eval_batches = list(_token_batches(eval_tokens, sae_config.eval_batch_size))
-    results = {}
-    for name, sae_cfg, site, sae_state in zip(names, configs, sites, state["saes"], strict=True):
-        sae_params = jax.device_get(sae_state["params"])
-        results[name] = sae_evaluate.evaluate(
-            model, params, SAE(sae_cfg), sae_params, eval_batches, site,
-            max_batches=sae_config.eval_batches,
-        )  # fmt: skip
-        if jax.process_index() == 0:
-            sae_io.save(
-                workdir / "saes" / name,
-                sae_cfg,
-                sae_params,
-                metadata={"hook_name": site, "model_name": model_path},
-            )
-    step = int(train_config.steps)
-    for name, result in results.items():
-        writer.write(step, {f"eval/{name}/{k}": v for k, v in result.items()})
-    writer.close()
+        eval_tokens = text.pack(heldout_docs, tokenizer, config.data.seq_len)
+        eval_batches = list(_token_batches(eval_tokens, sae_config.eval_batch_size))
+        results = {}
+        for name, sae_cfg, site, sae_state in zip(
+            names, configs, sites, state["saes"], strict=True
+        ):
+            sae_params = jax.device_get(sae_state["params"])
+            results[name] = sae_evaluate.evaluate(
+                model, params, SAE(sae_cfg), sae_params, eval_batches, site,
+                max_batches=sae_config.eval_batches,
+            )  # fmt: skip
+            if jax.process_index() == 0:
+                sae_io.save(
+                    workdir / "saes" / name,
+                    sae_cfg,
+                    sae_params,
+                    metadata={"hook_name": site, "model_name": model_path},
+                )
+        step = int(state["step"])
+        for name, result in results.items():
+            writer.write(step, {f"eval/{name}/{k}": v for k, v in result.items()})
+    finally:
+        writer.close()
     if jax.process_index() == 0:
-        (workdir / "eval.json").write_text(experiment.config_to_json(results))
+        paths.write_text(workdir / "eval.json", workdir_lib.config_to_json(results))
     logging.info("SAE evaluation on held-out text:\n%s", format_table(results))
     return results
 
@@ -209,8 +258,3 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
             f"| {r['loss_recovered']:.1%} | {r['kl']:.3f} |"
         )
     return "\n".join(lines)
-
-
-def workdir_for(pipeline_workdir: str, stage: str) -> str:
-    """Where a pipeline stage writes: <workdir>/<stage>."""
-    return str(epath.Path(pipeline_workdir) / stage)

@@ -1,18 +1,23 @@
-"""Helpers for experiment mains: the workdir and the config saved in it.
+"""A job's workdir and the config saved in it: resuming means the same maths.
 
-def run(config, workdir):
-    workdir = experiment.prepare_workdir(config, workdir)  # Refuses a changed config.
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
-    ...
+    def run(config, workdir):
+        workdir = workdir_lib.prepare_workdir(config, workdir)  # Refuses a changed config.
+        state, summary = loop.train(task, workdir, loop_config, ...)
+
+A workdir that already holds a `config.json` is a run being resumed. The resumed run must
+compute what the uninterrupted one would have, so only fields that change how a run is laid
+out or reported may differ (`RESUMABLE_FIELDS`): the mesh and the sharding rules (orbax
+restores a checkpoint into any sharding), how often it logs, evaluates and saves, and how many
+checkpoints it keeps. `steps` may change only where the learning-rate schedule has its own
+length (`schedule_steps`), so that stopping later or earlier walks the same schedule
+(`resumable_steps` adds it for such configs).
 """
 
 from __future__ import annotations
 
 import json
 import logging as std_logging
-import os
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,20 +26,20 @@ import ml_collections
 from absl import logging
 from etils import epath
 
+from interp import paths
+
 CONFIG_FILE = "config.json"
 
-# Fields that may differ when resuming: they change how long a run goes or how often it
-# reports, not what it computes. Matched against a field's full dotted name or its last part.
+# Fields that may differ when resuming: they change where arrays live or how often a run
+# reports, not what it computes. A name matches a dotted field that is it, ends with it, or
+# lies under it ('mesh' matches 'mesh.data'; 'log_every' matches 'sae.train.log_every').
 RESUMABLE_FIELDS = (
-    "steps",
-    "num_steps",
-    "total_steps",
-    "train_steps",
+    "mesh",
+    "rules",
     "log_every",
     "eval_every",
     "checkpoint_every",
-    "save_every",
-    "max_to_keep",
+    "keep_checkpoints",
 )
 
 _ABSENT = "<absent>"
@@ -66,8 +71,18 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _is_resumable(field: str, resumable: Iterable[str]) -> bool:
-    """Whether a dotted field name is in the allow-list (by full name or last part)."""
-    return any(field == name or field.rsplit(".", 1)[-1] == name for name in resumable)
+    """Whether a dotted field is, ends with, or lies under a name of the allow-list."""
+    dotted = f".{field}."
+    return any(f".{name}." in dotted for name in resumable)
+
+
+def resumable_steps(train_config: Any, prefix: str) -> tuple[str, ...]:
+    """(`<prefix>.steps`,) when `train_config.schedule_steps` fixes the schedule's length.
+
+    With `schedule_steps` 0 the schedule stretches over `steps`, so a new `steps` changes
+    every learning rate after the warm-up: such a resume is refused.
+    """
+    return (f"{prefix}.steps",) if train_config.get("schedule_steps") else ()
 
 
 def config_differences(
@@ -110,8 +125,8 @@ def prepare_workdir(
       workdir: Local path or `gs://bucket/path`.
       overwrite_config: Replace a differing saved config instead of refusing (logs the
         differences). Only for when you know the checkpoints still fit the new config.
-      resumable_fields: Fields allowed to differ on resume, by dotted name (`train.steps`)
-        or last part (`steps`).
+      resumable_fields: Fields allowed to differ on resume: a dotted name (`train.steps`),
+        a last part (`log_every`) or a subtree (`mesh`).
 
     Returns:
       The workdir as an `epath.Path`.
@@ -120,11 +135,7 @@ def prepare_workdir(
       ConfigMismatchError: If the saved config differs in other fields.
       ValueError: If the saved `config.json` is not valid JSON.
     """
-    if "://" not in os.fspath(workdir):
-        # Absolute, so every library downstream (orbax and tensorstore refuse or misread
-        # relative paths) sees the same directory whatever its working directory.
-        workdir = os.path.abspath(os.fspath(workdir))
-    workdir = epath.Path(workdir)
+    workdir = paths.resolve(workdir)  # Local paths absolute: orbax refuses relative ones.
     path = workdir / CONFIG_FILE
     text = config_to_json(config)
     resumable_fields = tuple(resumable_fields)
@@ -144,7 +155,8 @@ def prepare_workdir(
                 f"{workdir} holds a run with a different config ({path}):\n{listing}\n"
                 "Resume with the saved config, choose a new workdir, or pass "
                 "overwrite_config=True if the checkpoints still fit the new config. Fields "
-                f"that may change on resume: {', '.join(resumable_fields)}."
+                f"that may change on resume: {', '.join(resumable_fields)} (and steps, where "
+                "the learning-rate schedule has its own length, train.schedule_steps)."
             )
         if blocking:
             logging.warning("Overwriting the config in %s; differences:\n%s", path, listing)
@@ -156,19 +168,9 @@ def prepare_workdir(
             return workdir
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        _write_atomically(path, text)
+        paths.write_text(path, text)  # Atomic: a temporary file and a rename locally.
     logging.info("Config (%s):\n%s", path, text)
     return workdir
-
-
-def _write_atomically(path: epath.Path, text: str) -> None:
-    """Writes via a temporary file and a rename locally; gs:// object writes are atomic."""
-    if "://" in os.fspath(path):
-        path.write_text(text)
-        return
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 # Libraries whose INFO lines (a dozen per checkpoint for orbax) bury the progress line.
@@ -201,3 +203,8 @@ def subconfig(
     """
     keys = [k for k in config.keys() if (keep is None or k in keep) and k not in drop]
     return ml_collections.ConfigDict({k: config[k] for k in keys})
+
+
+def stage(pipeline_workdir: epath.PathLike, name: str) -> str:
+    """Where a pipeline stage writes: `<pipeline workdir>/<name>` (local or gs://)."""
+    return str(paths.resolve(pipeline_workdir) / name)

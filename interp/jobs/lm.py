@@ -1,0 +1,320 @@
+"""The LM job: train a language model (the demo model, or any `Transformer` config), export it.
+
+`run(config, workdir)` is the whole job: tokenizer, packed data, a sharded train state and
+jitted step handed to the shared loop (`interp.jobs.loop`: metrics, progress, held-out
+evaluation against a unigram baseline, orbax checkpoints, exact resume), and at the end an
+export in Hugging Face format that `interp.models.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from interp import metrics, parallel, paths, records
+from interp.data import text
+from interp.data.documents import documents
+from interp.jobs import loop
+from interp.jobs import workdir as workdir_lib
+from interp.models import generate, save_pretrained
+from interp.models import tokenizer as tokenizer_lib
+from interp.models.config import ModelConfig
+from interp.models.losses import next_token_loss
+from interp.models.transformer import Transformer
+
+EXPORT_DIR = "export"
+TOKENIZER_DIR = "tokenizer"
+
+
+def unigram_loss(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
+    """Held-out cross-entropy (nats) of an add-one-smoothed unigram model: the bar to beat."""
+    counts = np.bincount(train_tokens.reshape(-1), minlength=vocab_size).astype(np.float64) + 1
+    logp = np.log(counts / counts.sum())
+    return float(-logp[eval_tokens[:, 1:].reshape(-1)].mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The LM's optimisation settings (`config.train`); unknown fields are an error.
+
+    Attributes:
+      steps: Optimizer steps in the run.
+      batch_size: Sequences per step (global).
+      learning_rate: Peak AdamW learning rate.
+      warmup_steps: Linear warm-up from 0.
+      final_lr_fraction: The cosine decay ends at this fraction of the peak.
+      weight_decay: AdamW's decoupled weight decay.
+      grad_clip: Global-norm clipping.
+      schedule_steps: Length of the cosine schedule; 0 = `steps`. Set it to train a run
+        longer or shorter along the same schedule (then `steps` may change on resume).
+    """
+
+    steps: int = 400
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_steps: int = 40
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    schedule_steps: int = 0
+
+    @property
+    def schedule_length(self) -> int:
+        return self.schedule_steps or self.steps
+
+
+def train_config_from(values: Any) -> TrainConfig:
+    """A `TrainConfig` from `config.train`, naming any field it does not have."""
+    return records.from_dict(TrainConfig, values)
+
+
+def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warm-up, cosine decay and global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=train_config.learning_rate,
+        warmup_steps=train_config.warmup_steps,
+        decay_steps=max(train_config.schedule_length, train_config.warmup_steps + 1),
+        end_value=train_config.learning_rate * train_config.final_lr_fraction,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(train_config.grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=train_config.weight_decay),
+    )
+
+
+def _tokenizer(config, workdir: epath.Path, train_documents) -> tokenizer_lib.Tokenizer:
+    """The run's tokenizer: a given one, the one saved in the workdir, or a new BPE."""
+    saved = workdir / TOKENIZER_DIR
+    if config.tokenizer.path:
+        tok = tokenizer_lib.load(config.tokenizer.path)
+        if tok is None:
+            raise FileNotFoundError(
+                f"No tokenizer.json in config.tokenizer.path={config.tokenizer.path!r}."
+            )
+        return tok
+    if (saved / "tokenizer.json").exists():
+        return tokenizer_lib.load(saved)
+    start = time.time()
+    tok = tokenizer_lib.train_bpe(train_documents, vocab_size=config.tokenizer.vocab_size)
+    if jax.process_index() == 0:
+        tok.save(saved)
+    logging.info("Trained a %d-token byte-level BPE in %.1fs.", tok.vocab_size, time.time() - start)
+    return tok
+
+
+def model_config_from(config, vocab_size: int) -> ModelConfig:
+    values = dict(config.model)
+    values["vocab_size"] = vocab_size
+    values.setdefault("max_len", config.data.seq_len)
+    return ModelConfig.from_dict(values)
+
+
+def _train_step(model, optimizer, state, batch):
+    def loss_fn(params):
+        return next_token_loss(model.apply({"params": params}, batch), batch)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+def init_state(model: Transformer, optimizer, seed: int, mesh, rules) -> tuple[Any, Any]:
+    """(init, abstract) of the train state {'params', 'opt_state', 'step'}, sharded.
+
+    `init()` builds it in its layout (params by the model's logical axes, moments like their
+    params, the step counter a replicated global array); `abstract` is the restore target.
+    """
+    param_shardings = parallel.param_shardings(model, mesh, rules)
+    param_shapes = nn.meta.unbox(parallel.abstract_params(model))
+    shardings = {
+        "params": param_shardings,
+        "opt_state": parallel.optimizer_state_shardings(
+            optimizer, param_shapes, param_shardings, mesh
+        ),
+        "step": NamedSharding(mesh, PartitionSpec()),
+    }
+    key = jax.random.key(seed)
+    key_data, impl = np.asarray(jax.random.key_data(key)), jax.random.key_impl(key)
+
+    def build(raw_key):
+        # No rules inside: out_shardings alone set the layout (see parallel.init_sharded).
+        with nn.logical_axis_rules(()):
+            variables = model.init(
+                jax.random.wrap_key_data(raw_key, impl=impl), jnp.zeros((1, 2), jnp.int32)
+            )
+        params = nn.meta.unbox(variables["params"])
+        return {
+            "params": params,
+            "opt_state": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32),
+        }
+
+    init = functools.partial(loop.sharded_init, build, shardings, mesh, key_data)
+    return init, loop.abstract_state(build, shardings, key_data)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes training of) a language model and exports it.
+
+    Args:
+      config: See `configs/demo.py` for every field.
+      workdir: Local or gs:// directory for config, tokenizer, checkpoints, metrics; the
+        Hugging Face export goes to `<workdir>/export` (local workdirs only, for now).
+
+    Returns:
+      Final figures: {'step', 'eval_loss', 'unigram_loss', 'export_dir', 'sample'}.
+
+    Raises:
+      paths.RemotePathError: For a gs:// workdir, before any training (the export is local
+        only for now).
+      workdir_lib.ConfigMismatchError: When resuming with a config that changes the maths.
+      ValueError: For unknown `config.train` fields or too little text.
+    """
+    train_config = train_config_from(config.train)
+    # Checked first: a finished training run must not end in an export that cannot happen.
+    paths.require_local(paths.resolve(workdir) / EXPORT_DIR, "The LM export (save_pretrained)")
+    # The LM stage's workdir checks only the LM's settings, not later pipeline stages'.
+    workdir = workdir_lib.prepare_workdir(
+        workdir_lib.subconfig(config, drop=("sae",)),
+        workdir,
+        resumable_fields=workdir_lib.RESUMABLE_FIELDS
+        + workdir_lib.resumable_steps(config.train, "train"),
+    )
+    train_docs, heldout_docs = documents(config.data)
+    tok = _tokenizer(config, workdir, train_docs)
+    start = time.time()
+    train_tokens = text.pack(train_docs, tok, config.data.seq_len)
+    eval_tokens = text.pack(heldout_docs, tok, config.data.seq_len)
+    batch_size = train_config.batch_size
+    if len(train_tokens) < batch_size or len(eval_tokens) < batch_size:
+        raise ValueError(
+            f"Too little text: {len(train_tokens)} training and {len(eval_tokens)} held-out "
+            f"rows of {config.data.seq_len} tokens for batch_size {batch_size}; add text "
+            "(config.data.text_path, max_documents) or lower config.train.batch_size."
+        )
+    logging.info(
+        "Packed %d train / %d held-out rows of %d tokens in %.1fs.",
+        len(train_tokens), len(eval_tokens), config.data.seq_len, time.time() - start,
+    )  # fmt: skip
+    batches = text.Batches(train_tokens, batch_size, seed=config.seed)
+    eval_rows = eval_tokens[: config.eval_batches * batch_size]
+    baseline = unigram_loss(train_tokens, eval_rows, tok.vocab_size)
+
+    model_config = model_config_from(config, tok.vocab_size)
+    model = Transformer(model_config)
+    mesh = parallel.mesh_from_config(config.mesh)
+    rules = parallel.rules_from_config(config.get("rules") or None)
+    optimizer = make_optimizer(train_config)
+    init, abstract = init_state(model, optimizer, config.seed, mesh, rules)
+    state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    batch_sharding = parallel.batch_sharding(
+        mesh, rules, 2, shape=(batch_size, config.data.seq_len)
+    )
+    # Traced under the mesh and the rules so the model's logical constraints take effect.
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        step_fn = jax.jit(
+            functools.partial(_train_step, model, optimizer),
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, None),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(
+            lambda params, batch: next_token_loss(model.apply({"params": params}, batch), batch),
+            in_shardings=(state_shardings["params"], batch_sharding),
+        )
+
+    def under_mesh(fn):
+        def call(*args):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                return fn(*args)
+
+        return call
+
+    @under_mesh
+    def evaluate(state):
+        total, count = 0.0, 0.0
+        for i in range(0, len(eval_rows) - batch_size + 1, batch_size):
+            rows = eval_rows[i : i + batch_size]
+            loss, n = eval_fn(state["params"], jax.device_put(rows, batch_sharding))
+            total, count = total + float(loss) * float(n), count + float(n)
+        return {"eval_loss": total / count, "unigram_loss": baseline}
+
+    task = loop.Task(
+        init=init,
+        abstract=abstract,
+        step=under_mesh(step_fn),
+        batch=lambda step: jax.device_put(batches.get(step), batch_sharding),
+    )
+    logging.info(
+        "Model: %s, %.2fM parameters; unigram baseline %.3f nats.",
+        model_config.family,
+        sum(x.size for x in jax.tree.leaves(abstract["params"])) / 1e6,
+        baseline,
+    )
+    writer = metrics.MetricWriter(workdir)
+    try:
+        state, summary = loop.train(
+            task,
+            workdir,
+            loop_config(config, train_config.steps),
+            writer=writer,
+            tokens_per_step=batch_size * config.data.seq_len,
+            evaluate=evaluate,
+            name="LM training",
+        )
+    finally:
+        writer.close()
+
+    params = jax.device_get(state["params"])
+    export_dir = workdir / EXPORT_DIR
+    if jax.process_index() == 0:
+        save_pretrained(export_dir, model_config, params, tokenizer=tok)
+        logging.info("Exported to %s (interp.models.from_pretrained loads it).", export_dir)
+    prompt = tok.encode(config.sample_prompt)
+    sample = generate.generate(
+        model,
+        params,
+        np.asarray([prompt], np.int32),
+        config.sample_tokens,
+        temperature=0.8,
+        top_p=0.95,
+        rng=jax.random.key(config.seed),
+    )
+    sample_text = tok.decode(np.asarray(sample[0]).tolist())
+    logging.info("Sample: %s", sample_text)
+    summary = {
+        "sample": sample_text,
+        "step": int(state["step"]),
+        "eval_loss": summary["eval_loss"],
+        "unigram_loss": baseline,
+        "export_dir": str(export_dir),
+    }
+    if jax.process_index() == 0:
+        paths.write_text(workdir / "summary.json", workdir_lib.config_to_json(summary))
+    return summary
+
+
+def loop_config(config: ml_collections.ConfigDict, steps: int) -> loop.LoopConfig:
+    """The loop's settings from a job config's top-level reporting fields."""
+    return loop.LoopConfig(
+        steps=steps,
+        log_every=config.log_every,
+        eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints,
+    )

@@ -1,0 +1,183 @@
+"""The one training loop every job shares: sharded state, steps, metrics, eval, checkpoints.
+
+A job describes its training as a `Task` and hands it to `train`:
+
+    task = loop.Task(
+        init=lambda: loop.sharded_init(build_state, shardings, mesh, key_data),  # fresh
+        abstract=loop.abstract_state(build_state, shardings, key_data),  # restore target
+        step=step_fn,                       # (state, batch) -> (state, metrics); jitted
+        batch=lambda step: batches.get(step),  # 0-based step index -> batch
+    )
+    state, summary = loop.train(task, workdir, loop.LoopConfig(steps=1000, ...),
+                                writer=writer, tokens_per_step=B * T, evaluate=eval_fn)
+
+What the loop does, so no job writes it again:
+- resume: the newest finished checkpoint under `<workdir>/checkpoints` is restored straight
+  into the target shardings (`Task.abstract`), whatever mesh it was saved from; otherwise
+  `Task.init` builds the state already sharded (`jax.jit(init, out_shardings=...)` from
+  `jax.eval_shape`: nothing is materialized unsharded, no host-local array is saved);
+- steps `start + 1 .. steps`, each `state, metrics = task.step(state, task.batch(step - 1))`;
+  `batch` must depend on the step index alone, so a resumed run sees the batches an
+  uninterrupted one would;
+- every `log_every` steps (and the last): metrics to `metrics.jsonl` / TensorBoard and a
+  progress line with tokens/s and ETA; every `eval_every` steps (and the last): `evaluate`;
+  every `checkpoint_every` steps (and the last): an atomic orbax checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from absl import logging
+from etils import epath
+
+from interp import checkpoint, metrics
+
+State = Any
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How long the loop runs and how often it reports and saves.
+
+    None of these changes what a step computes, so a resumed run may change any of them but
+    `steps` freely (`steps` only where the learning-rate schedule has its own length).
+
+    Attributes:
+      steps: The step training ends at.
+      log_every: Steps between metric writes and progress lines.
+      eval_every: Steps between evaluations; 0 evaluates only at the end.
+      checkpoint_every: Steps between checkpoints; the last step is always saved.
+      keep_checkpoints: How many of the newest checkpoints to keep.
+    """
+
+    steps: int
+    log_every: int = 100
+    eval_every: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LoopConfig.{name} must be a positive int, got {value!r}.")
+        if isinstance(self.eval_every, bool) or self.eval_every < 0:
+            raise ValueError(f"LoopConfig.eval_every must be >= 0, got {self.eval_every!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What the loop trains.
+
+    Attributes:
+      init: () -> a fresh state, already in its sharded layout (see `sharded_init`).
+      abstract: The state as `jax.ShapeDtypeStruct`s carrying the target shardings (see
+        `abstract_state`): where a checkpoint is restored to.
+      step: (state, batch) -> (new state, metrics); the state may be donated. Metrics are a
+        pytree of scalars, flattened by `flatten` for writing.
+      batch: 0-based step index -> the batch of that step.
+      flatten: metrics -> {name: float}; default: a flat dict of scalars as it is.
+      shown: Names from the flattened metrics to put on the progress line; default all.
+    """
+
+    init: Callable[[], State]
+    abstract: State
+    step: Callable[[State, Any], tuple[State, Any]]
+    batch: Callable[[int], Any]
+    flatten: Callable[[Any], dict[str, float]] | None = None
+    shown: Callable[[str], bool] | None = None
+
+
+def sharded_init(build: Callable[..., State], shardings: State, mesh, *args) -> State:
+    """`jax.jit(build, out_shardings=shardings)(*args)` under the mesh.
+
+    Every device computes only its own shards, and every leaf (a step counter included) is
+    a global array: the state saves from and restores to any number of processes. Pass keys
+    as raw key data (NumPy), which every process of a multi-host job can hand to jit.
+    """
+    with jax.set_mesh(mesh):
+        return jax.jit(build, out_shardings=shardings)(*args)
+
+
+def abstract_state(build: Callable[..., State], shardings: State, *args) -> State:
+    """`jax.eval_shape(build, *args)` with `shardings` attached: a checkpoint's restore target."""
+    return checkpoint.abstract_like(jax.eval_shape(build, *args), shardings)
+
+
+def _flatten_default(out: Any) -> dict[str, float]:
+    if not isinstance(out, Mapping):
+        raise TypeError(f"Step metrics are {type(out).__name__}; give Task.flatten to name them.")
+    return {k: float(v) for k, v in out.items()}
+
+
+def train(
+    task: Task,
+    workdir: epath.PathLike,
+    config: LoopConfig,
+    *,
+    writer: metrics.MetricWriter | None = None,
+    tokens_per_step: int | None = None,
+    evaluate: Callable[[State], Mapping[str, float]] | None = None,
+    name: str = "training",
+) -> tuple[State, dict[str, float]]:
+    """Trains `task` to `config.steps`, resuming from the newest checkpoint in the workdir.
+
+    Args:
+      task: The state and step (see `Task`).
+      workdir: Checkpoints go to `<workdir>/checkpoints` (local or gs://).
+      config: Length and reporting intervals.
+      writer: Where metrics and evaluations go; None writes none (progress is logged anyway).
+      tokens_per_step: For the progress line's tokens/s (None: steps/s).
+      evaluate: state -> {name: float}, run every `eval_every` steps and at the end.
+      name: What the log lines call this run ("LM training", "SAE training").
+
+    Returns:
+      (final state, the last evaluation's figures or {} without `evaluate`). A run resumed at
+      or past `config.steps` takes no step, and evaluates the restored state.
+    """
+    ckpt = checkpoint.Checkpointer(
+        epath.Path(workdir) / CHECKPOINT_DIR, max_to_keep=config.keep_checkpoints
+    )
+    flatten = task.flatten or _flatten_default
+    summary: dict[str, float] = {}
+    try:
+        start = ckpt.latest_step() or 0
+        if start:
+            state = ckpt.restore(start, target=task.abstract)
+            logging.info("Resumed %s from step %d of %d.", name, start, config.steps)
+        else:
+            state = task.init()
+        progress = metrics.Progress(config.steps, tokens_per_step, start_step=start)
+        step = start
+        for step in range(start + 1, config.steps + 1):
+            state, out = task.step(state, task.batch(step - 1))
+            last = step == config.steps
+            if step % config.log_every == 0 or last:
+                scalars = flatten(out)
+                if writer is not None:
+                    writer.write(step, scalars)
+                shown = {k: v for k, v in scalars.items() if task.shown is None or task.shown(k)}
+                progress.update(step, **shown)
+            if evaluate is not None and (
+                last or (config.eval_every and step % config.eval_every == 0)
+            ):
+                summary = dict(evaluate(state))
+                if writer is not None:
+                    writer.write(step, summary)
+                logging.info("%s step %d: %s", name, step, _format(summary))
+            if step % config.checkpoint_every == 0 or last:
+                ckpt.save(step, state)
+        if evaluate is not None and not summary:  # Resumed at the end: nothing ran.
+            summary = dict(evaluate(state))
+    finally:
+        ckpt.close()
+    return state, summary
+
+
+def _format(values: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in values.items())

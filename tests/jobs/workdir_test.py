@@ -1,0 +1,138 @@
+"""Tests for interp/jobs/workdir.py: the workdir's saved config and the resume check."""
+
+import json
+
+import ml_collections
+import pytest
+from etils import epath
+
+from interp.jobs import workdir as workdir_lib
+from tests import runs
+
+
+def _config(**overrides):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = 1000
+    c.log_every = 10
+    c.model = dict(name="toy", d_model=64, dtype="bfloat16")
+    c.train = dict(lr=3e-4, steps=500, betas=(0.9, 0.95))
+    c.activation = lambda x: x  # Written as a string by to_json_best_effort.
+    return runs.override(c, **overrides)
+
+
+def test_writes_config_json(tmp_path):
+    workdir = workdir_lib.prepare_workdir(_config(), tmp_path / "run")
+    assert isinstance(workdir, epath.Path)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"] == {"name": "toy", "d_model": 64, "dtype": "bfloat16"}
+    assert saved["train"]["betas"] == [0.9, 0.95]
+    assert saved["activation"] == "function <lambda>"
+
+
+def test_resuming_with_the_same_config_is_allowed(tmp_path):
+    workdir_lib.prepare_workdir(_config(), tmp_path)
+    before = (tmp_path / "config.json").read_text()
+    workdir_lib.prepare_workdir(_config(), tmp_path)  # A new lambda: same JSON.
+    assert (tmp_path / "config.json").read_text() == before
+
+
+def test_layout_and_reporting_may_change_on_resume_and_are_saved(tmp_path):
+    workdir_lib.prepare_workdir(_config(mesh=dict(data=-1, model=1), rules=()), tmp_path)
+    workdir_lib.prepare_workdir(_config(log_every=50, mesh=dict(data=2, model=4),
+                                       rules=(("batch", "data"),)), tmp_path)  # fmt: skip
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["log_every"], saved["mesh"]) == (50, {"data": 2, "model": 4})
+    assert saved["rules"] == [["batch", "data"]]
+
+
+@pytest.mark.parametrize("field", ["steps", "train.steps"])
+def test_a_new_step_count_is_refused_while_the_schedule_follows_it(tmp_path, field):
+    workdir_lib.prepare_workdir(_config(), tmp_path)
+    with pytest.raises(workdir_lib.ConfigMismatchError, match=f"{field}: saved"):
+        workdir_lib.prepare_workdir(_config(**{field: 2000}), tmp_path)
+
+
+def test_a_new_step_count_is_allowed_where_the_schedule_has_its_own_length(tmp_path):
+    pinned = {"train.schedule_steps": 500}
+    workdir_lib.prepare_workdir(_config(**pinned), tmp_path)
+    config = _config(**pinned, **{"train.steps": 900})
+    resumable = workdir_lib.RESUMABLE_FIELDS + workdir_lib.resumable_steps(config.train, "train")
+    assert resumable[-1] == "train.steps"
+    workdir_lib.prepare_workdir(config, tmp_path, resumable_fields=resumable)
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 900
+    # Changing the schedule's length itself changes the maths.
+    changed = _config(**{"train.schedule_steps": 600, "train.steps": 900})
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="train.schedule_steps"):
+        workdir_lib.prepare_workdir(changed, tmp_path, resumable_fields=resumable)
+
+
+def test_resumable_names_match_whole_dotted_parts():
+    assert workdir_lib._is_resumable("mesh.data", ["mesh"])
+    assert workdir_lib._is_resumable("sae.train.log_every", ["log_every"])
+    assert workdir_lib._is_resumable("sae.train.steps", ["sae.train.steps"])
+    assert not workdir_lib._is_resumable("train.steps", ["sae.train.steps"])
+    assert not workdir_lib._is_resumable("meshes", ["mesh"])
+    assert not workdir_lib._is_resumable("model.mesh_size", ["mesh"])
+
+
+def test_mismatched_config_is_refused_with_the_differences(tmp_path):
+    workdir_lib.prepare_workdir(_config(), tmp_path)
+    changed = _config(seed=1, log_every=20, **{"model.d_model": 128})
+    with pytest.raises(workdir_lib.ConfigMismatchError) as error:
+        workdir_lib.prepare_workdir(changed, tmp_path)
+    message = str(error.value)
+    assert str(tmp_path) in message
+    assert "model.d_model: saved 64, now 128" in message
+    assert "seed: saved 0, now 1" in message
+    assert "log_every" not in message.split("Fields that")[0]  # Allowed: not a blocker.
+    assert "overwrite_config=True" in message
+    # Nothing was overwritten.
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
+
+
+def test_added_field_is_a_mismatch(tmp_path):
+    workdir_lib.prepare_workdir(_config(), tmp_path)
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="sae.k: saved '<absent>', now 32"):
+        workdir_lib.prepare_workdir(_config(sae=dict(k=32)), tmp_path)
+
+
+def test_overwrite_config(tmp_path):
+    workdir_lib.prepare_workdir(_config(), tmp_path)
+    workdir_lib.prepare_workdir(_config(seed=7), tmp_path, overwrite_config=True)
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 7
+
+
+def test_custom_resumable_fields(tmp_path):
+    workdir_lib.prepare_workdir(_config(), tmp_path)
+    workdir_lib.prepare_workdir(_config(seed=3), tmp_path, resumable_fields=("seed",))
+    with pytest.raises(workdir_lib.ConfigMismatchError):
+        workdir_lib.prepare_workdir(_config(log_every=5), tmp_path, resumable_fields=("seed",))
+
+
+def test_plain_dict_config(tmp_path):
+    workdir_lib.prepare_workdir({"a": 1, "b": {"c": (1, 2)}}, tmp_path)
+    workdir_lib.prepare_workdir({"a": 1, "b": {"c": [1, 2]}}, tmp_path)
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="b.c"):
+        workdir_lib.prepare_workdir({"a": 1, "b": {"c": [1, 3]}}, tmp_path)
+
+
+def test_corrupt_config_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        workdir_lib.prepare_workdir(_config(), tmp_path)
+
+
+def test_gcs_workdir(gcs_bucket):
+    workdir = f"{gcs_bucket}/runs/a"
+    assert str(workdir_lib.prepare_workdir(_config(), workdir)) == workdir
+    assert json.loads((epath.Path(workdir) / "config.json").read_text())["seed"] == 0
+    workdir_lib.prepare_workdir(_config(log_every=3), workdir)
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="seed: saved 0, now 1"):
+        workdir_lib.prepare_workdir(_config(seed=1), workdir)
+
+
+def test_a_relative_workdir_comes_back_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    workdir = workdir_lib.prepare_workdir(_config(), "runs/a")
+    assert workdir.is_absolute() and workdir == epath.Path(tmp_path / "runs" / "a")
