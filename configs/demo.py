@@ -59,6 +59,9 @@ def get_config(arg=None):
         final_lr_fraction=0.1,
         weight_decay=0.1,
         grad_clip=1.0,
+        # Length of the cosine schedule; 0 = steps. Set it to continue a run to more (or
+        # stop at fewer) steps along the same schedule; steps may then change on resume.
+        schedule_steps=0,
     )
     c.mesh = dict(data=-1, fsdp=1, model=1)  # -1: all remaining devices.
     c.rules = ()  # () = interp.parallel.DEFAULT_RULES; else (logical, mesh axes) pairs.
@@ -97,6 +100,7 @@ def get_config(arg=None):
             log_every=50,
             checkpoint_every=400,
             keep_checkpoints=2,
+            schedule_steps=0,  # 0 = steps; as for the LM above.
         ),
         eval_batch_size=16,  # Held-out sequences per evaluation batch.
         eval_batches=8,

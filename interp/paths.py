@@ -15,6 +15,8 @@ and every library downstream should see the same directory whatever its working 
 from __future__ import annotations
 
 import os
+import re
+import urllib.parse
 import uuid
 
 from etils import epath
@@ -26,36 +28,70 @@ class RemotePathError(ValueError):
     """A remote (gs://, ...) path was given where only local paths work so far."""
 
 
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# 'gs:/bucket/x': what pathlib.Path('gs://bucket/x') turns a URL into.
+_MANGLED_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
+
+
 def _text(path: PathLike) -> str:
-    return os.fspath(path)
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"Expected a local path or a URL such as gs://bucket/x; got {path!r}.")
+    mangled = _MANGLED_URL.match(text)
+    if mangled and mangled.group(1).lower() in ("gs", "s3", "file", "memory", "http", "https"):
+        raise ValueError(
+            f"{text!r} looks like a URL whose '//' was collapsed (pathlib.Path('gs://b/x') "
+            f"gives 'gs:/b/x'); pass the URL as a string, e.g. '{mangled.group(1)}://...'."
+        )
+    url = _URL.match(text)
+    if url:  # Schemes are case-insensitive; fsspec and epath know them in lower case.
+        text = url.group(1).lower() + text[len(url.group(1)) :]
+    return text
 
 
 def is_remote(path: PathLike) -> bool:
     """Whether `path` is a URL other than file:// (gs://bucket/x, memory://x, ...)."""
-    text = _text(path)
-    return "://" in text and not text.startswith("file://")
+    url = _URL.match(_text(path))
+    return bool(url) and url.group(1).lower() != "file"
 
 
 def scheme(path: PathLike) -> str:
     """'gs', 'memory', ... for URLs; 'file' for local paths (and file:// URLs)."""
-    return _text(path).split("://", 1)[0] if is_remote(path) else "file"
+    url = _URL.match(_text(path))
+    return url.group(1).lower() if url else "file"
 
 
 def resolve(path: PathLike) -> epath.Path:
-    """`path` as an `epath.Path`: local paths absolute (and file:// stripped), URLs unchanged."""
+    """`path` as an `epath.Path`: local paths absolute (file:// URLs and ~ resolved), other
+    URLs unchanged.
+
+    Raises:
+      ValueError: For an empty path, a URL collapsed by pathlib ('gs:/b/x'), a file:// URL
+        naming another host, or a URL scheme etils.epath cannot open.
+    """
     text = _text(path)
     if is_remote(text):
-        return epath.Path(text)
-    if text.startswith("file://"):
-        text = text[len("file://") :]
+        try:
+            return epath.Path(text)
+        except KeyError:
+            raise ValueError(
+                f"{text!r}: {scheme(text)}:// paths are not supported; use a local path or "
+                "gs://bucket/path."
+            ) from None
+    if scheme(text) == "file":
+        parsed = urllib.parse.urlparse(text)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"{text!r} names host {parsed.netloc!r}; use file:///abs/path.")
+        text = urllib.parse.unquote(parsed.path)
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
-def require_local(path: PathLike, what: str) -> epath.Path:
+def require_local(path: PathLike, what: str, fix: str | None = None) -> epath.Path:
     """`resolve(path)`, or a `RemotePathError` naming `what` when `path` is remote.
 
     For code that only works on local files so far: a remote path must never turn into a
-    local folder named like the bucket (`gs://b/x` -> `./gs:/b/x`) without a word.
+    local folder named like the bucket (`gs://b/x` -> `./gs:/b/x`) without a word. `fix` says
+    what to do instead (default: copy the folder to local disk).
 
     Raises:
       RemotePathError: If `path` is a URL such as gs://bucket/x.
@@ -63,7 +99,10 @@ def require_local(path: PathLike, what: str) -> epath.Path:
     if is_remote(path):
         raise RemotePathError(
             f"{what} reads and writes local paths only for now; got {_text(path)!r}. "
-            "Copy the folder to local disk (e.g. `gsutil -m cp -r`), or give a local path."
+            + (
+                fix
+                or "Copy the folder to local disk (e.g. `gsutil -m cp -r`), or give a local path."
+            )
         )
     return resolve(path)
 

@@ -41,6 +41,19 @@ DTYPES = {
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
+def _header_size(first: bytes, available: int, where: str) -> int:
+    """The header length from the first 8 bytes, checked against the file's size."""
+    if len(first) < 8:
+        raise ValueError(f"{where} is not a safetensors file: {len(first)} bytes, under 8.")
+    (size,) = struct.unpack("<Q", first[:8])
+    if size > available - 8:
+        raise ValueError(
+            f"{where} is truncated or not a safetensors file: its header length is {size} "
+            f"bytes, the file holds {available}; re-export or re-download it."
+        )
+    return size
+
+
 def _parse_header(header_bytes: bytes, where: str) -> dict[str, Any]:
     try:
         header = json.loads(header_bytes)
@@ -56,12 +69,18 @@ def _views(header: Mapping[str, Any], data: np.ndarray, where: str) -> dict[str,
         if info["dtype"] not in DTYPES:
             raise ValueError(f"Tensor {name!r} in {where} has unsupported dtype {info['dtype']}.")
         start, stop = info["data_offsets"]
+        dtype = np.dtype(DTYPES[info["dtype"]]).newbyteorder("<")
+        expected = int(np.prod(info["shape"], dtype=np.int64)) * dtype.itemsize
+        if stop - start != expected:
+            raise ValueError(
+                f"Tensor {name!r} in {where} spans {stop - start} bytes, but shape "
+                f"{info['shape']} of {info['dtype']} needs {expected}; the file is corrupt."
+            )
         if stop > data.size:
             raise ValueError(
                 f"{where} is truncated: tensor {name!r} ends at byte {stop} of the data, which "
                 f"holds {data.size}; re-export or re-download the file."
             )
-        dtype = np.dtype(DTYPES[info["dtype"]]).newbyteorder("<")
         out[name] = data[start:stop].view(dtype).reshape(info["shape"])
     return out
 
@@ -79,15 +98,17 @@ def read(path: paths.PathLike) -> dict[str, np.ndarray]:
     where = str(path)
     if paths.is_remote(path):
         blob = paths.read_bytes(path)
-        (size,) = struct.unpack("<Q", blob[:8])
+        size = _header_size(blob[:8], len(blob), where)
         header = _parse_header(blob[8 : 8 + size], where)
         return _views(header, np.frombuffer(blob, np.uint8, offset=8 + size), where)
     local = paths.resolve(path)
     with open(local, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = _parse_header(f.read(size), where)
         f.seek(0, io.SEEK_END)
-        available = f.tell() - 8 - size
+        total = f.tell()
+        f.seek(0)
+        size = _header_size(f.read(8), total, where)
+        header = _parse_header(f.read(size), where)
+        available = total - 8 - size
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if end > available:
         raise ValueError(
@@ -107,10 +128,12 @@ def serialize(tensors: Mapping[str, np.ndarray]) -> bytes:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     arrays, offset = [], 0
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
+        array = np.asarray(tensors[name])
+        # Little-endian, C order, shape kept (np.ascontiguousarray turns a scalar into [1]).
+        array = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+        array = array.reshape(np.shape(tensors[name]))
         if array.dtype not in NAMES:
             raise ValueError(f"Tensor {name!r} has dtype {array.dtype}, not storable.")
-        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
         header[name] = {
             "dtype": NAMES[array.dtype],
             "shape": list(array.shape),

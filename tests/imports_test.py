@@ -58,7 +58,10 @@ def violations(root: pathlib.Path) -> list[str]:
     found: list[str] = []
     for path in sorted((root / "interp").rglob("*.py")):
         relative = path.relative_to(root)
-        module = ".".join(relative.with_suffix("").parts)
+        parts = relative.with_suffix("").parts
+        if path.name == "__init__.py":  # interp/models/__init__.py is interp.models.
+            parts = parts[:-1]
+        module = ".".join(parts)
         package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
         source = _room(module)
         for name in _imports(path, package):
@@ -115,6 +118,9 @@ def _tree(tmp_path, files):
         ("interp/checkpoint.py", "from interp.sae import io\n", "imports no science room"),
         ("interp/jobs/x.py", "from experiments import common\n", "never imports the mains"),
         ("interp/newroom/x.py", "from interp.models import hooks\n", "place ['newroom']"),
+        ("interp/models/__init__.py", "from ..data import text\n", "models is below data"),
+        ("interp/parallel/__init__.py", "from ..models import hooks\n", "a utility imports no"),
+        ("interp/models/sub/__init__.py", "from ...jobs import lm\n", "models is below jobs"),
     ],
 )
 def test_each_kind_of_wrong_import_is_caught(tmp_path, name, text, why):
@@ -131,6 +137,8 @@ def test_imports_the_layering_allows_pass(tmp_path):
             "interp/sae/x.py": "from interp.data import cache\nfrom interp import metrics\n",
             "interp/models/x.py": "from interp import parallel, paths\n",
             "interp/parallel/x.py": "from interp.parallel import mesh\nfrom interp import paths\n",
+            "interp/__init__.py": "from interp import models\n",
+            "interp/sae/__init__.py": "from .io import load\nfrom . import train\n",
         },
     )
     assert violations(root) == []

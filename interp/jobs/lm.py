@@ -77,7 +77,7 @@ class TrainConfig:
 
 def train_config_from(values: Any) -> TrainConfig:
     """A `TrainConfig` from `config.train`, naming any field it does not have."""
-    return records.from_dict(TrainConfig, values)
+    return records.from_dict(TrainConfig, values, where="config.train")
 
 
 def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
@@ -185,15 +185,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       workdir_lib.ConfigMismatchError: When resuming with a config that changes the maths.
       ValueError: For unknown `config.train` fields or too little text.
     """
+    # Everything checkable is checked before the workdir saves the config: a typo fixed on
+    # the next run must not count as a changed config. And a finished training run must not
+    # end in an export that cannot happen.
     train_config = train_config_from(config.train)
-    # Checked first: a finished training run must not end in an export that cannot happen.
-    paths.require_local(paths.resolve(workdir) / EXPORT_DIR, "The LM export (save_pretrained)")
+    model_config_from(config, config.tokenizer.vocab_size)  # Unknown or bad model fields.
+    mesh = parallel.mesh_from_config(config.mesh)
+    rules = parallel.rules_from_config(config.get("rules") or None)
+    paths.require_local(
+        paths.resolve(workdir) / EXPORT_DIR,
+        "The LM job's export (save_pretrained)",
+        fix="Use a local workdir.",
+    )
     # The LM stage's workdir checks only the LM's settings, not later pipeline stages'.
+    stage_config = workdir_lib.subconfig(config, drop=("sae",))
     workdir = workdir_lib.prepare_workdir(
-        workdir_lib.subconfig(config, drop=("sae",)),
-        workdir,
-        resumable_fields=workdir_lib.RESUMABLE_FIELDS
-        + workdir_lib.resumable_steps(config.train, "train"),
+        workdir_lib.pin_schedule(stage_config, "train", train_config.schedule_length), workdir
     )
     train_docs, heldout_docs = documents(config.data)
     tok = _tokenizer(config, workdir, train_docs)
@@ -217,8 +224,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     model_config = model_config_from(config, tok.vocab_size)
     model = Transformer(model_config)
-    mesh = parallel.mesh_from_config(config.mesh)
-    rules = parallel.rules_from_config(config.get("rules") or None)
     optimizer = make_optimizer(train_config)
     init, abstract = init_state(model, optimizer, config.seed, mesh, rules)
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract)

@@ -27,6 +27,7 @@ What the loop does, so no job writes it again:
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,12 +63,16 @@ class LoopConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self):
-        for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LoopConfig.{name} must be a positive int, got {value!r}.")
-        if isinstance(self.eval_every, bool) or self.eval_every < 0:
-            raise ValueError(f"LoopConfig.eval_every must be >= 0, got {self.eval_every!r}.")
+            try:
+                number = operator.index(value)  # ints, NumPy ints; not floats or bools.
+            except TypeError:
+                number = None
+            minimum = 0 if name == "eval_every" else 1
+            if isinstance(value, bool) or number is None or number < minimum:
+                raise ValueError(f"LoopConfig.{name} must be an int >= {minimum}, got {value!r}.")
+            object.__setattr__(self, name, number)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,15 +143,26 @@ def train(
 
     Returns:
       (final state, the last evaluation's figures or {} without `evaluate`). A run resumed at
-      or past `config.steps` takes no step, and evaluates the restored state.
+      `config.steps` takes no step, and evaluates the restored state.
+
+    Raises:
+      ValueError: If the newest checkpoint is past `config.steps` (a lowered `steps` would
+        otherwise hand back the later state as if it were the step asked for).
     """
     ckpt = checkpoint.Checkpointer(
         epath.Path(workdir) / CHECKPOINT_DIR, max_to_keep=config.keep_checkpoints
     )
     flatten = task.flatten or _flatten_default
     summary: dict[str, float] = {}
+    evaluated = False
     try:
         start = ckpt.latest_step() or 0
+        if start > config.steps:
+            raise ValueError(
+                f"{ckpt.directory} holds a checkpoint at step {start}, past steps="
+                f"{config.steps}: the run went further already. Ask for steps >= {start} to "
+                "go on from it, or use a new workdir to stop earlier."
+            )
         if start:
             state = ckpt.restore(start, target=task.abstract)
             logging.info("Resumed %s from step %d of %d.", name, start, config.steps)
@@ -163,16 +179,17 @@ def train(
                     writer.write(step, scalars)
                 shown = {k: v for k, v in scalars.items() if task.shown is None or task.shown(k)}
                 progress.update(step, **shown)
+            # Saved before evaluating: an evaluation that fails loses no training.
+            if step % config.checkpoint_every == 0 or last:
+                ckpt.save(step, state)
             if evaluate is not None and (
                 last or (config.eval_every and step % config.eval_every == 0)
             ):
-                summary = dict(evaluate(state))
+                summary, evaluated = dict(evaluate(state)), True
                 if writer is not None:
                     writer.write(step, summary)
                 logging.info("%s step %d: %s", name, step, _format(summary))
-            if step % config.checkpoint_every == 0 or last:
-                ckpt.save(step, state)
-        if evaluate is not None and not summary:  # Resumed at the end: nothing ran.
+        if evaluate is not None and not evaluated:  # Resumed at the end: nothing ran.
             summary = dict(evaluate(state))
     finally:
         ckpt.close()

@@ -88,23 +88,27 @@ def _check_cache_model(cache, path: str, model_path: str, model_hash: str) -> No
     if made_by == model_hash:
         return
     name = cache.metadata.get("model", {}).get("name")
+    if made_by is None:
+        what = f"by an older version (from {name!r}), before caches recorded their model"
+    else:
+        what = f"from another model ({name!r}, fingerprint {made_by})"
     raise CacheModelMismatchError(
-        f"The activation cache at {path} was harvested from another model ({name!r}, "
-        f"fingerprint {made_by}) than {model_path!r} (fingerprint {model_hash}); SAEs would "
-        "train on the wrong activations. To re-harvest for this model, delete the cache "
-        "(and this SAE workdir's checkpoints, which were trained on it) or set "
-        "config.sae.cache_path to a new location."
+        f"The activation cache at {path} was harvested {what}, not from {model_path!r} "
+        f"(fingerprint {model_hash}); SAEs would train on the wrong activations. To "
+        "re-harvest for this model, delete the cache (and the SAE workdir's checkpoints, "
+        "trained on it), or run in a new SAE workdir with config.sae.cache_path set to a new "
+        "location."
     )
 
 
 def _cache(
-    config, workdir, model, params, tokenizer, train_docs, model_hash
+    config, workdir, model_path, model, params, tokenizer, train_docs, model_hash
 ) -> cache_lib.ActivationCache:
     sae_config = config.sae
     path = sae_config.cache_path or str(workdir / "activations")
     if cache_lib.is_complete(path):
         cache = cache_lib.ActivationCache.open(path)
-        _check_cache_model(cache, path, str(sae_config.model_path), model_hash)
+        _check_cache_model(cache, path, model_path, model_hash)
         missing = set(sae_config.sites) - set(cache.sites)
         if not missing and cache.num_rows >= sae_config.harvest_rows:
             logging.info("Reusing %d cached activation rows at %s.", cache.num_rows, path)
@@ -129,7 +133,7 @@ def _cache(
         list(sae_config.sites),
         num_rows=sae_config.harvest_rows,
         model_config=model.config,
-        model_name=str(sae_config.model_path),
+        model_name=model_path,
         extra={"model_fingerprint": model_hash},
         overwrite=True,
     )
@@ -143,24 +147,35 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
       workdir_lib.ConfigMismatchError: When resuming with a config that changes the maths.
       ValueError: For unknown fields in `config.sae.train` or an SAE entry.
     """
-    train_config = sae_train.as_train_config(config.sae.train)  # Unknown fields fail first.
+    # Everything checkable is checked before the workdir saves the config (a typo fixed on
+    # the next run must not count as a changed config), and before any harvesting.
+    sae_config = config.sae
+    train_config = sae_train.as_train_config(sae_config.train, where="config.sae.train")
+    entries = _entries(sae_config)
+    for entry in entries:  # Unknown or bad SAE fields; the width comes from the cache later.
+        SAEConfig.from_dict({k: v for k, v in entry.items() if k != "site"} | {"d_in": 1})
+    mesh = parallel.mesh_from_config(config.mesh)
+    rules = parallel.rules_from_config(config.get("rules") or None)
     stage_config = workdir_lib.subconfig(config, keep=("seed", "data", "mesh", "rules", "sae"))
     workdir = workdir_lib.prepare_workdir(
-        stage_config,
+        workdir_lib.pin_schedule(stage_config, "sae.train", train_config.schedule_length),
         workdir,
-        resumable_fields=workdir_lib.RESUMABLE_FIELDS
-        + workdir_lib.resumable_steps(config.sae.train, "sae.train"),
     )
-    sae_config = config.sae
+    if train_config.steps > train_config.schedule_length and train_config.lr_decay != "constant":
+        logging.warning(
+            "sae.train.steps=%d runs past the schedule's end (schedule_steps=%d): the "
+            "learning rate is 0 from there on.",
+            train_config.steps,
+            train_config.schedule_length,
+        )
     model_path = sae_config.model_path or str(workdir.parent / "lm" / "export")
     model, params, tokenizer = from_pretrained(model_path)
     if tokenizer is None:
         raise FileNotFoundError(f"{model_path} has no tokenizer.json; the SAE job needs text.")
     train_docs, heldout_docs = documents(config.data)
     model_hash = fingerprint(model.config, params)
-    cache = _cache(config, workdir, model, params, tokenizer, train_docs, model_hash)
+    cache = _cache(config, workdir, model_path, model, params, tokenizer, train_docs, model_hash)
 
-    entries = _entries(sae_config)
     sites = [entry["site"] for entry in entries]
     sample = {site: cache.read(site, 0, min(cache.num_rows, 8192)) for site in set(sites)}
     configs = tuple(
@@ -176,8 +191,6 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
     ]
     names = _unique([sae_name(entry, entry["site"]) for entry in entries])
 
-    mesh = parallel.mesh_from_config(config.mesh)
-    rules = parallel.rules_from_config(config.get("rules") or None)
     stream: dict[str, Any] = {}
 
     def batch_fn(step):

@@ -8,9 +8,10 @@ A workdir that already holds a `config.json` is a run being resumed. The resumed
 compute what the uninterrupted one would have, so only fields that change how a run is laid
 out or reported may differ (`RESUMABLE_FIELDS`): the mesh and the sharding rules (orbax
 restores a checkpoint into any sharding), how often it logs, evaluates and saves, and how many
-checkpoints it keeps. `steps` may change only where the learning-rate schedule has its own
-length (`schedule_steps`), so that stopping later or earlier walks the same schedule
-(`resumable_steps` adds it for such configs).
+checkpoints it keeps, and `steps`, where it ends: every learning-rate schedule has its own
+length field (`schedule_steps`, 0 meaning "as long as `steps`"), which the jobs save resolved
+(`pin_schedule`), so a run continued to more steps walks the schedule it started on, while a
+change that would stretch the schedule shows up, and is refused, as a new `schedule_steps`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ CONFIG_FILE = "config.json"
 # reports, not what it computes. A name matches a dotted field that is it, ends with it, or
 # lies under it ('mesh' matches 'mesh.data'; 'log_every' matches 'sae.train.log_every').
 RESUMABLE_FIELDS = (
+    "steps",  # Where a run ends; the schedule's length is saved apart (pin_schedule).
     "mesh",
     "rules",
     "log_every",
@@ -76,13 +78,22 @@ def _is_resumable(field: str, resumable: Iterable[str]) -> bool:
     return any(f".{name}." in dotted for name in resumable)
 
 
-def resumable_steps(train_config: Any, prefix: str) -> tuple[str, ...]:
-    """(`<prefix>.steps`,) when `train_config.schedule_steps` fixes the schedule's length.
+def pin_schedule(
+    config: ml_collections.ConfigDict, train_field: str, schedule_length: int
+) -> ml_collections.ConfigDict:
+    """A copy of `config` whose `<train_field>.schedule_steps` is the resolved length.
 
-    With `schedule_steps` 0 the schedule stretches over `steps`, so a new `steps` changes
-    every learning rate after the warm-up: such a resume is refused.
+    `schedule_steps: 0` means "as long as `steps`"; saved as such, a resume with more steps
+    would silently stretch the schedule. Saved resolved, the same resume keeps the schedule
+    when `schedule_steps` is given, and shows up as a changed `schedule_steps` (refused)
+    when it follows `steps`.
     """
-    return (f"{prefix}.steps",) if train_config.get("schedule_steps") else ()
+    pinned = ml_collections.ConfigDict(config.to_dict())
+    node = pinned
+    for part in train_field.split("."):
+        node = node[part]
+    node["schedule_steps"] = int(schedule_length)
+    return pinned
 
 
 def config_differences(
@@ -151,12 +162,18 @@ def prepare_workdir(
             for field, old, new in (blocking or differences)
         )
         if blocking and not overwrite_config:
+            hint = ""
+            if any(field.endswith("schedule_steps") for field, _, _ in blocking):
+                hint = (
+                    "\nA new `steps` with schedule_steps=0 would stretch the learning-rate "
+                    "schedule; to train on along the saved one, also pass its saved "
+                    "schedule_steps (e.g. --config.train.schedule_steps=N)."
+                )
             raise ConfigMismatchError(
                 f"{workdir} holds a run with a different config ({path}):\n{listing}\n"
-                "Resume with the saved config, choose a new workdir, or pass "
-                "overwrite_config=True if the checkpoints still fit the new config. Fields "
-                f"that may change on resume: {', '.join(resumable_fields)} (and steps, where "
-                "the learning-rate schedule has its own length, train.schedule_steps)."
+                "Resume with the saved config or choose a new workdir (from Python, "
+                "overwrite_config=True if the checkpoints still fit the new config). Fields "
+                f"that may change on resume: {', '.join(resumable_fields)}.{hint}"
             )
         if blocking:
             logging.warning("Overwriting the config in %s; differences:\n%s", path, listing)

@@ -8,6 +8,7 @@ is an error instead of silently wrong results.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from typing import Any
@@ -22,13 +23,22 @@ from interp import parallel
 SAMPLE_SIZE = 1 << 16
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _strided(x: jax.Array, stride: int) -> jax.Array:
+    # One compilation per (shape, dtype, sharding): a model's layers share a handful.
+    return x.reshape(-1)[::stride][:SAMPLE_SIZE]
+
+
 def _sample(leaf: Any) -> np.ndarray:
     """Up to SAMPLE_SIZE evenly spaced elements of `leaf`, exactly (no arithmetic on them)."""
     size = int(np.prod(np.shape(leaf)))
     stride = max(1, size // SAMPLE_SIZE)
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return np.asarray(parallel.process_allgather(_strided(leaf, stride)))
+    if isinstance(leaf, jax.Array) and size <= SAMPLE_SIZE:
+        return np.asarray(leaf).reshape(-1)  # Small: the whole array, no compilation.
     if isinstance(leaf, jax.Array):
-        picked = jax.jit(lambda x: x.reshape(-1)[::stride][:SAMPLE_SIZE])(leaf)
-        return np.asarray(parallel.process_allgather(picked))
+        return np.asarray(_strided(leaf, stride))
     return np.asarray(leaf).reshape(-1)[::stride][:SAMPLE_SIZE]
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from interp import paths, safetensors_io
+from interp.models import tokenizer as tokenizer_lib
 from interp.models.config import ModelConfig
 from interp.models.hf_config import config_from_hf, config_to_hf
 from interp.models.hf_params import hf_to_params, params_to_hf
@@ -51,16 +52,6 @@ def _read_weights(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str
         for key, value in safetensors_io.read(folder / name).items():
             tensors[key], source[key] = value, str(folder / name)
     return tensors, source
-
-
-def _load_tokenizer(folder: pathlib.Path):
-    try:
-        from interp.models import tokenizer as tokenizer_lib
-    except ModuleNotFoundError as error:  # Not written yet in this checkout.
-        if error.name != "interp.models.tokenizer":
-            raise
-        return None
-    return tokenizer_lib.load(folder)
 
 
 def from_pretrained(
@@ -98,7 +89,7 @@ def from_pretrained(
     config = config.replace(dtype=compute, param_dtype=storage)
     tensors, source = _read_weights(folder)
     params = jax.device_put(hf_to_params(tensors, config, source=source))
-    return Transformer(config), params, _load_tokenizer(folder)
+    return Transformer(config), params, tokenizer_lib.load(folder)
 
 
 def save_pretrained(

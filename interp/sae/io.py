@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from interp import safetensors_io
+from interp import paths, safetensors_io
 from interp.sae.modules import SAE, SAEConfig
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -149,11 +149,11 @@ def save(
         cfg["rescale_acts_by_decoder_norm"] = False
     cfg[CONFIG_KEY] = config.to_dict()
 
-    folder = epath.Path(path)
+    folder = paths.resolve(path)
     folder.mkdir(parents=True, exist_ok=True)
     safetensors_io.write(folder / WEIGHTS_FILE, tensors)
-    # After the weights: a new folder that has a cfg.json has complete weights.
-    (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    # After the weights, and atomically: a new folder with a cfg.json has complete weights.
+    paths.write_text(folder / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
 
 
 def _read_folder(path: epath.PathLike) -> tuple[epath.Path, dict[str, Any]]:

@@ -97,10 +97,11 @@ def _as_tuple(configs) -> tuple[SAEConfig, ...]:
     return (configs,) if isinstance(configs, SAEConfig) else tuple(configs)
 
 
-def as_train_config(train_config) -> TrainConfig:
+def as_train_config(train_config, where: str | None = None) -> TrainConfig:
     """A `TrainConfig` from itself or a mapping (ConfigDict) of some of its fields.
 
-    Fields the mapping leaves out take the dataclass defaults.
+    Fields the mapping leaves out take the dataclass defaults; `where` names the config
+    section in errors (`config.sae.train`).
 
     Raises:
       ValueError: Naming every field `TrainConfig` does not have (a typo such as
@@ -108,7 +109,7 @@ def as_train_config(train_config) -> TrainConfig:
     """
     if isinstance(train_config, TrainConfig):
         return train_config
-    return records.from_dict(TrainConfig, train_config)
+    return records.from_dict(TrainConfig, train_config, where=where)
 
 
 def _optimizer_fields(train_config) -> TrainConfig:

@@ -86,7 +86,9 @@ def test_resuming_on_another_mesh_is_accepted_and_equal(tiny_run, tmp_path):
 def test_resuming_with_more_steps_is_refused_when_the_schedule_follows_steps(tiny_run, tmp_path):
     workdir, _ = tiny_run
     copy = _interrupted_copy(workdir, str(tmp_path / "copy"))
-    with pytest.raises(workdir_lib.ConfigMismatchError, match="train.steps: saved 6, now 9"):
+    with pytest.raises(
+        workdir_lib.ConfigMismatchError, match="train.schedule_steps: saved 6, now 9"
+    ):
         train.run(_tiny(**{"train.steps": 9}), copy)
 
 
@@ -106,6 +108,14 @@ def test_a_typo_in_the_train_config_is_an_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match="learning_rte"):
         train.run(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "config.json")  # Refused before anything is written.
+
+
+def test_a_bad_model_field_is_refused_before_the_workdir_saves_the_config(tmp_path):
+    config = _tiny()
+    config.model.num_layer = 2
+    with pytest.raises(ValueError, match="num_layer"):
+        train.run(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "config.json")  # The fixed config is a fresh start.
 
 
 def test_a_remote_workdir_is_refused_before_training(tmp_path):

@@ -112,10 +112,36 @@ def test_metrics_progress_and_evaluation_follow_the_intervals(tmp_path):
     assert again == {"eval_score": 6.0} and evaluated == [3, 6, 6]
 
 
+def test_a_checkpoint_past_the_asked_steps_is_an_error_not_the_answer(tmp_path):
+    data, mesh = _data(), parallel.make_mesh(data=1, model=1, devices=jax.devices()[:1])
+    loop.train(_sae_task(mesh, data), tmp_path, LOOP)
+    shorter = loop.LoopConfig(steps=4, log_every=1, checkpoint_every=2)
+    with pytest.raises(ValueError, match="checkpoint at step 6, past steps=4"):
+        loop.train(_sae_task(mesh, data), tmp_path, shorter)
+
+
+def test_a_failing_evaluation_loses_no_training(tmp_path):
+    data, mesh = _data(), parallel.make_mesh(data=1, model=1, devices=jax.devices()[:1])
+
+    def evaluate(state):
+        raise MemoryError("evaluation ran out of memory")
+
+    with pytest.raises(MemoryError):
+        loop.train(_sae_task(mesh, data), tmp_path, LOOP, evaluate=evaluate)
+    assert checkpoint.Checkpointer(tmp_path / "checkpoints").all_steps() == [4, 6]
+
+
 @pytest.mark.parametrize(
-    "field, value", [("steps", 0), ("log_every", -1), ("checkpoint_every", 1.5), ("eval_every", -2)]
-)
+    "field, value",
+    [("steps", 0), ("log_every", -1), ("checkpoint_every", 1.5), ("eval_every", -2),
+     ("eval_every", 0.5), ("eval_every", None), ("keep_checkpoints", True)],
+)  # fmt: skip
 def test_loop_config_rejects_bad_intervals(field, value):
     fields = dict(steps=10, log_every=1, eval_every=0, checkpoint_every=5) | {field: value}
     with pytest.raises(ValueError, match=field):
         loop.LoopConfig(**fields)
+
+
+def test_loop_config_takes_numpy_ints():
+    config = loop.LoopConfig(steps=np.int64(10), log_every=np.int32(2))
+    assert (config.steps, config.log_every) == (10, 2) and type(config.steps) is int

@@ -122,6 +122,14 @@ def test_a_typo_in_the_sae_train_config_is_an_error_naming_it(tmp_path):
         job.run(config, str(tmp_path))
 
 
+def test_a_bad_sae_entry_is_refused_before_anything_is_written(tmp_path):
+    config = _config()
+    config.sae.saes = (dict(architecture="topk", kk=4),)
+    with pytest.raises(ValueError, match="kk"):
+        job.run(config, str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # No config.json, no harvest.
+
+
 def test_names_are_unique_and_readable():
     entries = [
         dict(architecture="topk", k=16, num_latents=64),

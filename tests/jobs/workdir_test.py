@@ -46,25 +46,42 @@ def test_layout_and_reporting_may_change_on_resume_and_are_saved(tmp_path):
     assert saved["rules"] == [["batch", "data"]]
 
 
-@pytest.mark.parametrize("field", ["steps", "train.steps"])
-def test_a_new_step_count_is_refused_while_the_schedule_follows_it(tmp_path, field):
-    workdir_lib.prepare_workdir(_config(), tmp_path)
-    with pytest.raises(workdir_lib.ConfigMismatchError, match=f"{field}: saved"):
-        workdir_lib.prepare_workdir(_config(**{field: 2000}), tmp_path)
+def _pinned(config):
+    length = config.train.schedule_steps or config.train.steps
+    return workdir_lib.pin_schedule(config, "train", length)
 
 
-def test_a_new_step_count_is_allowed_where_the_schedule_has_its_own_length(tmp_path):
-    pinned = {"train.schedule_steps": 500}
-    workdir_lib.prepare_workdir(_config(**pinned), tmp_path)
-    config = _config(**pinned, **{"train.steps": 900})
-    resumable = workdir_lib.RESUMABLE_FIELDS + workdir_lib.resumable_steps(config.train, "train")
-    assert resumable[-1] == "train.steps"
-    workdir_lib.prepare_workdir(config, tmp_path, resumable_fields=resumable)
-    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 900
-    # Changing the schedule's length itself changes the maths.
-    changed = _config(**{"train.schedule_steps": 600, "train.steps": 900})
-    with pytest.raises(workdir_lib.ConfigMismatchError, match="train.schedule_steps"):
-        workdir_lib.prepare_workdir(changed, tmp_path, resumable_fields=resumable)
+def test_the_schedule_length_is_saved_resolved(tmp_path):
+    workdir_lib.prepare_workdir(_pinned(_config(**{"train.schedule_steps": 0})), tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train"]["schedule_steps"] == saved["train"]["steps"] == 500
+
+
+def test_more_steps_stretching_the_schedule_are_refused_with_a_hint(tmp_path):
+    workdir_lib.prepare_workdir(_pinned(_config(**{"train.schedule_steps": 0})), tmp_path)
+    longer = _pinned(_config(**{"train.steps": 900, "train.schedule_steps": 0}))
+    with pytest.raises(workdir_lib.ConfigMismatchError) as error:
+        workdir_lib.prepare_workdir(longer, tmp_path)
+    assert "train.schedule_steps: saved 500, now 900" in str(error.value)
+    assert "train.steps" not in str(error.value).split("Fields that")[0]  # Not a blocker.
+    assert "schedule_steps=N" in str(error.value)
+
+
+def test_more_steps_along_the_saved_schedule_are_allowed(tmp_path):
+    workdir_lib.prepare_workdir(_pinned(_config(**{"train.schedule_steps": 0})), tmp_path)
+    # Given explicitly, or as 0 with the same number of steps: the same schedule.
+    workdir_lib.prepare_workdir(_pinned(_config(**{"train.schedule_steps": 500})), tmp_path)
+    longer = _pinned(_config(**{"train.steps": 900, "train.schedule_steps": 500}))
+    workdir_lib.prepare_workdir(longer, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["train"]["steps"], saved["train"]["schedule_steps"]) == (900, 500)
+
+
+def test_pin_schedule_copies_and_can_add_the_field():
+    config = _config()  # Its train section has no schedule_steps.
+    config.lock()
+    pinned = workdir_lib.pin_schedule(config, "train", 500)
+    assert pinned.train.schedule_steps == 500 and "schedule_steps" not in config.train
 
 
 def test_resumable_names_match_whole_dotted_parts():
