@@ -109,7 +109,8 @@ def config_differences(
     for field in sorted(saved_flat.keys() | current_flat.keys()):
         old = saved_flat.get(field, _ABSENT)
         new = current_flat.get(field, _ABSENT)
-        if old != new:
+        # `True == 1` in Python; in a config a flag and a number are different settings.
+        if old != new or isinstance(old, bool) != isinstance(new, bool):
             differences.append((field, old, new))
     return differences
 

@@ -134,6 +134,13 @@ def test_plain_dict_config(tmp_path):
         workdir_lib.prepare_workdir({"a": 1, "b": {"c": [1, 3]}}, tmp_path)
 
 
+def test_a_flag_and_a_number_differ(tmp_path):
+    workdir_lib.prepare_workdir({"a": 1, "b": 1.0}, tmp_path)
+    workdir_lib.prepare_workdir({"a": 1.0, "b": 1}, tmp_path)  # JSON numbers: the same.
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="a: saved 1, now True"):
+        workdir_lib.prepare_workdir({"a": True, "b": 1}, tmp_path)
+
+
 def test_corrupt_config_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
