@@ -229,6 +229,7 @@ def hook_grads(
     names: Iterable[str],
     *,
     interventions: Mapping[str, Intervention] | None = None,
+    loss_reads_values: bool = False,
     **model_kwargs,
 ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
     """Gradient of a scalar loss with respect to the values at hook points.
@@ -240,8 +241,10 @@ def hook_grads(
     Args:
       model, params, tokens, interventions, **model_kwargs: As for `run_with_hooks`.
       loss_fn: The model's output -> scalar loss. For per-token gradients use a sum over
-        tokens, not a mean.
+        tokens, not a mean. With `loss_reads_values`, (output, {name: value}) -> scalar: a
+        loss of hook values too (an SAE feature's activation), differentiated through them.
       names: Hook names or patterns.
+      loss_reads_values: Pass the values at `names` to `loss_fn` as well.
 
     Returns:
       (loss, {name: value at the site}, {name: d loss / d value}).
@@ -269,7 +272,7 @@ def hook_grads(
         out, acts = run_with_hooks(
             model, params, tokens, capture=names, interventions=combined, **model_kwargs
         )
-        return loss_fn(out), acts
+        return (loss_fn(out, acts) if loss_reads_values else loss_fn(out)), acts
 
     (loss, acts), grads = jax.value_and_grad(perturbed, has_aux=True)(zeros)
     return loss, acts, grads

@@ -1,0 +1,19 @@
+"""Influence functions with EK-FAC (Grosse et al. 2023): factors, queries, scores."""
+
+from interp.influence.factors import Factors, fit_factors
+from interp.influence.gradients import tracked_modules
+from interp.influence.queries import Measurement, log_prob, logit_margin, sae_feature
+from interp.influence.scores import InfluenceScores, pairwise_scores, self_scores
+
+__all__ = [
+    "Factors",
+    "InfluenceScores",
+    "Measurement",
+    "fit_factors",
+    "log_prob",
+    "logit_margin",
+    "pairwise_scores",
+    "sae_feature",
+    "self_scores",
+    "tracked_modules",
+]

@@ -1,0 +1,281 @@
+"""Curvature factors for influence functions: K-FAC covariances, eigenbases, EK-FAC correction.
+
+    factors = fit_factors(model, params, batches, strategy="ekfac", sample_labels=True)
+
+For each tracked layer y = W x + b (see `gradients.py`), following Grosse et al. 2023,
+"Studying Large Language Model Generalization with Influence Functions", sections 2.2-2.3:
+
+    A = E_t[a_t a_t^T]   [I, I]   token average of layer inputs (with a 1 for a bias)
+    S = E_t[g_t g_t^T]   [O, O]   token average of output gradients
+    A = Q_A diag(eig_A) Q_A^T,  S = Q_S diag(eig_S) Q_S^T
+    Lambda = E_n[(Q_S^T G_n Q_A)^2]   [O, I]  the EK-FAC eigenvalue correction (George et al.
+             2018), an average over training *sequences* of the per-sequence gradient
+             G_n = sum_t g_t a_t^T rotated into the Kronecker eigenbasis, squared elementwise
+
+The targets g is taken against are sampled from the model's own predictive distribution by
+default (the true Fisher, equal in expectation to the Gauss-Newton matrix for a softmax
+output), or the data's next tokens with `sample_labels=False` (the empirical Fisher,
+deterministic, what cross-library checks use). All statistics are float32 sums with their
+token and sequence counts, so partial fits merge exactly.
+
+Strategies (`strategy`): 'ekfac' (the above), 'kfac' (Lambda = eig_S eig_A^T), 'diagonal'
+(Lambda = E_n[G_n^2], no rotation), 'identity' (no curvature: plain gradient dot products).
+Legend: I layer inputs (+1 for a bias), O layer outputs, B batch, T positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from interp.influence import gradients
+from interp.influence.gradients import TrackedModule
+from interp.models.fingerprint import fingerprint
+
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+DEFAULT_DAMPING_FRACTION = 0.1  # Damping per module = this x mean(Lambda) (Grosse et al.).
+
+
+@dataclasses.dataclass
+class Factors:
+    """Fitted curvature for a set of tracked layers of one model.
+
+    Attributes:
+      strategy: One of `STRATEGIES`.
+      modules: The tracked layers, in model order.
+      arrays: {module name: {'eig_A', 'Q_A', 'eig_S', 'Q_S', 'Lambda'}} for kfac/ekfac
+        ('Lambda' [O, I] is the curvature in the eigenbasis), {'Lambda'} (the gradient
+        second moment [O, I]) for diagonal, {} for identity. float32 NumPy arrays.
+      num_tokens: Tokens the covariances averaged over.
+      num_sequences: Sequences the correction (or diagonal) averaged over.
+      model_fingerprint: `interp.models.fingerprint.fingerprint` of the model they fit.
+      sample_labels: Whether targets were sampled from the model.
+    """
+
+    strategy: str
+    modules: tuple[TrackedModule, ...]
+    arrays: dict[str, dict[str, np.ndarray]]
+    num_tokens: int
+    num_sequences: int
+    model_fingerprint: str
+    sample_labels: bool
+
+    def curvature(self, name: str) -> np.ndarray | None:
+        """Lambda [O, I] of a module (None for 'identity')."""
+        return self.arrays[name].get("Lambda")
+
+    def default_damping(self, name: str) -> float:
+        """0.1 x mean(Lambda) of the module (Grosse et al. 2023); 0 for 'identity'."""
+        curvature = self.curvature(name)
+        if curvature is None:
+            return 0.0
+        return DEFAULT_DAMPING_FRACTION * float(np.mean(curvature))
+
+    def check_model(self, model, params) -> None:
+        """Raises unless these factors were fitted for this model (config and weights)."""
+        got = fingerprint(model.config, params)
+        if got != self.model_fingerprint:
+            raise ValueError(
+                f"These factors were fitted for another model (fingerprint "
+                f"{self.model_fingerprint}, this one is {got}); fit factors for this model "
+                "(fit_factors) before scoring with it."
+            )
+
+
+def _reiterable(batches: Iterable[Any], passes: int) -> Iterable[Any]:
+    if passes > 1 and iter(batches) is batches:
+        raise TypeError(
+            f"batches is a one-shot iterator, but this strategy reads the data {passes} times "
+            "(covariances, then the eigenvalue correction); pass a list, or an object whose "
+            "__iter__ starts again."
+        )
+    return batches
+
+
+def _prepared(model, batch) -> dict[str, jax.Array]:
+    checked = gradients.check_batch(batch, model.config.max_len, "training")
+    return {k: jnp.asarray(v) for k, v in checked.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _covariance_sums(model, params, modules, batch, key):
+    stats = gradients.inputs_and_grads(model, params, batch, modules, key=key)
+    out = {}
+    for name, (a, g) in stats.items():
+        a2 = a.reshape(-1, a.shape[-1])
+        g2 = g.reshape(-1, g.shape[-1])
+        out[name] = (a2.T @ a2, g2.T @ g2)
+    return out, batch["attention_mask"].sum()
+
+
+def per_sequence_gradients(a: jax.Array, g: jax.Array) -> jax.Array:
+    """G_n = sum_t g_t a_t^T for each sequence: [B, O, I]."""
+    return jnp.einsum("bto,bti->boi", g, a, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 5))
+def _correction_sums(model, params, modules, batch, key, rotate, bases):
+    stats = gradients.inputs_and_grads(model, params, batch, modules, key=key)
+    out = {}
+    for name, (a, g) in stats.items():
+        if rotate:
+            q_a, q_s = bases[name]
+            a = jnp.einsum("bti,ij->btj", a, q_a)
+            g = jnp.einsum("bto,os->bts", g, q_s)
+        out[name] = jnp.square(per_sequence_gradients(a, g)).sum(axis=0)
+    return out
+
+
+def fit_factors(
+    model,
+    params: Any,
+    batches: Iterable[Mapping[str, Any]],
+    strategy: str = "ekfac",
+    sample_labels: bool = True,
+    *,
+    modules: Sequence[str] | None = None,
+    seed: int = 0,
+) -> Factors:
+    """Fits influence-function curvature factors on training batches.
+
+    Args:
+      model: A `Transformer`.
+      params: Its parameters.
+      batches: Iterable of {'tokens': int [B, T], 'loss_mask': float [B, T] (optional: all
+        targets), 'attention_mask': [B, T] (optional)}; read twice for 'ekfac', so a list or
+        another re-iterable, not a generator.
+      strategy: 'ekfac' (default), 'kfac', 'diagonal' or 'identity'.
+      sample_labels: Targets drawn from the model (true Fisher) rather than the data's own
+        next tokens (empirical Fisher; deterministic).
+      modules: Tracked layer names or patterns (`gradients.tracked_modules`); default every
+        MLP projection.
+      seed: For the sampled targets.
+
+    Returns:
+      The `Factors`.
+
+    Raises:
+      ValueError: For an unknown strategy or module name, malformed batches (see
+        `gradients.check_batch`), no data, or non-finite statistics.
+      TypeError: If 'ekfac' gets a one-shot iterator.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+    tracked = gradients.tracked_modules(model, modules)
+    identity = fingerprint(model.config, params)
+    base_key = jax.random.key(seed)
+
+    def key_for(step_pass: int, index: int):
+        return (
+            jax.random.fold_in(jax.random.fold_in(base_key, step_pass), index)
+            if (sample_labels)
+            else None
+        )
+
+    arrays: dict[str, dict[str, np.ndarray]] = {m.name: {} for m in tracked}
+    num_tokens = num_sequences = 0
+    if strategy in ("kfac", "ekfac"):
+        batches = _reiterable(batches, 2 if strategy == "ekfac" else 1)
+        sums: dict[str, list[Any]] = {}
+        for index, batch in enumerate(batches):
+            prepared = _prepared(model, batch)
+            out, count = _covariance_sums(model, params, tracked, prepared, key_for(0, index))
+            num_tokens += int(count)
+            for name, (aa, gg) in out.items():
+                if name in sums:
+                    sums[name][0] += aa
+                    sums[name][1] += gg
+                else:
+                    sums[name] = [aa, gg]
+        if num_tokens == 0:
+            raise ValueError("batches held no tokens; give at least one training batch.")
+        for name, (aa, gg) in sums.items():
+            _check_finite(name, "covariances", aa, gg)
+            eig_a, q_a = jnp.linalg.eigh(aa / num_tokens)
+            eig_s, q_s = jnp.linalg.eigh(gg / num_tokens)
+            arrays[name].update(
+                eig_A=np.asarray(eig_a), Q_A=np.asarray(q_a),
+                eig_S=np.asarray(eig_s), Q_S=np.asarray(q_s),
+            )  # fmt: skip
+        logging.info("Covariances of %d modules over %d tokens.", len(tracked), num_tokens)
+    if strategy == "kfac":
+        for values in arrays.values():
+            # Eigenvalues of a PSD matrix come out slightly negative in float32: clip to 0.
+            eig_s, eig_a = np.maximum(values["eig_S"], 0), np.maximum(values["eig_A"], 0)
+            values["Lambda"] = np.outer(eig_s, eig_a).astype(np.float32)
+    if strategy in ("ekfac", "diagonal"):
+        rotate = strategy == "ekfac"
+        bases = (
+            {n: (jnp.asarray(v["Q_A"]), jnp.asarray(v["Q_S"])) for n, v in arrays.items()}
+            if rotate
+            else {m.name: (None, None) for m in tracked}
+        )
+        totals: dict[str, Any] = {}
+        for index, batch in enumerate(batches):
+            prepared = _prepared(model, batch)
+            out = _correction_sums(
+                model, params, tracked, prepared, key_for(1, index), rotate, bases
+            )
+            num_sequences += int(prepared["tokens"].shape[0])
+            for name, value in out.items():
+                totals[name] = totals[name] + value if name in totals else value
+        if num_sequences == 0:
+            raise ValueError("batches held no sequences; give at least one training batch.")
+        for name, total in totals.items():
+            _check_finite(name, "eigenvalue correction", total)
+            arrays[name]["Lambda"] = np.asarray(total / num_sequences, np.float32)
+    return Factors(
+        strategy=strategy,
+        modules=tracked,
+        arrays=arrays,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+        model_fingerprint=identity,
+        sample_labels=sample_labels,
+    )
+
+
+def _check_finite(name: str, what: str, *values) -> None:
+    for value in values:
+        if not bool(jnp.all(jnp.isfinite(value))):
+            raise ValueError(
+                f"The {what} of {name} hold NaN or inf: the model's outputs or gradients "
+                "overflow on these batches (check the params, or fit in float32)."
+            )
+
+
+def precondition(
+    factors: Factors, name: str, gradient: jax.Array, damping: float | None = None
+) -> jax.Array:
+    """The damped inverse curvature applied to gradients [..., O, I] of one module.
+
+    ekfac/kfac: Q_S [(Q_S^T G Q_A) / (Lambda + damping)] Q_A^T; diagonal: G / (Lambda +
+    damping); identity: G. `damping` None takes `factors.default_damping(name)`.
+    """
+    damping = factors.default_damping(name) if damping is None else damping
+    return apply_inverse(factors.strategy, factors.arrays[name], gradient, damping)
+
+
+def apply_inverse(strategy: str, values: Mapping[str, Any], gradient, damping: float):
+    """`precondition` on one module's arrays (traceable: the arrays may be jit arguments)."""
+    if strategy == "identity":
+        return gradient
+    denominator = jnp.asarray(values["Lambda"]) + damping
+    if strategy == "diagonal":
+        return gradient / denominator
+    q_a, q_s = jnp.asarray(values["Q_A"]), jnp.asarray(values["Q_S"])
+    rotated = jnp.einsum("os,...oi,ij->...sj", q_s, gradient, q_a)
+    return jnp.einsum("os,...sj,ij->...oi", q_s, rotated / denominator, q_a)
+
+
+def num_parameters(factors: Factors) -> int:
+    """Parameters covered by the tracked layers (O x I each)."""
+    return sum(math.prod(v["Lambda"].shape) for v in factors.arrays.values() if "Lambda" in v)

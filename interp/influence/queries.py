@@ -1,0 +1,89 @@
+"""What a query measures: differentiable scalars of the model's output or of hook values.
+
+The influence of a training sequence is how much up-weighting it would raise a query's
+measurement (kronfluence's `compute_measurement`). The default is the log-probability of the
+query's completion (its tokens with loss_mask 1); also built in:
+
+    logit_margin(token_a, token_b)          logit[a] - logit[b] at each row's last scored position
+    sae_feature(sae, sae_params, hook, feature)   the feature's activation summed over the
+                                            positions the query's loss_mask marks
+
+and any `Measurement(fn, hooks)` with fn(logits [B, T, V], batch, {hook: value}) -> [B].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from interp.influence import gradients
+
+MeasurementFn = Callable[[jax.Array, Mapping[str, jax.Array], Mapping[str, jax.Array]], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Measurement:
+    """A query's measurement. Hashable by identity (jit compiles once per measurement).
+
+    Attributes:
+      fn: (logits [B, T, V], batch {'tokens', 'loss_mask', 'attention_mask'}, {hook: value})
+        -> [B], one scalar per query sequence.
+      hooks: Hook sites whose values `fn` reads.
+      name: For reports.
+    """
+
+    fn: MeasurementFn
+    hooks: tuple[str, ...] = ()
+    name: str = "measurement"
+
+
+def log_prob() -> Measurement:
+    """log p(completion | prompt): minus the summed NLL of the tokens loss_mask marks."""
+
+    def fn(logits, batch, values):
+        del values
+        return -gradients.sequence_nll(logits, batch["tokens"], batch["loss_mask"])
+
+    return Measurement(fn, name="log_prob")
+
+
+def _last_scored(loss_mask: jax.Array) -> jax.Array:
+    """[B]: the last position whose token loss_mask scores."""
+    positions = jnp.arange(loss_mask.shape[1])
+    return jnp.max(jnp.where(loss_mask > 0, positions, -1), axis=1)
+
+
+def logit_margin(token_a: int, token_b: int) -> Measurement:
+    """logit[token_a] - logit[token_b] predicting each row's last scored position."""
+
+    def fn(logits, batch, values):
+        del values
+        position = _last_scored(batch["loss_mask"]) - 1  # The logits that predict it.
+        row = jnp.take_along_axis(logits, position[:, None, None], axis=1)[:, 0]
+        row = row.astype(jnp.float32)
+        return row[:, token_a] - row[:, token_b]
+
+    return Measurement(fn, name=f"logit_margin({token_a},{token_b})")
+
+
+def sae_feature(sae: Any, sae_params: Any, hook: str, feature: int) -> Measurement:
+    """An SAE feature's activation at `hook`, summed over the positions loss_mask marks.
+
+    Args:
+      sae: The SAE module (`interp.sae.load(path)[0]`); used as a plain function of the
+        hook's value, so this room needs nothing from `interp.sae`.
+      sae_params: Its parameters.
+      hook: The site the SAE reads ('blocks_2/resid_post').
+      feature: The latent's index.
+    """
+
+    def fn(logits, batch, values):
+        del logits
+        codes = sae.apply({"params": sae_params}, values[hook], method="encode")  # [B, T, X]
+        return (codes[..., feature].astype(jnp.float32) * batch["loss_mask"]).sum(axis=1)
+
+    return Measurement(fn, hooks=(hook,), name=f"{hook}[{feature}]")

@@ -1,0 +1,142 @@
+"""EK-FAC factors against explicit computations on a tiny model (no transposed Kronecker)."""
+
+import jax
+import numpy as np
+import pytest
+
+from interp import influence
+from interp.influence import factors as factors_lib
+from interp.influence import gradients
+from tests.influence import testing
+
+MODULES = ("blocks_0/mlp/up", "blocks_1/mlp/down")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, params = testing.model_and_params()
+    batch = testing.data(12, seed=0)
+    modules = gradients.tracked_modules(model, MODULES)
+    return model, params, batch, modules
+
+
+def _per_sequence(model, params, batch, modules):
+    checked = {k: jax.numpy.asarray(v) for k, v in gradients.check_batch(batch, 16, "t").items()}
+    stats = gradients.inputs_and_grads(model, params, checked, modules)
+    return {n: factors_lib.per_sequence_gradients(a, g) for n, (a, g) in stats.items()}, stats
+
+
+def test_default_modules_are_every_mlp_projection_and_names_are_checked(setup):
+    model, _, _, _ = setup
+    names = [m.name for m in influence.tracked_modules(model)]
+    assert names == ["blocks_0/mlp/up", "blocks_0/mlp/down", "blocks_1/mlp/up", "blocks_1/mlp/down"]
+    with pytest.raises(ValueError, match="No tracked module matches 'blocks_9/.*blocks_0/mlp/up"):
+        influence.tracked_modules(model, ["blocks_9/mlp/up"])
+
+
+def test_per_sequence_gradient_is_the_weight_gradient(setup):
+    # G_n = sum_t g_t a_t^T [O, I+1] must be dNLL/dW with W's orientation and the bias column.
+    model, params, batch, modules = setup
+    ours, _ = _per_sequence(model, params, batch, modules)
+    flat = np.stack([
+        testing.to_flat_gradient({n: g[i] for n, g in ours.items()}, modules)
+        for i in range(len(batch["tokens"]))
+    ])  # fmt: skip
+    exact = testing.per_sequence_flat_gradients(model, params, modules, batch)
+    np.testing.assert_allclose(flat, exact, atol=1e-5 * np.abs(exact).max())
+
+
+def test_covariances_eigenbases_and_correction_match_explicit_sums(setup):
+    model, params, batch, modules = setup
+    fitted = influence.fit_factors(
+        model, params, testing.split(batch, 4), sample_labels=False, modules=MODULES
+    )
+    grads, stats = _per_sequence(model, params, batch, modules)
+    assert fitted.num_tokens == 12 * testing.T and fitted.num_sequences == 12
+    for m in modules:
+        a, g = (np.asarray(x, np.float64) for x in stats[m.name])
+        values = fitted.arrays[m.name]
+        a_cov = np.einsum("bti,btj->ij", a, a) / a[..., 0].size
+        s_cov = np.einsum("bti,btj->ij", g, g) / g[..., 0].size
+        q_a, q_s = values["Q_A"].astype(np.float64), values["Q_S"].astype(np.float64)
+        np.testing.assert_allclose(q_a @ np.diag(values["eig_A"]) @ q_a.T, a_cov, atol=1e-4)
+        np.testing.assert_allclose(q_s @ np.diag(values["eig_S"]) @ q_s.T, s_cov,
+                                   atol=1e-5 * np.abs(s_cov).max())  # fmt: skip
+        # Lambda is the diagonal of the per-sequence Fisher in the basis Q_S (x) Q_A.
+        vecs = np.asarray(grads[m.name], np.float64).reshape(len(a), -1)  # vec(G_n), [N, O*I]
+        fisher = vecs.T @ vecs / len(a)
+        basis = np.kron(q_s, q_a)
+        expected = np.diag(basis.T @ fisher @ basis).reshape(values["Lambda"].shape)
+        np.testing.assert_allclose(values["Lambda"], expected, rtol=1e-3,
+                                   atol=1e-6 * expected.max())  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
+def test_preconditioner_solves_with_its_own_curvature_matrix(setup, strategy):
+    model, params, batch, modules = setup
+    fitted = influence.fit_factors(model, params, [batch], strategy, False, modules=MODULES)
+    grads, _ = _per_sequence(model, params, batch, modules)
+    for m in modules:
+        values = fitted.arrays[m.name]
+        lam = values["Lambda"].astype(np.float64)
+        damping = fitted.default_damping(m.name)
+        assert damping == pytest.approx(0.1 * lam.mean())
+        if strategy == "diagonal":
+            curvature = np.diag(lam.reshape(-1))
+        else:
+            basis = np.kron(values["Q_S"], values["Q_A"]).astype(np.float64)
+            curvature = basis @ np.diag(lam.reshape(-1)) @ basis.T
+        gradient = np.asarray(grads[m.name][0], np.float64)
+        expected = np.linalg.solve(curvature + damping * np.eye(len(curvature)),
+                                   gradient.reshape(-1)).reshape(gradient.shape)  # fmt: skip
+        got = np.asarray(factors_lib.precondition(fitted, m.name, gradient.astype(np.float32)))
+        np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+
+
+def test_kfac_is_exact_for_one_token_of_one_sequence():
+    # With one sequence whose only nonzero g and a are one token's, F = vec(g a^T)vec(g a^T)^T
+    # = (a a^T) (x) (g g^T) exactly (K-FAC's assumption holds), up to the averages' scale.
+    model, params = testing.model_and_params()
+    batch = {"tokens": np.array([[3, 5]], np.int32), "loss_mask": np.array([[0, 1]], np.float32)}
+    modules = gradients.tracked_modules(model, ["blocks_1/mlp/down"])
+    fitted = influence.fit_factors(
+        model, params, [batch], "kfac", False, modules=["blocks_1/mlp/down"]
+    )
+    grads, stats = _per_sequence(model, params, batch, modules)
+    a, g = (np.asarray(x[0], np.float64) for x in stats["blocks_1/mlp/down"])
+    assert np.abs(g[1]).max() == 0  # The last position predicts nothing.
+    vec = np.asarray(grads["blocks_1/mlp/down"][0], np.float64).reshape(-1)
+    fisher = np.outer(vec, vec)
+    values = fitted.arrays["blocks_1/mlp/down"]
+    basis = np.kron(values["Q_S"], values["Q_A"]).astype(np.float64)
+    kfac = basis @ np.diag(values["Lambda"].reshape(-1).astype(np.float64)) @ basis.T
+    # A and S average over the two positions: A (x) S = (sum_t a a^T / 2) (x) (g0 g0^T / 2).
+    a_both = (np.outer(a[0], a[0]) + np.outer(a[1], a[1])) / 2
+    expected = np.kron(np.outer(g[0], g[0]) / 2, a_both)
+    np.testing.assert_allclose(kfac, expected, atol=1e-4 * np.abs(expected).max())
+    # And with the second position's input equal to the first's, it is the Fisher itself.
+    only = np.kron(np.outer(g[0], g[0]), np.outer(a[0], a[0]))
+    np.testing.assert_allclose(only, fisher, atol=1e-5 * np.abs(fisher).max())
+
+
+def test_sampled_labels_differ_by_seed_and_one_shot_iterators_are_refused(setup):
+    model, params, batch, _ = setup
+    one = influence.fit_factors(model, params, [batch], modules=MODULES, seed=0)
+    two = influence.fit_factors(model, params, [batch], modules=MODULES, seed=1)
+    assert not np.allclose(one.arrays[MODULES[0]]["eig_S"], two.arrays[MODULES[0]]["eig_S"])
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        influence.fit_factors(model, params, iter([batch]), modules=MODULES)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        influence.fit_factors(model, params, [batch], strategy="exact")
+
+
+@pytest.mark.parametrize(
+    "batch, message",
+    [({"tokens": np.zeros((2, 20), np.int32)}, "more than the model's context of 16"),
+     ({"tokens": np.zeros((2, 4), np.int32), "loss_mask": np.zeros((2, 4))}, "score no token"),
+     ({"ids": np.zeros((2, 4), np.int32)}, "'tokens'")],
+)  # fmt: skip
+def test_bad_batches_are_clear_errors(setup, batch, message):
+    model, params, _, _ = setup
+    with pytest.raises(ValueError, match=message):
+        influence.fit_factors(model, params, [batch], modules=MODULES)
