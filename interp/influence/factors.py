@@ -100,9 +100,8 @@ def _reiterable(batches: Iterable[Any], passes: int) -> Iterable[Any]:
     return batches
 
 
-def _prepared(model, batch) -> dict[str, jax.Array]:
-    checked = gradients.check_batch(batch, model.config.max_len, "training")
-    return {k: jnp.asarray(v) for k, v in checked.items()}
+def _prepared(model, batch, placement) -> dict[str, jax.Array]:
+    return placement.batch(gradients.check_batch(batch, model.config.max_len, "training"))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -143,6 +142,8 @@ def fit_factors(
     *,
     modules: Sequence[str] | None = None,
     seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
 ) -> Factors:
     """Fits influence-function curvature factors on training batches.
 
@@ -158,6 +159,8 @@ def fit_factors(
       modules: Tracked layer names or patterns (`gradients.tracked_modules`); default every
         MLP projection.
       seed: For the sampled targets.
+      mesh, rules: Run data-parallel on this mesh (batches over the 'batch' axes, params by
+        the rules); the sums are the same as on one device, up to float32 summation order.
 
     Returns:
       The `Factors`.
@@ -171,6 +174,14 @@ def fit_factors(
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
     tracked = gradients.tracked_modules(model, modules)
     identity = fingerprint(model.config, params)
+    placement = gradients.Placement.of(mesh, rules)
+    params = placement.params(model, params)
+    with placement.context():
+        return _fit(model, params, batches, strategy, sample_labels, tracked, identity, seed,
+                    placement)  # fmt: skip
+
+
+def _fit(model, params, batches, strategy, sample_labels, tracked, identity, seed, placement):
     base_key = jax.random.key(seed)
 
     def key_for(step_pass: int, index: int):
@@ -186,7 +197,7 @@ def fit_factors(
         batches = _reiterable(batches, 2 if strategy == "ekfac" else 1)
         sums: dict[str, list[Any]] = {}
         for index, batch in enumerate(batches):
-            prepared = _prepared(model, batch)
+            prepared = _prepared(model, batch, placement)
             out, count = _covariance_sums(model, params, tracked, prepared, key_for(0, index))
             num_tokens += int(count)
             for name, (aa, gg) in out.items():
@@ -220,7 +231,7 @@ def fit_factors(
         )
         totals: dict[str, Any] = {}
         for index, batch in enumerate(batches):
-            prepared = _prepared(model, batch)
+            prepared = _prepared(model, batch, placement)
             out = _correction_sums(
                 model, params, tracked, prepared, key_for(1, index), rotate, bases
             )

@@ -16,15 +16,18 @@ V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from interp import parallel
 from interp.models import hooks
 
 
@@ -218,3 +221,38 @@ def inputs_and_grads(
         )
         for m in modules
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where influence computations run: one device, or a mesh with batches over 'data'.
+
+    With a mesh, params are laid out by the logical-axis rules and every batch is split over
+    the batch mesh axes, so covariances, corrections and scores are sums that XLA reduces
+    across devices; no per-example gradient ever gathers on one device.
+    """
+
+    mesh: jax.sharding.Mesh | None = None
+    rules: tuple = parallel.DEFAULT_RULES
+
+    @classmethod
+    def of(cls, mesh, rules) -> Placement:
+        return cls(mesh, parallel.rules_from_config(rules))
+
+    def params(self, model, params):
+        if self.mesh is None:
+            return params
+        return parallel.shard_params(params, model, self.mesh, self.rules)
+
+    def batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}
+        return parallel.shard_batch(dict(batch), self.mesh, self.rules)
+
+    @contextlib.contextmanager
+    def context(self):
+        if self.mesh is None:
+            yield
+            return
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield

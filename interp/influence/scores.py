@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from interp import parallel
 from interp.influence import gradients
 from interp.influence.factors import (
     Factors,
@@ -57,10 +58,9 @@ class InfluenceScores:
     per_token: np.ndarray | None = None
 
 
-def _batches(data: Iterable[Mapping[str, Any]], model, what: str):
+def _batches(data: Iterable[Mapping[str, Any]], model, what: str, placement):
     for batch in data:
-        checked = gradients.check_batch(batch, model.config.max_len, what)
-        yield {k: jnp.asarray(v) for k, v in checked.items()}
+        yield placement.batch(gradients.check_batch(batch, model.config.max_len, what))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 4))
@@ -86,10 +86,12 @@ def preconditioned_queries(
     *,
     measurement: Measurement | None = None,
     rank: int | None = None,
+    placement: gradients.Placement | None = None,
 ) -> dict[str, Any]:
     """{module: P(G_q) [Q, O, I]} or, with `rank`, {module: (U*s [Q, O, r], V [Q, I, r])}."""
     grads: dict[str, list[jax.Array]] = {m.name: [] for m in factors.modules}
-    for batch in _batches(queries, model, "query"):
+    placement = placement or gradients.Placement()
+    for batch in _batches(queries, model, "query", placement):
         for name, value in _query_gradients(
             model, params, factors.modules, batch, measurement
         ).items():
@@ -151,6 +153,8 @@ def pairwise_scores(
     per_token: bool = False,
     measurement: Measurement | None = None,
     rank: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
 ) -> np.ndarray | InfluenceScores:
     """Influence of every training sequence on every query.
 
@@ -165,6 +169,7 @@ def pairwise_scores(
       per_token: Also return the split over the training sequences' tokens.
       measurement: What the query measures (`queries.py`); default log p(completion).
       rank: Truncate each preconditioned query gradient to this rank (many queries cheaply).
+      mesh, rules: Stream the training batches through this mesh (split over 'batch').
 
     Returns:
       float32 [Q, N], or `InfluenceScores` when `per_layer` or `per_token` is asked for.
@@ -173,17 +178,21 @@ def pairwise_scores(
       ValueError: For factors of another model, malformed batches, non-finite scores.
     """
     factors.check_model(model, params)
-    prepared = preconditioned_queries(
-        model, params, factors, queries, damping, measurement=measurement, rank=rank
-    )
+    placement = gradients.Placement.of(mesh, rules)
+    params = placement.params(model, params)
     layers, tokens = [], []
-    for batch in _batches(train, model, "training"):
-        layer, token = _train_scores(
-            model, params, factors.modules, batch, prepared, per_token, rank is not None
-        )
-        layers.append(np.asarray(layer))
-        if per_token:
-            tokens.append(np.asarray(token))
+    with placement.context():
+        prepared = preconditioned_queries(
+            model, params, factors, queries, damping, measurement=measurement, rank=rank,
+            placement=placement,
+        )  # fmt: skip
+        for batch in _batches(train, model, "training", placement):
+            layer, token = _train_scores(
+                model, params, factors.modules, batch, prepared, per_token, rank is not None
+            )
+            layers.append(parallel.process_allgather(layer))
+            if per_token:
+                tokens.append(parallel.process_allgather(token))
     if not layers:
         raise ValueError("train held no sequence; give at least one training batch.")
     per_module = np.concatenate(layers, axis=1)  # [Q, N, M]
@@ -224,6 +233,9 @@ def self_scores(
     factors: Factors,
     data: Iterable[Mapping[str, Any]],
     damping: float | None = None,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
 ) -> np.ndarray:
     """Self-influence <P(G_n), G_n> of each sequence [N] (the diagonal of pairwise scores).
 
@@ -235,11 +247,15 @@ def self_scores(
         m.name: factors.default_damping(m.name) if damping is None else damping
         for m in factors.modules
     }
+    placement = gradients.Placement.of(mesh, rules)
+    params = placement.params(model, params)
     out = []
-    for batch in _batches(data, model, "training"):
-        out.append(np.asarray(_self_scores(
-            model, params, factors.modules, batch, factors.strategy, factors.arrays, dampings
-        )))  # fmt: skip
+    with placement.context():
+        for batch in _batches(data, model, "training", placement):
+            out.append(parallel.process_allgather(_self_scores(
+                model, params, factors.modules, batch, factors.strategy, factors.arrays,
+                dampings,
+            )))  # fmt: skip
     if not out:
         raise ValueError("data held no sequence; give at least one batch.")
     return np.concatenate(out)

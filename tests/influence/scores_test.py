@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from interp import influence
+from interp import influence, parallel
 from interp.influence import gradients
 from interp.models import hooks
 from interp.sae.modules import SAE, SAEConfig, init_params
@@ -172,3 +172,26 @@ def test_logit_margin_query_and_bad_inputs(setup):
     long = {"tokens": np.zeros((1, 40), np.int32)}
     with pytest.raises(ValueError, match="longer|more than the model's context"):
         influence.pairwise_scores(model, params, fitted, [long], [train])
+
+
+def test_sharded_factors_and_scores_equal_unsharded(setup):
+    model, params, train, queries = setup
+    mesh = parallel.make_mesh(data=4, model=2)  # Batches over 'data', MLP width over 'model'.
+    batches = testing.split(train, 8)
+    plain = influence.fit_factors(model, params, batches, sample_labels=False)
+    sharded = influence.fit_factors(model, params, batches, sample_labels=False, mesh=mesh)
+    assert sharded.num_tokens == plain.num_tokens
+    for name, values in plain.arrays.items():
+        for key in ("eig_A", "eig_S", "Lambda"):
+            want = values[key]
+            got = sharded.arrays[name][key]
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(got, want, atol=1e-4 * scale, err_msg=f"{name} {key}")
+    want = influence.pairwise_scores(model, params, plain, [queries], batches, per_token=True)
+    got = influence.pairwise_scores(model, params, sharded, [queries], batches, per_token=True,
+                                    mesh=mesh)  # fmt: skip
+    scale = np.abs(want.total).max()
+    np.testing.assert_allclose(got.total, want.total, atol=1e-3 * scale)
+    np.testing.assert_allclose(got.per_token, want.per_token, atol=1e-3 * scale)
+    own = influence.self_scores(model, params, plain, batches, mesh=mesh)
+    np.testing.assert_allclose(own, influence.self_scores(model, params, plain, batches), rtol=1e-4)
