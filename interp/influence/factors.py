@@ -181,41 +181,87 @@ def fit_factors(
                     placement)  # fmt: skip
 
 
+def _label_key(seed: int, sample_labels: bool, stage: int, index: int):
+    """The key for batch `index` of pass `stage` (None: the data's own targets)."""
+    if not sample_labels:
+        return None
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stage), index)
+
+
+def covariance_sums(
+    model, params, batches, modules, *, sample_labels=True, seed=0, placement=None
+) -> tuple[dict[str, tuple[jax.Array, jax.Array]], int]:
+    """Stage 1: ({module: (sum_t a a^T [I, I], sum_t g g^T [O, O])}, number of tokens).
+
+    Sums, not averages: partial sums over disjoint batches add up to the whole.
+    """
+    placement = placement or gradients.Placement()
+    sums: dict[str, tuple[jax.Array, jax.Array]] = {}
+    count = 0
+    for index, batch in enumerate(batches):
+        prepared = _prepared(model, batch, placement)
+        key = _label_key(seed, sample_labels, 0, index)
+        out, tokens = _covariance_sums(model, params, modules, prepared, key)
+        count = count + tokens
+        for name, (aa, gg) in out.items():
+            sums[name] = (sums[name][0] + aa, sums[name][1] + gg) if name in sums else (aa, gg)
+    return sums, int(count)
+
+
+def eigendecompose(sums, num_tokens: int) -> dict[str, dict[str, np.ndarray]]:
+    """Stage 2: {module: {'eig_A', 'Q_A', 'eig_S', 'Q_S'}} of the token-averaged covariances.
+
+    Raises:
+      ValueError: With no tokens, or non-finite covariances.
+    """
+    if num_tokens == 0:
+        raise ValueError("batches held no tokens; give at least one training batch.")
+    arrays = {}
+    for name, (aa, gg) in sums.items():
+        _check_finite(name, "covariances", aa, gg)
+        eig_a, q_a = _eigh(aa / num_tokens)
+        eig_s, q_s = _eigh(gg / num_tokens)
+        arrays[name] = dict(eig_A=np.asarray(eig_a), Q_A=np.asarray(q_a),
+                            eig_S=np.asarray(eig_s), Q_S=np.asarray(q_s))  # fmt: skip
+    return arrays
+
+
+_eigh = jax.jit(jnp.linalg.eigh)
+
+
+def correction_sums(
+    model, params, batches, modules, bases=None, *, sample_labels=True, seed=0, placement=None
+) -> tuple[dict[str, jax.Array], int]:
+    """Stage 3: ({module: sum_n (Q_S^T G_n Q_A)^2 [O, I]}, number of sequences).
+
+    With `bases` None, the unrotated sum_n G_n^2 (the 'diagonal' strategy's statistic).
+    """
+    placement = placement or gradients.Placement()
+    rotate = bases is not None
+    if not rotate:
+        bases = {m.name: (None, None) for m in modules}
+    else:
+        bases = {n: (jnp.asarray(v["Q_A"]), jnp.asarray(v["Q_S"])) for n, v in bases.items()}
+    totals: dict[str, jax.Array] = {}
+    count = 0
+    for index, batch in enumerate(batches):
+        prepared = _prepared(model, batch, placement)
+        key = _label_key(seed, sample_labels, 1, index)
+        out = _correction_sums(model, params, modules, prepared, key, rotate, bases)
+        count += int(prepared["tokens"].shape[0])
+        for name, value in out.items():
+            totals[name] = totals[name] + value if name in totals else value
+    return totals, count
+
+
 def _fit(model, params, batches, strategy, sample_labels, tracked, identity, seed, placement):
-    base_key = jax.random.key(seed)
-
-    def key_for(step_pass: int, index: int):
-        return (
-            jax.random.fold_in(jax.random.fold_in(base_key, step_pass), index)
-            if (sample_labels)
-            else None
-        )
-
+    options = dict(sample_labels=sample_labels, seed=seed, placement=placement)
     arrays: dict[str, dict[str, np.ndarray]] = {m.name: {} for m in tracked}
     num_tokens = num_sequences = 0
     if strategy in ("kfac", "ekfac"):
         batches = _reiterable(batches, 2 if strategy == "ekfac" else 1)
-        sums: dict[str, list[Any]] = {}
-        for index, batch in enumerate(batches):
-            prepared = _prepared(model, batch, placement)
-            out, count = _covariance_sums(model, params, tracked, prepared, key_for(0, index))
-            num_tokens += int(count)
-            for name, (aa, gg) in out.items():
-                if name in sums:
-                    sums[name][0] += aa
-                    sums[name][1] += gg
-                else:
-                    sums[name] = [aa, gg]
-        if num_tokens == 0:
-            raise ValueError("batches held no tokens; give at least one training batch.")
-        for name, (aa, gg) in sums.items():
-            _check_finite(name, "covariances", aa, gg)
-            eig_a, q_a = jnp.linalg.eigh(aa / num_tokens)
-            eig_s, q_s = jnp.linalg.eigh(gg / num_tokens)
-            arrays[name].update(
-                eig_A=np.asarray(eig_a), Q_A=np.asarray(q_a),
-                eig_S=np.asarray(eig_s), Q_S=np.asarray(q_s),
-            )  # fmt: skip
+        sums, num_tokens = covariance_sums(model, params, batches, tracked, **options)
+        arrays.update(eigendecompose(sums, num_tokens))
         logging.info("Covariances of %d modules over %d tokens.", len(tracked), num_tokens)
     if strategy == "kfac":
         for values in arrays.values():
@@ -223,21 +269,8 @@ def _fit(model, params, batches, strategy, sample_labels, tracked, identity, see
             eig_s, eig_a = np.maximum(values["eig_S"], 0), np.maximum(values["eig_A"], 0)
             values["Lambda"] = np.outer(eig_s, eig_a).astype(np.float32)
     if strategy in ("ekfac", "diagonal"):
-        rotate = strategy == "ekfac"
-        bases = (
-            {n: (jnp.asarray(v["Q_A"]), jnp.asarray(v["Q_S"])) for n, v in arrays.items()}
-            if rotate
-            else {m.name: (None, None) for m in tracked}
-        )
-        totals: dict[str, Any] = {}
-        for index, batch in enumerate(batches):
-            prepared = _prepared(model, batch, placement)
-            out = _correction_sums(
-                model, params, tracked, prepared, key_for(1, index), rotate, bases
-            )
-            num_sequences += int(prepared["tokens"].shape[0])
-            for name, value in out.items():
-                totals[name] = totals[name] + value if name in totals else value
+        bases = arrays if strategy == "ekfac" else None
+        totals, num_sequences = correction_sums(model, params, batches, tracked, bases, **options)
         if num_sequences == 0:
             raise ValueError("batches held no sequences; give at least one training batch.")
         for name, total in totals.items():
