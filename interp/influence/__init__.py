@@ -2,6 +2,7 @@
 
 from interp.influence.factors import Factors, fit_factors
 from interp.influence.gradients import tracked_modules
+from interp.influence.io import load_factors, save_factors
 from interp.influence.queries import Measurement, log_prob, logit_margin, sae_feature
 from interp.influence.scores import InfluenceScores, pairwise_scores, self_scores
 
@@ -10,10 +11,12 @@ __all__ = [
     "InfluenceScores",
     "Measurement",
     "fit_factors",
+    "load_factors",
     "log_prob",
     "logit_margin",
     "pairwise_scores",
     "sae_feature",
+    "save_factors",
     "self_scores",
     "tracked_modules",
 ]

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from interp import checkpoint, paths
 from interp.influence import gradients
 from interp.influence.gradients import TrackedModule
 from interp.models.fingerprint import fingerprint
@@ -144,6 +145,8 @@ def fit_factors(
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
     rules: Any = None,
+    checkpoint_dir: Any = None,
+    checkpoint_every: int = 100,
 ) -> Factors:
     """Fits influence-function curvature factors on training batches.
 
@@ -161,6 +164,9 @@ def fit_factors(
       seed: For the sampled targets.
       mesh, rules: Run data-parallel on this mesh (batches over the 'batch' axes, params by
         the rules); the sums are the same as on one device, up to float32 summation order.
+      checkpoint_dir: Local or gs:// folder for the running sums: an interrupted fit given
+        the same folder resumes where it stopped (the batches must come in the same order).
+      checkpoint_every: Batches between checkpoints.
 
     Returns:
       The `Factors`.
@@ -176,9 +182,15 @@ def fit_factors(
     identity = fingerprint(model.config, params)
     placement = gradients.Placement.of(mesh, rules)
     params = placement.params(model, params)
+    resume = None
+    if checkpoint_dir is not None:
+        resume = Resume(checkpoint_dir, checkpoint_every, {
+            "model_fingerprint": identity, "strategy": strategy, "seed": seed,
+            "sample_labels": sample_labels, "modules": [m.name for m in tracked],
+        })  # fmt: skip
     with placement.context():
         return _fit(model, params, batches, strategy, sample_labels, tracked, identity, seed,
-                    placement)  # fmt: skip
+                    placement, resume)  # fmt: skip
 
 
 def _label_key(seed: int, sample_labels: bool, stage: int, index: int):
@@ -188,24 +200,88 @@ def _label_key(seed: int, sample_labels: bool, stage: int, index: int):
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stage), index)
 
 
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Where a fit checkpoints its running sums, so an interrupted fit resumes.
+
+    Attributes:
+      directory: Local or gs:// folder; each stage keeps an orbax checkpoint under it.
+      every: Batches between checkpoints (the end of a stage is always saved).
+      identity: What the sums belong to (model fingerprint, modules, labels, seed): a
+        checkpoint of another fit in the same folder is an error, never added to.
+    """
+
+    directory: Any
+    every: int
+    identity: Mapping[str, Any]
+
+
+def _accumulate(stage: str, batches, step, resume: Resume | None):
+    """Sums `step(index, batch) -> ({name: {key: array}}, count)` over the batches.
+
+    With `resume`, restores the newest checkpoint of this stage, skips the batches it
+    covered, and saves every `resume.every` batches and at the end; sums continue in the
+    same order, so a resumed fit equals an uninterrupted one bit for bit.
+    """
+    sums: dict[str, dict[str, jax.Array]] = {}
+    count, start, ckpt = 0, 0, None
+    if resume is not None:
+        ckpt = checkpoint.Checkpointer(paths.resolve(resume.directory) / stage, max_to_keep=1)
+        start = ckpt.latest_step() or 0
+        if start:
+            saved = ckpt.restore(start)
+            if saved["identity"] != dict(resume.identity):
+                ckpt.close()
+                raise ValueError(
+                    f"{resume.directory}/{stage} holds a partial fit of something else "
+                    f"({saved['identity']}, now {dict(resume.identity)}); use another "
+                    "checkpoint directory or delete it."
+                )
+            sums, count = saved["sums"], int(saved["count"])
+            logging.info("Resuming the %s pass after %d batches.", stage, start)
+    done = start
+    try:
+        for index, batch in enumerate(batches):
+            if index < start:
+                continue
+            out, tokens = step(index, batch)
+            count = count + tokens
+            for name, values in out.items():
+                if name in sums:
+                    sums[name] = {k: sums[name][k] + v for k, v in values.items()}
+                else:
+                    sums[name] = dict(values)
+            done = index + 1
+            if ckpt is not None and done % resume.every == 0:
+                ckpt.save(done, _snapshot(sums, count, resume))
+        if ckpt is not None and done != start and done not in ckpt.all_steps():
+            ckpt.save(done, _snapshot(sums, count, resume))
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    return sums, int(count)
+
+
+def _snapshot(sums, count, resume):
+    return {"sums": sums, "count": int(count), "identity": dict(resume.identity)}
+
+
 def covariance_sums(
-    model, params, batches, modules, *, sample_labels=True, seed=0, placement=None
-) -> tuple[dict[str, tuple[jax.Array, jax.Array]], int]:
-    """Stage 1: ({module: (sum_t a a^T [I, I], sum_t g g^T [O, O])}, number of tokens).
+    model, params, batches, modules, *, sample_labels=True, seed=0, placement=None, resume=None
+) -> tuple[dict[str, dict[str, jax.Array]], int]:
+    """Stage 1: ({module: {'A': sum_t a a^T [I, I], 'S': sum_t g g^T [O, O]}}, tokens).
 
     Sums, not averages: partial sums over disjoint batches add up to the whole.
     """
     placement = placement or gradients.Placement()
-    sums: dict[str, tuple[jax.Array, jax.Array]] = {}
-    count = 0
-    for index, batch in enumerate(batches):
+
+    def step(index, batch):
         prepared = _prepared(model, batch, placement)
         key = _label_key(seed, sample_labels, 0, index)
         out, tokens = _covariance_sums(model, params, modules, prepared, key)
-        count = count + tokens
-        for name, (aa, gg) in out.items():
-            sums[name] = (sums[name][0] + aa, sums[name][1] + gg) if name in sums else (aa, gg)
-    return sums, int(count)
+        return {name: {"A": aa, "S": gg} for name, (aa, gg) in out.items()}, tokens
+
+    return _accumulate("covariance", batches, step, resume)
 
 
 def eigendecompose(sums, num_tokens: int) -> dict[str, dict[str, np.ndarray]]:
@@ -217,7 +293,8 @@ def eigendecompose(sums, num_tokens: int) -> dict[str, dict[str, np.ndarray]]:
     if num_tokens == 0:
         raise ValueError("batches held no tokens; give at least one training batch.")
     arrays = {}
-    for name, (aa, gg) in sums.items():
+    for name, values in sums.items():
+        aa, gg = jnp.asarray(values["A"]), jnp.asarray(values["S"])
         _check_finite(name, "covariances", aa, gg)
         eig_a, q_a = _eigh(aa / num_tokens)
         eig_s, q_s = _eigh(gg / num_tokens)
@@ -230,9 +307,18 @@ _eigh = jax.jit(jnp.linalg.eigh)
 
 
 def correction_sums(
-    model, params, batches, modules, bases=None, *, sample_labels=True, seed=0, placement=None
-) -> tuple[dict[str, jax.Array], int]:
-    """Stage 3: ({module: sum_n (Q_S^T G_n Q_A)^2 [O, I]}, number of sequences).
+    model,
+    params,
+    batches,
+    modules,
+    bases=None,
+    *,
+    sample_labels=True,
+    seed=0,
+    placement=None,
+    resume=None,
+) -> tuple[dict[str, dict[str, jax.Array]], int]:
+    """Stage 3: ({module: {'Lambda': sum_n (Q_S^T G_n Q_A)^2 [O, I]}}, number of sequences).
 
     With `bases` None, the unrotated sum_n G_n^2 (the 'diagonal' strategy's statistic).
     """
@@ -242,20 +328,19 @@ def correction_sums(
         bases = {m.name: (None, None) for m in modules}
     else:
         bases = {n: (jnp.asarray(v["Q_A"]), jnp.asarray(v["Q_S"])) for n, v in bases.items()}
-    totals: dict[str, jax.Array] = {}
-    count = 0
-    for index, batch in enumerate(batches):
+
+    def step(index, batch):
         prepared = _prepared(model, batch, placement)
         key = _label_key(seed, sample_labels, 1, index)
         out = _correction_sums(model, params, modules, prepared, key, rotate, bases)
-        count += int(prepared["tokens"].shape[0])
-        for name, value in out.items():
-            totals[name] = totals[name] + value if name in totals else value
-    return totals, count
+        return {name: {"Lambda": v} for name, v in out.items()}, prepared["tokens"].shape[0]
+
+    return _accumulate("correction", batches, step, resume)
 
 
-def _fit(model, params, batches, strategy, sample_labels, tracked, identity, seed, placement):
-    options = dict(sample_labels=sample_labels, seed=seed, placement=placement)
+def _fit(model, params, batches, strategy, sample_labels, tracked, identity, seed, placement,
+         resume):  # fmt: skip
+    options = dict(sample_labels=sample_labels, seed=seed, placement=placement, resume=resume)
     arrays: dict[str, dict[str, np.ndarray]] = {m.name: {} for m in tracked}
     num_tokens = num_sequences = 0
     if strategy in ("kfac", "ekfac"):
@@ -273,7 +358,8 @@ def _fit(model, params, batches, strategy, sample_labels, tracked, identity, see
         totals, num_sequences = correction_sums(model, params, batches, tracked, bases, **options)
         if num_sequences == 0:
             raise ValueError("batches held no sequences; give at least one training batch.")
-        for name, total in totals.items():
+        for name, values in totals.items():
+            total = jnp.asarray(values["Lambda"])
             _check_finite(name, "eigenvalue correction", total)
             arrays[name]["Lambda"] = np.asarray(total / num_sequences, np.float32)
     return Factors(

@@ -140,3 +140,75 @@ def test_bad_batches_are_clear_errors(setup, batch, message):
     model, params, _, _ = setup
     with pytest.raises(ValueError, match=message):
         influence.fit_factors(model, params, [batch], modules=MODULES)
+
+
+def _assert_same_factors(got, want, exact=True):
+    assert (got.strategy, got.modules, got.num_tokens, got.num_sequences) == (
+        want.strategy, want.modules, want.num_tokens, want.num_sequences,
+    )  # fmt: skip
+    for name, values in want.arrays.items():
+        assert sorted(got.arrays[name]) == sorted(values)
+        for key, value in values.items():
+            if exact:
+                np.testing.assert_array_equal(got.arrays[name][key], value, err_msg=key)
+            else:
+                np.testing.assert_allclose(got.arrays[name][key], value, rtol=1e-6, atol=1e-7)
+
+
+class _Interrupting:
+    """Batches that raise after `fail_after` have been read (a fit killed midway)."""
+
+    def __init__(self, batches, fail_after):
+        self.batches, self.fail_after, self.read = batches, fail_after, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            if self.read == self.fail_after:
+                raise KeyboardInterrupt
+            self.read += 1
+            yield batch
+
+
+@pytest.mark.parametrize("fail_after", [2, 5])  # In the covariance pass; in the correction.
+def test_a_fit_resumed_in_parts_equals_one_fit(setup, tmp_path, fail_after, monkeypatch):
+    model, params, batch, _ = setup
+    batches = testing.split(batch, 4)  # 3 batches a pass.
+    options = dict(modules=MODULES, sample_labels=True, seed=3)
+    whole = influence.fit_factors(model, params, batches, **options)
+    interrupted = _Interrupting(batches, fail_after)
+    with pytest.raises(KeyboardInterrupt):
+        influence.fit_factors(model, params, interrupted, checkpoint_dir=tmp_path,
+                              checkpoint_every=1, **options)  # fmt: skip
+    calls = []
+    for stage in ("_covariance_sums", "_correction_sums"):
+        original = getattr(factors_lib, stage)
+        monkeypatch.setattr(factors_lib, stage,
+                            lambda *a, f=original, n=stage: calls.append(n) or f(*a))  # fmt: skip
+    resumed = influence.fit_factors(model, params, batches, checkpoint_dir=tmp_path,
+                                    checkpoint_every=1, **options)  # fmt: skip
+    _assert_same_factors(resumed, whole)
+    # Only what the interrupted run had not checkpointed is computed again.
+    assert len(calls) == 6 - fail_after
+    other = dict(options, seed=4)
+    with pytest.raises(ValueError, match="partial fit of something else"):
+        influence.fit_factors(model, params, batches, checkpoint_dir=tmp_path, **other)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal", "identity"])
+def test_factors_round_trip_through_a_folder(setup, tmp_path, strategy):
+    model, params, batch, _ = setup
+    fitted = influence.fit_factors(model, params, [batch], strategy, False, modules=MODULES)
+    influence.save_factors(tmp_path / "f", fitted)
+    loaded = influence.load_factors(tmp_path / "f")
+    _assert_same_factors(loaded, fitted)
+    assert loaded.model_fingerprint == fitted.model_fingerprint
+    (tmp_path / "f" / "factors.json").unlink()  # As if the save had been cut short.
+    with pytest.raises(FileNotFoundError, match="fit them again"):
+        influence.load_factors(tmp_path / "f")
+
+
+def test_factors_round_trip_on_gs(setup, gcs_bucket):
+    model, params, batch, _ = setup
+    fitted = influence.fit_factors(model, params, [batch], "ekfac", False, modules=MODULES)
+    influence.save_factors(f"{gcs_bucket}/run/factors", fitted)
+    _assert_same_factors(influence.load_factors(f"{gcs_bucket}/run/factors"), fitted)
