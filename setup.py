@@ -47,6 +47,7 @@ setuptools.setup(
             # EK-FAC parity tests. It pulls torchvision, which fails to import beside CPU
             # torch 2.13; the Makefile uninstalls it (kronfluence never imports it).
             "kronfluence==1.0.1",
+            "scikit-learn",  # The TF-IDF reference for influence candidate filtering.
             "ruff",  # `make lint`; the version is pinned in requirements/constraints.txt.
         ],
         "notebooks": ["jupyter", "matplotlib"],

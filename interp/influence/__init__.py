@@ -5,11 +5,13 @@ from interp.influence.gradients import tracked_modules
 from interp.influence.io import load_factors, save_factors
 from interp.influence.queries import Measurement, log_prob, logit_margin, sae_feature
 from interp.influence.scores import InfluenceScores, pairwise_scores, self_scores
+from interp.influence.tfidf import TfidfIndex
 
 __all__ = [
     "Factors",
     "InfluenceScores",
     "Measurement",
+    "TfidfIndex",
     "fit_factors",
     "load_factors",
     "log_prob",
