@@ -29,6 +29,7 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "etils[epath]>=1.7",
         "fsspec",
+        "matplotlib",  # Influence heatmaps (PNG).
     ],
     extras_require={
         # References for parity tests. Pin torch==2.13.0 in the same pip command

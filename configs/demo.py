@@ -106,6 +106,43 @@ def get_config(arg=None):
         eval_batches=8,
     )
 
+    # Stage 3: EK-FAC influence functions (experiments/influence.py): which training rows of the
+    # LM most raise a completion's probability, or an SAE feature's activation.
+    c.influence = dict(
+        model_path="",  # '' = the LM of this pipeline; or an HF folder.
+        strategy="ekfac",  # 'ekfac', 'kfac', 'diagonal' or 'identity'.
+        sample_labels=True,  # True Fisher (targets sampled from the model).
+        modules=(),  # () = every MLP projection; else names/patterns ('blocks_*/mlp/down').
+        fit_rows=1024,  # Training rows the factors are fitted on.
+        search_rows=4096,  # Training rows searched per query.
+        candidates=256,  # Rows per query kept by TF-IDF, then scored.
+        batch_size=16,
+        damping=0.0,  # 0 = 0.1 x mean(Lambda) per module (Grosse et al. 2023).
+        top=5,  # Rows shown per query and sign.
+        checkpoint_every=32,  # Batches between checkpoints of a running fit.
+        queries=(
+            dict(
+                prompt="Call me Ishmael. Some years ago, never mind how long precisely, I "
+                "thought I would sail about a little and see the watery part of the",
+                completion=" world.",
+            ),
+            dict(
+                prompt="It is a truth universally acknowledged, that a single man in "
+                "possession of a good fortune, must be in want of a",
+                completion=" wife.",
+            ),
+            dict(
+                prompt="Alice was beginning to get very tired of sitting by her sister on the",
+                completion=" bank.",
+            ),
+        ),  # fmt: skip
+        # An SAE feature as the query: which training rows make it fire ('' = the pipeline's
+        # first TopK SAE; feature -1 = the one most active on the completion).
+        feature_queries=(
+            dict(sae="", feature=-1, prompt="The whale rose from the", completion=" sea."),
+        ),
+    )
+
     if arg.tiny:
         c.data.max_documents = 300
         c.data.seq_len = 32
@@ -128,4 +165,14 @@ def get_config(arg=None):
         )
         c.sae.saes = tuple(dict(s, k=4) if "k" in s else s for s in c.sae.saes)
         c.sae.train.update(steps=6, batch_size=64, warmup_steps=2, log_every=2, checkpoint_every=3)
+        c.influence.update(fit_rows=32, search_rows=64, candidates=16, batch_size=8, top=3,
+                           checkpoint_every=2)  # fmt: skip
+        # Short: the tiny model's context is 32 tokens of a 300-token BPE.
+        c.influence.queries = (
+            dict(prompt="Call me", completion=" Ishmael."),
+            dict(prompt="a single man must be in want of a", completion=" wife."),
+        )
+        c.influence.feature_queries = (
+            dict(sae="", feature=-1, prompt="The whale rose from the", completion=" sea."),
+        )
     return c

@@ -2,14 +2,16 @@ r"""The whole pipeline, stage after stage, each in its own folder under the work
 
     python -m experiments.pipeline --config=configs/demo.py --workdir=workdir/demo
 
-Stages: lm (train and export the language model, experiments/train_lm.py) and sae (harvest
-its activations, train and evaluate SAEs, experiments/train_sae.py). Re-running resumes.
+Stages: lm (train and export the language model, experiments/train_lm.py), sae (harvest its
+activations, train and evaluate SAEs, experiments/train_sae.py) and influence (EK-FAC factors
+on its training rows, influence of those rows on the configured queries and on an SAE
+feature, experiments/influence.py). Re-running resumes.
 """
 
 from absl import app
 
 from experiments import common
-from interp.jobs import lm, sae
+from interp.jobs import influence, lm, sae
 from interp.jobs import workdir as workdir_lib
 
 
@@ -26,6 +28,9 @@ def main(argv):
     results = sae.run(config, workdir_lib.stage(common.WORKDIR.value, "sae"))
     print("SAEs on held-out text:")
     print(sae.format_table(results))
+    found = influence.run(config, workdir_lib.stage(common.WORKDIR.value, "influence"))
+    print("Most influential training rows (report: influence/report/report.html):")
+    print(influence.format_summary(found))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,91 @@
+"""The influence job: factors, TF-IDF candidates, scores by layer and token, the report."""
+
+import html.parser
+import json
+import os
+
+import pytest
+
+from configs import demo
+from interp.jobs import influence as job
+from tests import runs
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pipeline"))
+    result = runs.run_main("experiments.pipeline", "configs/demo.py:tiny=True", workdir)
+    return workdir, result
+
+
+class _Spans(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.queries = self.tokens = 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.queries += attrs.get("class") == "query"
+        self.tokens += attrs.get("class") == "tok" and "title" in attrs
+
+
+def test_pipeline_writes_the_report_with_consistent_numbers(pipeline_run):
+    workdir, result = pipeline_run
+    config = demo.get_config("tiny=True")
+    assert "Most influential training rows" in result.stdout
+    report = os.path.join(workdir, "influence", "report")
+    with open(os.path.join(report, "influence.json")) as f:
+        results = json.load(f)
+    count = len(config.influence.queries) + len(config.influence.feature_queries)
+    assert len(results) == count
+    for index, query in enumerate(results):
+        assert os.path.getsize(os.path.join(report, f"layers_{index}.png")) > 1000
+        assert len(query["positive"]) == len(query["negative"]) == config.influence.top
+        positive = [e["score"] for e in query["positive"]]
+        negative = [e["score"] for e in query["negative"]]
+        assert positive == sorted(positive, reverse=True) and negative == sorted(negative)
+        for entry in query["positive"] + query["negative"]:
+            scale = max(abs(entry["score"]), 1e-6)
+            assert sum(entry["token_scores"]) == pytest.approx(entry["score"], abs=1e-3 * scale)
+            assert sum(entry["layer_scores"]) == pytest.approx(entry["score"], abs=1e-3 * scale)
+            assert len(entry["tokens"]) == len(entry["token_scores"]) == config.data.seq_len
+    assert "feature" in results[-1]["measurement"]
+    parser = _Spans()
+    with open(os.path.join(report, "report.html")) as f:
+        parser.feed(f.read())
+    assert parser.queries == count
+    assert parser.tokens == count * 2 * config.influence.top * config.data.seq_len
+    assert os.path.exists(os.path.join(workdir, "influence", "factors", "factors.json"))
+
+
+def test_a_query_taken_from_a_training_row_finds_that_row(pipeline_run, tmp_path):
+    workdir, _ = pipeline_run
+    with open(os.path.join(workdir, "influence", "report", "influence.json")) as f:
+        entry = json.load(f)[0]["positive"][1]  # Some searched row, not the top one.
+    text = "".join(entry["tokens"])
+    cut = len(text) // 2
+    config = demo.get_config("tiny=True")
+    config.influence.model_path = os.path.join(workdir, "lm", "export")
+    config.influence.queries = (dict(prompt=text[:cut], completion=text[cut:]),)
+    config.influence.feature_queries = ()
+    results = job.run(config, str(tmp_path / "influence"))
+    assert results[0]["positive"][0]["row"] == entry["row"]
+
+
+def test_bad_influence_configs_are_clear_errors(pipeline_run, tmp_path):
+    workdir, _ = pipeline_run
+    config = demo.get_config("tiny=True")
+    config.influence.model_path = os.path.join(workdir, "lm", "export")
+    config.influence.candidatez = 3
+    with pytest.raises(ValueError, match="candidatez"):
+        job.run(config, str(tmp_path / "a"))
+    config = demo.get_config("tiny=True")
+    config.influence.queries, config.influence.feature_queries = (), ()
+    with pytest.raises(ValueError, match="no queries"):
+        job.run(config, str(tmp_path / "b"))
+    config = demo.get_config("tiny=True")
+    config.influence.model_path = os.path.join(workdir, "lm", "export")
+    config.influence.queries = (dict(prompt="x " * 100, completion=" y"),)
+    config.influence.feature_queries = ()
+    with pytest.raises(ValueError, match="more than the model's context"):
+        job.run(config, str(tmp_path / "c"))
