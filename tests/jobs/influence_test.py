@@ -4,6 +4,7 @@ import html.parser
 import json
 import os
 
+import numpy as np
 import pytest
 
 from configs import demo
@@ -89,3 +90,25 @@ def test_bad_influence_configs_are_clear_errors(pipeline_run, tmp_path):
     config.influence.feature_queries = ()
     with pytest.raises(ValueError, match="more than the model's context"):
         job.run(config, str(tmp_path / "c"))
+
+
+def test_readme_influence_example_runs_on_the_pipeline_output(pipeline_run, tmp_path):
+    workdir, _ = pipeline_run
+    with open(os.path.join(runs.ROOT, "README.md")) as f:
+        blocks = [b.split("```", 1)[0] for b in f.read().split("```python\n")[1:]]
+    assert "influence.fit_factors" in blocks[2]
+    topk = next(n for n in os.listdir(os.path.join(workdir, "sae", "saes")) if "-topk-" in n)
+    code = "\n".join(blocks[:3])
+    code = code.replace("workdir/demo/lm/export", os.path.join(workdir, "lm", "export"))
+    code = code.replace(
+        "workdir/demo/sae/saes/blocks_2.resid_post-topk-k16-x1024",
+        os.path.join(workdir, "sae", "saes", topk),
+    ).replace("blocks_2/resid_post", "blocks_1/resid_post")
+    code = code.replace('"workdir/factors"', repr(str(tmp_path / "factors")))
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["scores"].shape == (1, 2)
+    detail = namespace["detail"]
+    np.testing.assert_allclose(detail.per_layer.sum(-1), namespace["scores"], rtol=1e-4, atol=1e-6)
+    assert np.all(np.isfinite(namespace["by_feature"]))
+    assert os.path.exists(tmp_path / "factors" / "factors.json")
