@@ -107,6 +107,22 @@ def require_local(path: PathLike, what: str, fix: str | None = None) -> epath.Pa
     return resolve(path)
 
 
+def kvstore(path: PathLike, what: str = "Arrays") -> dict:
+    """The tensorstore kvstore spec of a local folder or gs://bucket/prefix (a folder: '/').
+
+    Raises:
+      ValueError: For other URL schemes, naming `what` ('Activation caches', ...).
+    """
+    text = _text(path)
+    if scheme(text) == "gs":
+        bucket, _, prefix = text[len("gs://") :].partition("/")
+        prefix = prefix.strip("/")
+        return {"driver": "gcs", "bucket": bucket, "path": prefix + "/" if prefix else ""}
+    if is_remote(text):
+        raise ValueError(f"{what} live on local disk or gs://; got {text!r}.")
+    return {"driver": "file", "path": os.fspath(resolve(text)) + "/"}
+
+
 def read_bytes(path: PathLike) -> bytes:
     """The whole content of a local or remote file."""
     return resolve(path).read_bytes()

@@ -51,14 +51,7 @@ ARRAYS = "arrays"
 
 def _kvstore(path: str | os.PathLike) -> dict[str, Any]:
     """tensorstore kvstore spec of a local directory or gs://bucket/prefix."""
-    path = os.fspath(path)
-    if paths.scheme(path) == "gs":
-        bucket, _, prefix = path[len("gs://") :].partition("/")
-        prefix = prefix.strip("/")
-        return {"driver": "gcs", "bucket": bucket, "path": prefix + "/" if prefix else ""}
-    if paths.is_remote(path):
-        raise ValueError(f"Activation caches live on local disk or gs://; got {path!r}.")
-    return {"driver": "file", "path": os.fspath(paths.resolve(path)) + "/"}
+    return paths.kvstore(path, "Activation caches")
 
 
 def _array_key(site: str) -> str:

@@ -3,6 +3,9 @@
     influence.save_factors("gs://b/run/factors", factors)
     factors = influence.load_factors("gs://b/run/factors")
 
+Scores go to zarr arrays through tensorstore (`save_scores` / `load_scores`), so a large
+[queries, training sequences] matrix can be written and read in parts, locally or on gs://.
+
 Layout: `factors.safetensors` ('<module>/<array>' -> float32) is written first, `factors.json`
 (strategy, modules, counts, model fingerprint) last and atomically, so a folder with a JSON
 record holds complete arrays.
@@ -14,6 +17,7 @@ import dataclasses
 import json
 
 import numpy as np
+import tensorstore as ts
 
 from interp import paths, safetensors_io
 from interp.influence.factors import Factors
@@ -93,3 +97,31 @@ def load_factors(path: paths.PathLike) -> Factors:
         model_fingerprint=record["model_fingerprint"],
         sample_labels=record["sample_labels"],
     )
+
+
+def save_scores(path: paths.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """Writes each array as a zarr v3 array `<path>/<name>/` (float32 or int64 as given)."""
+    base = paths.kvstore(path, "Influence scores")
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        if array.dtype.kind == "f":
+            array = array.astype(np.float32)
+        spec = {"driver": "zarr3", "kvstore": dict(base, path=base["path"] + f"{name}/")}
+        store = ts.open(spec, create=True, delete_existing=True, dtype=array.dtype.name,
+                        shape=array.shape).result()  # fmt: skip
+        store.write(array).result()
+
+
+def load_scores(path: paths.PathLike, name: str) -> np.ndarray:
+    """Reads the array `name` written by `save_scores`.
+
+    Raises:
+      FileNotFoundError: If `<path>/<name>` holds no array.
+    """
+    base = paths.kvstore(path, "Influence scores")
+    spec = {"driver": "zarr3", "kvstore": dict(base, path=base["path"] + f"{name}/")}
+    try:
+        store = ts.open(spec, open=True, read=True).result()
+    except ValueError as error:
+        raise FileNotFoundError(f"No scores array {name!r} under {path}: {error}") from None
+    return store.read().result()

@@ -11,8 +11,10 @@ that most influence each query, by layer and by token, and write a report.
 4. per query (a prompt and a completion, whose log-probability is the measurement; or an SAE
    feature's activation on the completion), TF-IDF picks `candidates` of `search_rows`
    training rows, and influence is computed on those, per layer and per token;
-5. `<workdir>/report/report.html` (tokens coloured by influence), `influence.json` and a
-   layers x sequences heatmap per query (`layers_<i>.png`).
+5. `<workdir>/scores/` (zarr arrays via tensorstore: candidates, total, per_layer,
+   per_token, each [queries, candidates, ...]), `<workdir>/report/report.html` (tokens
+   coloured by influence), `influence.json` and a layers x sequences heatmap per query
+   (`layers_<i>.png`).
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
         measurement, batch, name = _feature_query(inf, entry, workdir, model, params, tokenizer)
         queries.append((entry, batch, measurement, name))
 
-    results = []
+    results, stored = [], {"candidates": [], "total": [], "per_layer": [], "per_token": []}
     for number, (entry, batch, measurement, what) in enumerate(queries):
         chosen = (
             tfidf.top_k(batch["tokens"][0], inf.candidates)
@@ -216,6 +218,10 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
             rules=rules,
         )  # fmt: skip
         order = np.argsort(-scores.total[0])
+        stored["candidates"].append(search_index[chosen])
+        stored["total"].append(scores.total[0])
+        stored["per_layer"].append(scores.per_layer[0])
+        stored["per_token"].append(scores.per_token[0])
         results.append({
             "name": f"query {number}: {what}",
             "prompt": entry["prompt"],
@@ -228,6 +234,8 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
                          for i in order[::-1][: inf.top]],
         })  # fmt: skip
     if jax.process_index() == 0:
+        # [queries, candidates(, modules | positions)]; candidates are training row indices.
+        influence.save_scores(workdir / "scores", {k: np.stack(v) for k, v in stored.items()})
         written = report_lib.write_report(workdir / "report", results)
         logging.info("Influence report: %s", written["html"])
     return results

@@ -212,3 +212,18 @@ def test_factors_round_trip_on_gs(setup, gcs_bucket):
     fitted = influence.fit_factors(model, params, [batch], "ekfac", False, modules=MODULES)
     influence.save_factors(f"{gcs_bucket}/run/factors", fitted)
     _assert_same_factors(influence.load_factors(f"{gcs_bucket}/run/factors"), fitted)
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_scores_round_trip_as_zarr_arrays(tmp_path, where, request):
+    base = str(tmp_path / "scores")
+    if where == "gs":
+        base = f"{request.getfixturevalue('gcs_bucket')}/run/scores"
+    arrays = {"total": np.arange(12, dtype=np.float64).reshape(3, 4) / 7,
+              "candidates": np.arange(12).reshape(3, 4)}  # fmt: skip
+    influence.save_scores(base, arrays)
+    np.testing.assert_array_equal(influence.load_scores(base, "total"),
+                                  arrays["total"].astype(np.float32))  # fmt: skip
+    np.testing.assert_array_equal(influence.load_scores(base, "candidates"), arrays["candidates"])
+    with pytest.raises(FileNotFoundError, match="No scores array 'missing'"):
+        influence.load_scores(base, "missing")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from interp import influence
 from interp.jobs import influence as job
 from tests import runs
 
@@ -57,6 +58,18 @@ def test_pipeline_writes_the_report_with_consistent_numbers(pipeline_run):
     assert parser.queries == count
     assert parser.tokens == count * 2 * config.influence.top * config.data.seq_len
     assert os.path.exists(os.path.join(workdir, "influence", "factors", "factors.json"))
+    # The score arrays agree with the report.
+    stored = os.path.join(workdir, "influence", "scores")
+    total = influence.load_scores(stored, "total")
+    candidates = influence.load_scores(stored, "candidates")
+    per_token = influence.load_scores(stored, "per_token")
+    assert total.shape == candidates.shape == (count, config.influence.candidates)
+    assert per_token.shape == (count, config.influence.candidates, config.data.seq_len)
+    for index, query in enumerate(results):
+        best = query["positive"][0]
+        column = int(np.argmax(total[index]))
+        assert candidates[index, column] == best["row"]
+        assert total[index, column] == pytest.approx(best["score"], rel=1e-6)
 
 
 def test_a_query_taken_from_a_training_row_finds_that_row(pipeline_run, tmp_path):
