@@ -394,6 +394,10 @@ _WORKER = textwrap.dedent(
     multihost_utils.sync_global_devices("written")
     sys.stdout.flush()
     sys.stderr.flush()
+    if process_id == 0:  # The coordinator leaves last (see _INIT_WORKER).
+        import time
+
+        time.sleep(2)
     os._exit(0)  # jax.distributed.shutdown() sometimes hangs in C++ teardown.
     """
 )
@@ -468,6 +472,15 @@ _INIT_WORKER = textwrap.dedent(
     print("RESULT", jax.distributed.is_initialized(), jax.process_index(),
           jax.process_count(), jax.local_device_count(), jax.device_count(), flush=True)
     sys.stderr.flush()
+    if jax.distributed.is_initialized():
+        # Leave together, the coordinator (process 0) last: a worker whose coordinator is
+        # already gone aborts from its coordination-service poll thread (seen in CI).
+        import time
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("done")
+        if jax.process_index() == 0:
+            time.sleep(2)
     os._exit(0)  # jax.distributed.shutdown() sometimes hangs in C++ teardown.
     """
 )
