@@ -49,6 +49,7 @@ setuptools.setup(
             # torch 2.13; the Makefile uninstalls it (kronfluence never imports it).
             "kronfluence==1.0.1",
             "scikit-learn",  # The TF-IDF reference for influence candidate filtering.
+            "selenium",  # Drives Debian's chromium for the report pages (.ci/run installs it).
             "ruff",  # `make lint`; the version is pinned in requirements/constraints.txt.
         ],
         "notebooks": ["jupyter", "matplotlib"],
