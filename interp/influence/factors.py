@@ -188,9 +188,9 @@ def fit_factors(
             "model_fingerprint": identity, "strategy": strategy, "seed": seed,
             "sample_labels": sample_labels, "modules": [m.name for m in tracked],
         })  # fmt: skip
-    with placement.context():
-        return _fit(model, params, batches, strategy, sample_labels, tracked, identity, seed,
-                    placement, resume)  # fmt: skip
+    # Each pass runs under the mesh; the decompositions in between are dealt over its devices.
+    return _fit(model, params, batches, strategy, sample_labels, tracked, identity, seed,
+                placement, resume)  # fmt: skip
 
 
 def _label_key(seed: int, sample_labels: bool, stage: int, index: int):
@@ -284,23 +284,40 @@ def covariance_sums(
     return _accumulate("covariance", batches, step, resume)
 
 
-def eigendecompose(sums, num_tokens: int) -> dict[str, dict[str, np.ndarray]]:
+def eigendecompose(
+    sums, num_tokens: int, devices: Sequence[jax.Device] | None = None
+) -> dict[str, dict[str, np.ndarray]]:
     """Stage 2: {module: {'eig_A', 'Q_A', 'eig_S', 'Q_S'}} of the token-averaged covariances.
+
+    With `devices`, the 2 x modules decompositions are dealt round-robin over them and run
+    concurrently (JAX dispatches asynchronously); results are read back once all are queued.
 
     Raises:
       ValueError: With no tokens, or non-finite covariances.
     """
     if num_tokens == 0:
         raise ValueError("batches held no tokens; give at least one training batch.")
-    arrays = {}
+    devices = list(devices or [None])
+    pending, slot = {}, 0
     for name, values in sums.items():
-        aa, gg = jnp.asarray(values["A"]), jnp.asarray(values["S"])
-        _check_finite(name, "covariances", aa, gg)
-        eig_a, q_a = _eigh(aa / num_tokens)
-        eig_s, q_s = _eigh(gg / num_tokens)
-        arrays[name] = dict(eig_A=np.asarray(eig_a), Q_A=np.asarray(q_a),
-                            eig_S=np.asarray(eig_s), Q_S=np.asarray(q_s))  # fmt: skip
-    return arrays
+        results = []
+        for key in ("A", "S"):
+            matrix = values[key]
+            _check_finite(name, "covariances", matrix)
+            device = devices[slot % len(devices)]
+            slot += 1
+            matrix = jnp.asarray(matrix) if device is None else jax.device_put(matrix, device)
+            results.append(_eigh(matrix / num_tokens))
+        pending[name] = results
+    return {
+        name: dict(
+            eig_A=np.asarray(eig_a),
+            Q_A=np.asarray(q_a),
+            eig_S=np.asarray(eig_s),
+            Q_S=np.asarray(q_s),
+        )  # fmt: skip
+        for name, ((eig_a, q_a), (eig_s, q_s)) in pending.items()
+    }
 
 
 _eigh = jax.jit(jnp.linalg.eigh)
@@ -345,8 +362,12 @@ def _fit(model, params, batches, strategy, sample_labels, tracked, identity, see
     num_tokens = num_sequences = 0
     if strategy in ("kfac", "ekfac"):
         batches = _reiterable(batches, 2 if strategy == "ekfac" else 1)
-        sums, num_tokens = covariance_sums(model, params, batches, tracked, **options)
-        arrays.update(eigendecompose(sums, num_tokens))
+        with placement.context():
+            sums, num_tokens = covariance_sums(model, params, batches, tracked, **options)
+        # One process: deal the decompositions over the mesh's devices (multi-host: issue 12).
+        single = placement.mesh is not None and jax.process_count() == 1
+        devices = list(placement.mesh.devices.flat) if single else None
+        arrays.update(eigendecompose(sums, num_tokens, devices))
         logging.info("Covariances of %d modules over %d tokens.", len(tracked), num_tokens)
     if strategy == "kfac":
         for values in arrays.values():
@@ -355,7 +376,10 @@ def _fit(model, params, batches, strategy, sample_labels, tracked, identity, see
             values["Lambda"] = np.outer(eig_s, eig_a).astype(np.float32)
     if strategy in ("ekfac", "diagonal"):
         bases = arrays if strategy == "ekfac" else None
-        totals, num_sequences = correction_sums(model, params, batches, tracked, bases, **options)
+        with placement.context():
+            totals, num_sequences = correction_sums(
+                model, params, batches, tracked, bases, **options
+            )
         if num_sequences == 0:
             raise ValueError("batches held no sequences; give at least one training batch.")
         for name, values in totals.items():

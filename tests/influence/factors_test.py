@@ -227,3 +227,17 @@ def test_scores_round_trip_as_zarr_arrays(tmp_path, where, request):
     np.testing.assert_array_equal(influence.load_scores(base, "candidates"), arrays["candidates"])
     with pytest.raises(FileNotFoundError, match="No scores array 'missing'"):
         influence.load_scores(base, "missing")
+
+
+def test_eigendecompositions_are_dealt_over_devices_with_the_same_result(setup, monkeypatch):
+    model, params, batch, modules = setup
+    sums, tokens = factors_lib.covariance_sums(model, params, [batch], modules, sample_labels=False)
+    one = factors_lib.eigendecompose(sums, tokens)
+    placed = []
+    original = factors_lib._eigh
+    monkeypatch.setattr(factors_lib, "_eigh", lambda m: placed.append(m.devices()) or original(m))
+    dealt = factors_lib.eigendecompose(sums, tokens, jax.devices())
+    assert len({tuple(d) for d in placed}) == 2 * len(modules)  # Each on its own device.
+    for name, values in one.items():
+        for key in ("eig_A", "eig_S"):
+            np.testing.assert_allclose(dealt[name][key], values[key], rtol=1e-5, atol=1e-7)
