@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -428,8 +427,3 @@ def apply_inverse(strategy: str, values: Mapping[str, Any], gradient, damping: f
     q_a, q_s = jnp.asarray(values["Q_A"]), jnp.asarray(values["Q_S"])
     rotated = jnp.einsum("os,...oi,ij->...sj", q_s, gradient, q_a)
     return jnp.einsum("os,...sj,ij->...oi", q_s, rotated / denominator, q_a)
-
-
-def num_parameters(factors: Factors) -> int:
-    """Parameters covered by the tracked layers (O x I each)."""
-    return sum(math.prod(v["Lambda"].shape) for v in factors.arrays.values() if "Lambda" in v)

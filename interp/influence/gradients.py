@@ -164,7 +164,7 @@ def sampled_targets(logits: jax.Array, tokens: jax.Array, key: jax.Array) -> jax
     return jnp.concatenate([tokens[:, :1], jax.lax.stop_gradient(drawn)], axis=1)
 
 
-Measurement = Callable[[jax.Array, Mapping[str, jax.Array], Mapping[str, jax.Array]], jax.Array]
+MeasurementFn = Callable[[jax.Array, Mapping[str, jax.Array], Mapping[str, jax.Array]], jax.Array]
 
 
 def inputs_and_grads(
@@ -174,7 +174,7 @@ def inputs_and_grads(
     modules: Sequence[TrackedModule],
     *,
     key: jax.Array | None = None,
-    measurement: Measurement | None = None,
+    measurement: MeasurementFn | None = None,
     extra_hooks: Sequence[str] = (),
 ) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{module name: (a [B, T, I], g [B, T, O])} for one batch, in float32.

@@ -14,7 +14,6 @@ and any `Measurement(fn, hooks)` with fn(logits [B, T, V], batch, {hook: value})
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 
 from interp.influence import gradients
 
-MeasurementFn = Callable[[jax.Array, Mapping[str, jax.Array], Mapping[str, jax.Array]], jax.Array]
+MeasurementFn = gradients.MeasurementFn
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -26,12 +26,14 @@ import jax
 import numpy as np
 from absl import logging
 
-from interp import influence, parallel, paths, records
+from interp import influence, parallel, records
+from interp import sae as saes  # Jobs join rooms; interp.influence never imports sae.
 from interp.data import text
 from interp.data.documents import documents
+from interp.influence import io as influence_io
 from interp.influence import report as report_lib
 from interp.jobs import workdir as workdir_lib
-from interp.models import from_pretrained
+from interp.models import from_pretrained, hooks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +102,7 @@ def _query_batch(tokenizer, prompt: str, completion: str) -> dict[str, np.ndarra
 
 def _factors(config, workdir, model, params, fit_batches, mesh, rules) -> influence.Factors:
     folder = workdir / "factors"
-    if (folder / "factors.json").exists():
+    if (folder / influence_io.RECORD_FILE).exists():
         factors = influence.load_factors(folder)
         factors.check_model(model, params)  # Refuses factors of another model.
         if factors.strategy == config.strategy:
@@ -117,16 +119,14 @@ def _factors(config, workdir, model, params, fit_batches, mesh, rules) -> influe
 
 
 def _feature_query(config, entry, workdir, model, params, tokenizer):
-    from interp import sae as saes  # Jobs may join rooms: influence never imports sae.
-
     folder = entry.get("sae") or _first_topk_sae(workdir)
     sae, sae_params = saes.load(folder)
-    hook = _hook_of(folder)
+    hook = saes.io.read_metadata(folder).get("hook_name")
+    if not hook:
+        raise ValueError(f"{folder} names no hook_name; the feature query needs the SAE's site.")
     batch = _query_batch(tokenizer, entry["prompt"], entry["completion"])
     feature = int(entry.get("feature", -1))
     if feature < 0:  # The feature most active on the completion.
-        from interp.models import hooks
-
         _, values = hooks.run_with_hooks(model, params, batch["tokens"], capture=[hook])
         codes = sae.apply({"params": sae_params}, values[hook], method="encode")
         feature = int(np.argmax((np.asarray(codes)[0] * batch["loss_mask"][0, :, None]).sum(0)))
@@ -140,16 +140,6 @@ def _first_topk_sae(workdir) -> str:
     if not topk:
         raise FileNotFoundError(f"No TopK SAE under {root}; set influence.feature_queries' sae.")
     return str(root / topk[0])
-
-
-def _hook_of(folder: str) -> str:
-    import json
-
-    cfg = json.loads((paths.resolve(folder) / "cfg.json").read_text())
-    hook = cfg.get("metadata", {}).get("hook_name") or cfg.get("hook_name")
-    if not hook:
-        raise ValueError(f"{folder}/cfg.json names no hook_name; the feature query needs it.")
-    return hook
 
 
 def _setup(config, workdir: str, need_queries: bool):
