@@ -1,0 +1,114 @@
+"""Factors and scores from two real `jax.distributed` CPU processes equal one process's."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from interp import influence
+from tests.influence import testing
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, sys.argv[4])
+    import numpy as np
+    from interp import parallel
+
+    port, process_id, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes=2,
+                                    process_id=process_id)
+    import jax
+    from jax.experimental import multihost_utils
+    from interp import influence
+    from tests.influence import testing
+
+    assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
+    model, params = testing.model_and_params()
+    # Every process passes the same global batches; each computes on its own devices' rows.
+    batches = testing.split(testing.data(24, seed=0), 8)
+    queries = testing.data(4, seed=1, prompt=4)
+    mesh = parallel.make_mesh(data=4, model=2)  # 'data' spans both processes.
+    factors = influence.fit_factors(
+        model, params, batches, sample_labels=False, mesh=mesh,
+        checkpoint_dir=os.path.join(out_dir, "partial"), checkpoint_every=1)
+    scores = influence.pairwise_scores(model, params, factors, [queries], batches,
+                                       per_layer=True, per_token=True, mesh=mesh)
+    own = influence.self_scores(model, params, factors, batches, mesh=mesh)
+    if process_id == 0:
+        influence.save_factors(os.path.join(out_dir, "factors"), factors)
+    np.savez(os.path.join(out_dir, f"scores_{process_id}.npz"), total=scores.total,
+             per_layer=scores.per_layer, per_token=scores.per_token, own=own)
+    multihost_utils.sync_global_devices("written")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if process_id == 0:  # The coordinator leaves last, so the other's shutdown finds it.
+        import time
+
+        time.sleep(2)
+    os._exit(0)  # jax.distributed.shutdown() sometimes hangs in C++ teardown.
+    """
+)
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_fit_and_score_as_one(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    port = _free_port()
+    command = ["timeout", "-k", "5", "100", sys.executable, str(script), str(port)]
+    workers = [
+        subprocess.Popen(
+            [*command, str(i), str(tmp_path), str(ROOT)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    # The single-process reference while the workers run.
+    model, params = testing.model_and_params()
+    batches = testing.split(testing.data(24, seed=0), 8)
+    queries = testing.data(4, seed=1, prompt=4)
+    plain = influence.fit_factors(model, params, batches, sample_labels=False)
+    want = influence.pairwise_scores(
+        model, params, plain, [queries], batches, per_layer=True, per_token=True
+    )
+    want_own = influence.self_scores(model, params, plain, batches)
+
+    outputs = [w.communicate(timeout=120)[0] for w in workers]
+    for i, (worker, output) in enumerate(zip(workers, outputs, strict=True)):
+        assert worker.returncode == 0, f"worker {i} failed:\n{output[-3000:]}"
+    fitted = influence.load_factors(tmp_path / "factors")
+    assert fitted.num_tokens == plain.num_tokens
+    assert fitted.num_sequences == plain.num_sequences
+    for name, values in plain.arrays.items():
+        for key in ("eig_A", "eig_S", "Lambda"):
+            scale = np.abs(values[key]).max()
+            np.testing.assert_allclose(
+                fitted.arrays[name][key], values[key], atol=1e-4 * scale, err_msg=f"{name} {key}"
+            )
+    scale = np.abs(want.total).max()
+    for i in range(2):  # Each process holds the whole result.
+        with np.load(tmp_path / f"scores_{i}.npz") as got:
+            np.testing.assert_allclose(got["total"], want.total, atol=1e-3 * scale)
+            np.testing.assert_allclose(got["per_layer"], want.per_layer, atol=1e-3 * scale)
+            np.testing.assert_allclose(got["per_token"], want.per_token, atol=1e-3 * scale)
+            np.testing.assert_allclose(got["own"], want_own, rtol=1e-4)
+    # Both processes checkpointed one fit: the last covariance pass is on disk once.
+    assert (tmp_path / "partial" / "covariance").is_dir()
