@@ -7,7 +7,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,8 @@ import urllib.request
 import uuid
 
 import pytest
+
+from tests import multiprocess
 
 # Must happen before jax is imported anywhere: every test process sees 8 CPU devices, so
 # sharded and unsharded code paths run side by side.
@@ -66,12 +67,6 @@ def _fake_gcs_server_binary() -> pathlib.Path:
         return found[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class GcsEmulator:
     """A running fake-gcs-server: `url` is its endpoint, `create_bucket()` makes a bucket."""
 
@@ -102,7 +97,7 @@ def gcs_emulator(tmp_path_factory):
     """
     binary = _fake_gcs_server_binary()
     log_path = tmp_path_factory.mktemp("fake_gcs") / "server.log"
-    port = _free_port()
+    port = multiprocess.free_port()
     url = f"http://127.0.0.1:{port}"
     command = [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port)]
     command += ["-backend", "memory", "-log-level", "warn"]

@@ -3,9 +3,6 @@
 import functools
 import logging
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import flax.linen as nn
@@ -19,6 +16,7 @@ from interp import parallel
 from interp.models import hooks
 from interp.models.config import ModelConfig
 from interp.models.transformer import Transformer
+from tests import multiprocess
 
 CONFIGS = {
     # Llama-like: rotary, GQA (2 kv heads do not divide model=4: replicated), gated SiLU.
@@ -361,7 +359,6 @@ _WORKER = textwrap.dedent(
                                     process_id=process_id)
     import jax
     import flax.linen as nn
-    from jax.experimental import multihost_utils
     from interp.models import hooks
     from interp.models.config import ModelConfig
     from interp.models.transformer import Transformer
@@ -391,22 +388,8 @@ _WORKER = textwrap.dedent(
     np.save(os.path.join(out_dir, f"init_logits_{process_id}.npy"), gathered[2])
     np.savez(os.path.join(out_dir, f"init_params_{process_id}.npz"),
              *jax.tree.leaves(gathered[3]))
-    multihost_utils.sync_global_devices("written")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if process_id == 0:  # The coordinator leaves last (see _INIT_WORKER).
-        import time
-
-        time.sleep(2)
-    os._exit(0)  # jax.distributed.shutdown() sometimes hangs in C++ teardown.
     """
 )
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_processes_match_single_process(tmp_path):
@@ -416,35 +399,19 @@ def test_two_processes_match_single_process(tmp_path):
     plain = _reference_params("gqa_rotary_gated")
     np.save(tmp_path / "tokens.npy", tokens)
     np.savez(tmp_path / "params.npz", *jax.tree.leaves(plain))
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
     fields = {k: v for k, v in config.to_dict().items() if k != "sliding_layers"}
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
-        JAX_PLATFORMS="cpu",
-        WORKER_CONFIG=repr(fields),
+    port = multiprocess.free_port()
+    workers = multiprocess.start_workers(
+        _WORKER,
+        [(port, i, tmp_path) for i in range(2)],
+        [dict(WORKER_CONFIG=repr(fields))] * 2,
     )
-    port = _free_port()
-    command = ["timeout", "-k", "5", "50", sys.executable, str(script), str(port)]
-    workers = [
-        subprocess.Popen(
-            [*command, str(i), str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
     # Single-process reference while the workers run.
     capture = ["blocks_1/resid_post"]
     reference = _single_device(lambda p, t: hooks.run_with_hooks(model, p, t, capture=capture))
     ref_logits, ref_acts = reference(plain, tokens)
 
-    outputs = [w.communicate(timeout=60)[0] for w in workers]
-    for i, (worker, output) in enumerate(zip(workers, outputs, strict=True)):
-        assert worker.returncode == 0, f"worker {i} failed:\n{output[-3000:]}"
+    workers.wait()
     structure = jax.tree.structure(plain)
     for i in range(2):  # Every process sees the full global results.
         logits = np.load(tmp_path / f"logits_{i}.npy")
@@ -471,44 +438,21 @@ _INIT_WORKER = textwrap.dedent(
 
     print("RESULT", jax.distributed.is_initialized(), jax.process_index(),
           jax.process_count(), jax.local_device_count(), jax.device_count(), flush=True)
-    sys.stderr.flush()
-    if jax.distributed.is_initialized():
-        # Leave together, the coordinator (process 0) last: a worker whose coordinator is
-        # already gone aborts from its coordination-service poll thread (seen in CI).
-        import time
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("done")
-        if jax.process_index() == 0:
-            time.sleep(2)
-    os._exit(0)  # jax.distributed.shutdown() sometimes hangs in C++ teardown.
     """
 )
 # Variables by which JAX detects a cluster (jax/_src/clusters); the no-cluster case clears them.
 _CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "KUBERNETES_", "JAX_COORDINATOR_")
 
 
-def _initialize_in_fresh_processes(tmp_path, cluster_envs):
+def _initialize_in_fresh_processes(cluster_envs):
     """Runs _INIT_WORKER once per env (concurrently); each one's (initialized, index, count,
     local devices, global devices)."""
-    script = tmp_path / "init_worker.py"
-    script.write_text(_INIT_WORKER)
     base = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
-    base.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    workers = [
-        subprocess.Popen(
-            ["timeout", "-k", "5", "50", sys.executable, str(script)],
-            env={**base, **cluster_env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for cluster_env in cluster_envs
-    ]
-    outputs = [w.communicate(timeout=60)[0] for w in workers]
+    outputs = multiprocess.start_workers(
+        _INIT_WORKER, [()] * len(cluster_envs), cluster_envs, base_env=base
+    ).wait()
     results = []
-    for i, (worker, output) in enumerate(zip(workers, outputs, strict=True)):
-        assert worker.returncode == 0, f"worker {i} failed:\n{output[-3000:]}"
+    for output in outputs:
         (line,) = [line for line in output.splitlines() if line.startswith("RESULT ")]
         initialized, *counts = line.split()[1:]
         results.append((initialized == "True", *map(int, counts)))
@@ -518,7 +462,7 @@ def _initialize_in_fresh_processes(tmp_path, cluster_envs):
 def test_initialize_distributed_without_a_cluster_is_one_process(tmp_path):
     # In a fresh process, as documented (before any other JAX use): no error, one process
     # that keeps all its local devices, and no distributed service left half set up.
-    assert _initialize_in_fresh_processes(tmp_path, [{}]) == [(False, 0, 1, 4, 4)]
+    assert _initialize_in_fresh_processes([{}]) == [(False, 0, 1, 4, 4)]
     # Here JAX is already in use, so JAX itself would refuse; and one process needs nothing.
     parallel.initialize_distributed()
     parallel.initialize_distributed(num_processes=1)
@@ -529,11 +473,11 @@ def test_initialize_distributed_without_a_cluster_is_one_process(tmp_path):
 def test_initialize_distributed_joins_a_detected_cluster(tmp_path):
     # Two processes under a (simulated) SLURM step: with no arguments, each joins as the
     # process SLURM names, and sees the other's devices.
-    port = _free_port()
+    port = multiprocess.free_port()
     slurm = dict(SLURM_JOB_ID="1", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2")
     envs = [
         dict(slurm, SLURM_PROCID=str(i), SLURM_LOCALID=str(i), JAX_COORDINATOR_PORT=str(port))
         for i in range(2)
     ]
-    results = _initialize_in_fresh_processes(tmp_path, envs)
+    results = _initialize_in_fresh_processes(envs)
     assert results == [(True, 0, 2, 4, 8), (True, 1, 2, 4, 8)]

@@ -1,23 +1,16 @@
 """Factors and scores from two real `jax.distributed` CPU processes equal one process's."""
 
-import os
-import socket
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 
 from interp import influence
+from tests import multiprocess
 from tests.influence import testing
-
-ROOT = Path(__file__).resolve().parents[2]
 
 _WORKER = textwrap.dedent(
     """
     import os, sys
-    sys.path.insert(0, sys.argv[4])
     import numpy as np
     from interp import parallel
 
@@ -25,7 +18,6 @@ _WORKER = textwrap.dedent(
     parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes=2,
                                     process_id=process_id)
     import jax
-    from jax.experimental import multihost_utils
     from interp import influence
     from tests.influence import testing
 
@@ -45,42 +37,15 @@ _WORKER = textwrap.dedent(
         influence.save_factors(os.path.join(out_dir, "factors"), factors)
     np.savez(os.path.join(out_dir, f"scores_{process_id}.npz"), total=scores.total,
              per_layer=scores.per_layer, per_token=scores.per_token, own=own)
-    multihost_utils.sync_global_devices("written")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if process_id == 0:  # The coordinator leaves last, so the other's shutdown finds it.
-        import time
-
-        time.sleep(2)
-    os._exit(0)  # jax.distributed.shutdown() sometimes hangs in C++ teardown.
     """
 )
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_fit_and_score_as_one(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    port = multiprocess.free_port()
+    workers = multiprocess.start_workers(
+        _WORKER, [(port, i, tmp_path) for i in range(2)], timeout=100
     )
-    port = _free_port()
-    command = ["timeout", "-k", "5", "100", sys.executable, str(script), str(port)]
-    workers = [
-        subprocess.Popen(
-            [*command, str(i), str(tmp_path), str(ROOT)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
     # The single-process reference while the workers run.
     model, params = testing.model_and_params()
     batches = testing.split(testing.data(24, seed=0), 8)
@@ -91,9 +56,7 @@ def test_two_processes_fit_and_score_as_one(tmp_path):
     )
     want_own = influence.self_scores(model, params, plain, batches)
 
-    outputs = [w.communicate(timeout=120)[0] for w in workers]
-    for i, (worker, output) in enumerate(zip(workers, outputs, strict=True)):
-        assert worker.returncode == 0, f"worker {i} failed:\n{output[-3000:]}"
+    workers.wait()
     fitted = influence.load_factors(tmp_path / "factors")
     assert fitted.num_tokens == plain.num_tokens
     assert fitted.num_sequences == plain.num_sequences
