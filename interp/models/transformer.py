@@ -8,9 +8,12 @@ Hook points per block `blocks_{i}`: resid_pre, attn/q, attn/k, attn/v (after rot
 attn/pattern [B, N, T, S], attn/z [B, T, N, H], attn_out (after the output projection),
 resid_mid (sequential residual only), mlp/in (normed MLP input), mlp/pre_act (up projection,
 or gate projection when gated), mlp/up (gated only), mlp/post_act (input of the down
-projection), mlp/out (down projection output), resid_post. Top level: final_norm (the final
-norm's output, what the unembedding reads). In Gemma 2, attn_out and mlp/out are taken before
-its post-norms.
+projection), mlp/out, resid_post; attn_out and mlp/out are what the sublayer adds to the
+residual stream (after Gemma's post-norms), so resid_mid = resid_pre + attn_out and
+resid_post = resid_mid + mlp/out in every family. Every norm (ln_1, ln_2, ln_f, post norms)
+has a `normalized` point before its learned scale and bias (TransformerLens's
+hook_normalized). Top level: final_norm (the final norm's output, what the unembedding
+reads). TransformerLens names map to these in `interp.models.sites`.
 
 KV cache: pass `cache=init_cache(...)` and the call returns `(logits, new_cache)`. The cache
 holds keys/values for every layer, a key-validity mask and the next write index; see
@@ -53,6 +56,8 @@ class Norm(nn.Module):
         if cfg.norm == "layernorm":
             xf = xf - xf.mean(-1, keepdims=True)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + cfg.norm_eps)
+        # Before the learned scale and bias, as TransformerLens's `hook_normalized`.
+        xf = HookPoint(name="normalized")(xf)
         scale_init = nn.initializers.zeros if cfg.norm_offset else nn.initializers.ones
         scale = self.param(
             "scale",
@@ -191,7 +196,8 @@ class Mlp(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, post_norm: nn.Module | None = None):
+        """post_norm: a norm of the output (Gemma's post-MLP norm) applied before `out`."""
         cfg = self.config
         d, f = cfg.d_model, cfg.mlp_dim
         x = HookPoint(name="in")(x)
@@ -210,7 +216,10 @@ class Mlp(nn.Module):
         else:
             hidden = act(HookPoint(name="pre_act")(dense("up", x, d, f, ("embed", "mlp"))))
         hidden = HookPoint(name="post_act")(hidden)
-        return HookPoint(name="out")(dense("down", hidden, f, d, ("mlp", "embed")))
+        out = dense("down", hidden, f, d, ("mlp", "embed"))
+        if post_norm is not None:
+            out = post_norm(out)
+        return HookPoint(name="out")(out)
 
 
 class Block(nn.Module):
@@ -231,18 +240,20 @@ class Block(nn.Module):
             mask=masks["sliding" if sliding else "full"],
             cache=cache,
         )
-        attn_out = HookPoint(name="attn_out")(attn_out)
+        # attn_out and mlp/out are what each sublayer adds to the residual stream (after
+        # Gemma's post-norms), as TransformerLens's hook_attn_out and hook_mlp_out.
         if cfg.post_norms:
             attn_out = Norm(cfg, name="post_attn_norm")(attn_out)
+        attn_out = HookPoint(name="attn_out")(attn_out)
         mlp = Mlp(cfg, name="mlp")
+        # Defined here so its parameters stay at blocks_{i}/post_mlp_norm.
+        post_mlp_norm = Norm(cfg, name="post_mlp_norm") if cfg.post_norms else None
         if cfg.parallel_residual:
-            mlp_out = mlp(Norm(cfg, name="ln_2")(x))
+            mlp_out = mlp(Norm(cfg, name="ln_2")(x), post_mlp_norm)
             x = x + attn_out + mlp_out
         else:
             x = HookPoint(name="resid_mid")(x + attn_out)
-            mlp_out = mlp(Norm(cfg, name="ln_2")(x))
-            if cfg.post_norms:
-                mlp_out = Norm(cfg, name="post_mlp_norm")(mlp_out)
+            mlp_out = mlp(Norm(cfg, name="ln_2")(x), post_mlp_norm)
             x = x + mlp_out
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
         return HookPoint(name="resid_post")(x), new_cache

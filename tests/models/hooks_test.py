@@ -57,17 +57,38 @@ def test_identity_interventions_and_capture_leave_logits_unchanged(family):
     chex.assert_trees_all_close(hooked(params, tokens)[0], jit_clean, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("family", sorted(ALL))
+def test_sublayer_outputs_are_what_the_residual_stream_adds_in_every_family(family):
+    # attn_out and mlp/out mean the same in every family (TransformerLens's hook_attn_out /
+    # hook_mlp_out): in Gemma they come after the post-norms, which are part of the sublayer.
+    config = ALL[family]
+    model, params, tokens = _setup(config)
+    _, acts = hooks.run_with_hooks(model, params, tokens, capture=["*"])
+    for layer in range(config.num_layers):
+        site = {s: acts[f"blocks_{layer}/{s}"] for s in ("resid_pre", "attn_out", "mlp/out")}
+        post = acts[f"blocks_{layer}/resid_post"]
+        if config.parallel_residual:
+            added = site["resid_pre"] + site["attn_out"] + site["mlp/out"]
+            chex.assert_trees_all_close(post, added, atol=1e-5)
+        else:
+            mid = acts[f"blocks_{layer}/resid_mid"]
+            chex.assert_trees_all_close(mid, site["resid_pre"] + site["attn_out"], atol=1e-5)
+            chex.assert_trees_all_close(post, mid + site["mlp/out"], atol=1e-5)
+        if layer + 1 < config.num_layers:
+            np.testing.assert_array_equal(post, acts[f"blocks_{layer + 1}/resid_pre"])
+        # A norm's `normalized` point is its input centred (LayerNorm) and divided by the
+        # RMS, before the learned scale and bias.
+        x = np.asarray(site["resid_pre"], np.float64)
+        if config.norm == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        want = x / np.sqrt((x**2).mean(-1, keepdims=True) + config.norm_eps)
+        got = acts[f"blocks_{layer}/ln_1/normalized"]
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 def test_captured_values_are_consistent_with_the_residual_stream():
     model, params, tokens = _setup(GPT2_LIKE)
     logits, acts = hooks.run_with_hooks(model, params, tokens, capture=["*"])
-    for layer in range(GPT2_LIKE.num_layers):
-        pre, mid, post = (
-            acts[f"blocks_{layer}/{s}"] for s in ("resid_pre", "resid_mid", "resid_post")
-        )
-        chex.assert_trees_all_close(mid, pre + acts[f"blocks_{layer}/attn_out"], atol=1e-6)
-        chex.assert_trees_all_close(post, mid + acts[f"blocks_{layer}/mlp/out"], atol=1e-6)
-        if layer + 1 < GPT2_LIKE.num_layers:
-            np.testing.assert_array_equal(post, acts[f"blocks_{layer + 1}/resid_pre"])
     chex.assert_shape(acts["blocks_0/attn/pattern"], (2, GPT2_LIKE.num_heads, 9, 9))
     # Attention rows are distributions and causal.
     pattern = np.asarray(acts["blocks_0/attn/pattern"])
