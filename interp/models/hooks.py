@@ -19,8 +19,10 @@ Three ways to use a site:
 
 Under `jax.jit` with sharded parameters over a mesh: `sharded_run_with_hooks(model, mesh, ...)`.
 
-Names may be exact or shell-style patterns (`blocks_*/resid_pre`); a name or pattern that
-matches no site is an error listing the valid names.
+Names may be exact or shell-style patterns (`blocks_*/resid_pre`), or TransformerLens names
+(`blocks.1.hook_resid_post`; results are keyed by interp's names); a name or pattern that
+matches no site is an error listing the valid names. What a site holds per token (head-shaped
+sites, patterns) is in `interp.models.sites`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from interp import parallel
+from interp.models import sites
 
 Intervention = Callable[[jax.Array], jax.Array]
 
@@ -96,19 +99,23 @@ def resolve(model: nn.Module, names: Iterable[str]) -> list[str]:
 
     Args:
       model: The model whose hook points are named.
-      names: Exact hook names or fnmatch patterns such as 'blocks_*/resid_post'.
+      names: Exact hook names or fnmatch patterns such as 'blocks_*/resid_post', or
+        TransformerLens names ('blocks.3.hook_resid_post', 'blocks.*.attn.hook_z'),
+        translated by `sites.from_transformer_lens`.
 
     Returns:
-      The matching hook names, in forward order, without duplicates.
+      The matching hook names (interp's spelling), in forward order, without duplicates.
 
     Raises:
-      ValueError: naming each unknown entry, close matches, and all valid names.
+      ValueError: naming each unknown entry, close matches, and all valid names
+        (`sites.UnknownTransformerLensName` for a TransformerLens name with no equal site).
     """
     if isinstance(names, str):
         names = [names]
     valid = _names_for(model)
     wanted: set[str] = set()
     for name in names:
+        name = sites.from_transformer_lens(name, getattr(model, "config", None))
         matches = [v for v in valid if fnmatch.fnmatchcase(v, name)]
         if not matches:
             close = difflib.get_close_matches(name, valid, n=3)
