@@ -40,6 +40,7 @@ import numpy as np
 
 from interp import parallel
 from interp.models import hooks
+from interp.models import sites as sites_lib
 
 Batch = Mapping[str, np.ndarray]
 
@@ -52,16 +53,23 @@ def keep_mask(
     *,
     bos_id: int | None = None,
     skip_first: bool = False,
+    exclude_ids: Sequence[int] = (),
 ) -> np.ndarray:
-    """Which positions `harvest` keeps: real tokens that are neither BOS nor (optionally) first.
+    """Which positions SAEs see: real tokens that are not BOS, (optionally) first or excluded.
+
+    The one definition shared by `harvest` (so SAE training) and `interp.sae.evaluate`
+    (reconstruction metrics and where the SAE is spliced in), so an SAE is scored on the
+    positions it was trained on (SAELens and SAEBench exclude special tokens likewise).
 
     Args:
       tokens: [B, T] int token ids.
       attention_mask: [B, T], 1 for real tokens, 0 for padding; None means all real.
-      bos_id: Drop every position holding this token (packed rows may hold several).
+      bos_id: Drop every position holding this token (packed rows may hold several; where
+        BOS and EOS are one token, as in GPT-2, the document separators go too).
       skip_first: Drop each row's first real token (position 0 in the model's counting, so
         the first non-padding column under left padding). For models that always attend from
         position 0 like a BOS even without one.
+      exclude_ids: Drop every position holding one of these tokens (other special tokens).
 
     Returns:
       bool [B, T].
@@ -73,9 +81,25 @@ def keep_mask(
     keep = real.copy()
     if bos_id is not None:
         keep &= tokens != bos_id
+    if len(exclude_ids):
+        keep &= ~np.isin(tokens, np.asarray(list(exclude_ids), tokens.dtype))
     if skip_first:
         keep &= np.cumsum(real, axis=1) > 1
     return keep
+
+
+def padding_from_ids(tokens: np.ndarray, pad_id: int) -> np.ndarray:
+    """An attention mask [B, T] for rows padded with `pad_id` and no mask of their own.
+
+    Only the leading and trailing runs of `pad_id` are padding: the same id inside the text
+    (an EOS that doubles as padding, as in GPT-2 and Llama) is a real token. A row whose real
+    text ends (or starts) with that id cannot be told apart from padding; pass the tokenizer's
+    attention mask for such rows.
+    """
+    is_pad = np.asarray(tokens) == pad_id
+    leading = np.cumprod(is_pad, axis=1).astype(bool)
+    trailing = np.cumprod(is_pad[:, ::-1], axis=1)[:, ::-1].astype(bool)
+    return (~(leading | trailing)).astype(np.int32)
 
 
 def _split_item(item, pad_id):
@@ -91,7 +115,7 @@ def _split_item(item, pad_id):
     if tokens.ndim != 2:
         raise ValueError(f"Token batches must be [B, T]; got shape {tokens.shape}.")
     if mask is None:
-        mask = np.ones(tokens.shape, np.int32) if pad_id is None else tokens != pad_id
+        mask = np.ones(tokens.shape, np.int32) if pad_id is None else padding_from_ids(tokens, pad_id)
     mask = np.asarray(mask)
     if mask.shape != tokens.shape:
         raise ValueError(f"attention_mask {mask.shape} does not match tokens {tokens.shape}.")
@@ -107,6 +131,7 @@ def harvest(
     bos_id: int | None = None,
     pad_id: int | None = None,
     skip_first: bool = False,
+    exclude_ids: Sequence[int] = (),
     dtype: Any = jnp.float32,
     mesh: jax.sharding.Mesh | None = None,
     rules: parallel.Rules = parallel.DEFAULT_RULES,
@@ -123,12 +148,16 @@ def harvest(
       token_batches: Iterable of [B, T] int arrays, of (tokens, attention_mask) pairs, or of
         {'tokens': ..., 'attention_mask': ...} dicts. The mask also goes to the model, so
         padded keys are not attended to.
-      sites: Hook names or patterns (`blocks_*/resid_post`); each site's value must be
-        [B, T, ...] (trailing dims are flattened, so `attn/z` gives [N, heads * head_dim]).
+      sites: Hook names or patterns (`blocks_*/resid_post`, or TransformerLens names); each
+        site gives its per-token rows of `interp.models.sites.to_rows` (so `attn/z` gives
+        [N, heads * head_dim], heads side by side, the layout SAEs are evaluated and spliced
+        in with).
       bos_id: Drop positions holding this token (see the module docstring for why).
-      pad_id: For items without a mask: positions holding this token are padding. Ignored
-        when a mask is given (so an eos used as padding is not dropped inside real text).
+      pad_id: For items without a mask: leading and trailing runs of this token are padding
+        (`padding_from_ids`; the same id inside the text is kept). Ignored when a mask is
+        given.
       skip_first: Also drop each row's first real position.
+      exclude_ids: Also drop positions holding these tokens (see `keep_mask`).
       dtype: Dtype of the yielded rows (cast on device, before the transfer).
       mesh: Optional mesh: the forward pass runs with params and batches sharded by `rules`
         (`parallel.sharded_jit`); results are gathered to every process.
@@ -141,7 +170,7 @@ def harvest(
 
     def run(params, tokens, mask):
         _, acts = hooks.run_with_hooks(model, params, tokens, capture=names, attention_mask=mask)
-        return {name: acts[name].astype(dtype) for name in names}
+        return {name: sites_lib.to_rows(name, acts[name]).astype(dtype) for name in names}
 
     if mesh is None:
         forward = jax.jit(run)
@@ -153,19 +182,15 @@ def harvest(
         acts = parallel.process_allgather(acts) if mesh is not None else jax.device_get(acts)
         out = {}
         for name in names:
-            value = np.asarray(acts[name])
-            if value.shape[:2] != tokens.shape:
-                raise ValueError(
-                    f"Site {name!r} has shape {value.shape}, not [B, T, ...] with [B, T] = "
-                    f"{tokens.shape}; it cannot be harvested per token."
-                )
-            out[name] = value.reshape(*tokens.shape, -1)[keep]  # [N, D]
+            out[name] = np.asarray(acts[name])[keep]  # [N, D]
         return out
 
     pending = None  # The previous batch: its transfer waits until the next one is dispatched.
     for item in token_batches:
         tokens, mask = _split_item(item, pad_id)
-        keep = keep_mask(tokens, mask, bos_id=bos_id, skip_first=skip_first)
+        keep = keep_mask(
+            tokens, mask, bos_id=bos_id, skip_first=skip_first, exclude_ids=exclude_ids
+        )
         acts = forward(params, tokens, mask)  # Asynchronous dispatch.
         if pending is not None:
             yield rows(*pending)

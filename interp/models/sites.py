@@ -38,6 +38,7 @@ _TL_BLOCK = {
     "hook_resid_post": "resid_post",
     "hook_attn_out": "attn_out",
     "hook_mlp_out": "mlp/out",
+    "hook_mlp_in": "resid_mid",  # The MLP's input before its norm: resid_pre when parallel.
     "attn.hook_rot_q": "attn/q",
     "attn.hook_rot_k": "attn/k",
     "attn.hook_q": "attn/q",  # Equal only without rotary embeddings (see `_ROTARY_ONLY`).
@@ -57,7 +58,9 @@ _TL_TOP = {"ln_final.hook_normalized": "ln_f/normalized"}
 # TransformerLens's hook_q / hook_k are before the rotary embedding; interp's attn/q and
 # attn/k after it (TransformerLens's hook_rot_q / hook_rot_k).
 _ROTARY_ONLY = ("attn.hook_q", "attn.hook_k")
-_OURS_BLOCK = {ours: tl for tl, ours in _TL_BLOCK.items() if tl not in _ROTARY_ONLY}
+_OURS_BLOCK = {
+    ours: tl for tl, ours in _TL_BLOCK.items() if tl not in _ROTARY_ONLY + ("hook_mlp_in",)
+}
 _OURS_TOP = {ours: tl for tl, ours in _TL_TOP.items()}
 _TL_PATTERN = re.compile(r"blocks\.(\d+|\*)\.(.+)")  # A layer number, or * for all.
 _OURS_PATTERN = re.compile(r"blocks_(\d+)/(.+)")
@@ -99,11 +102,14 @@ def from_transformer_lens(name: str, config: Any = None) -> str:
                 f"interp has no site for; interp's blocks_{match.group(1)}/attn/{site[-1]} is "
                 f"after it (TransformerLens's blocks.{match.group(1)}.attn.hook_rot_{site[-1]})."
             )
-        return f"blocks_{match.group(1)}/{_TL_BLOCK[site]}"
+        ours = _TL_BLOCK[site]
+        if site == "hook_mlp_in" and getattr(config, "parallel_residual", False):
+            ours = "resid_pre"
+        return f"blocks_{match.group(1)}/{ours}"
     known = sorted(f"blocks.{{L}}.{k}" for k in _TL_BLOCK) + sorted(_TL_TOP)
     raise UnknownTransformerLensName(
         f"TransformerLens hook name {name!r} has no equal site in interp (hook_embed, "
-        f"hook_pos_embed, hook_mlp_in, hook_attn_in, hook_scale and the like are not kept); "
+        f"hook_pos_embed, hook_attn_in, hook_scale and the like are not kept); "
         f"the TransformerLens names accepted are: {', '.join(known)}."
     )
 

@@ -29,7 +29,16 @@ Reading SAELens folders covers configs from before 6.0 (top-level hook_point/hoo
 `activation_fn_str` 'relu' or 'topk' with `activation_fn_kwargs: {k}`, boolean
 normalize_activations, a `scaling_factor` tensor) and 6.x (architecture-specific fields,
 `metadata`, `rescale_acts_by_decoder_norm` for TopK, BatchTopK training checkpoints with a
-scalar `topk_threshold`). Gated SAEs and other architectures raise a clear error.
+scalar `topk_threshold`), per-token normalisation ('layer_norm', 'constant_norm_rescale':
+`SAEConfig.normalize_activations`), hook_z SAEs (they read the site's rows, heads side by
+side, `interp.models.sites`), per-head SAEs (`hook_head_index`), and transcoders ('transcoder',
+'skip_transcoder', 'jumprelu_transcoder', 'jumprelu_skip_transcoder': d_out, W_skip and the
+output site `hook_name_out` on the config). Gated, matryoshka and other architectures raise a
+clear error.
+
+Sites: the folder's `hook_name` (TransformerLens's names, as SAELens writes them) is read into
+interp's vocabulary (`read_metadata`, and `SAEConfig.hook_name` / `hook_head_index` /
+`output_hook_name` of the loaded SAE); `save` writes TransformerLens's name where one exists.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from absl import logging
 from etils import epath
 
 from interp import paths, safetensors_io
+from interp.models import sites
 from interp.sae.modules import SAE, SAEConfig
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -61,15 +71,25 @@ _FROM_SAE_LENS = {
     "jumprelu": "jumprelu",
     "batchtopk": "batchtopk",
 }
-# Inference-time normalisations SAELens applies per token; no fixed scale can express them.
+# Inference-time normalisations SAELens applies per token (SAEConfig.normalize_activations).
 _PER_TOKEN_NORMS = ("layer_norm", "constant_norm_rescale")
+# SAELens transcoder architectures -> (the encoder's architecture, skip connection), and back.
+_TRANSCODERS_FROM_SAE_LENS = {
+    "transcoder": ("standard", False),
+    "skip_transcoder": ("standard", True),
+    "jumprelu_transcoder": ("jumprelu", False),
+    "jumprelu_skip_transcoder": ("jumprelu", True),
+}
+_TRANSCODERS_TO_SAE_LENS = {v: k for k, v in _TRANSCODERS_FROM_SAE_LENS.items()}
 
 
 def _expected_shapes(config: SAEConfig) -> dict[str, tuple[int, ...]]:
-    d, x = config.d_in, config.num_latents
-    shapes = {"W_enc": (d, x), "b_enc": (x,), "W_dec": (x, d), "b_dec": (d,)}
+    d, x, o = config.d_in, config.num_latents, config.output_width
+    shapes = {"W_enc": (d, x), "b_enc": (x,), "W_dec": (x, o), "b_dec": (o,)}
     if config.architecture in ("jumprelu", "batchtopk"):
         shapes["threshold"] = (x,)
+    if config.skip_connection:
+        shapes["W_skip"] = (o, d)
     return shapes
 
 
@@ -88,7 +108,7 @@ def _check_params(params: Mapping[str, Any], config: SAEConfig, where: str) -> N
         if got != shape:
             raise ValueError(
                 f"{where}: {name} has shape {got}, expected {shape} for d_in={config.d_in}, "
-                f"num_latents={config.num_latents}."
+                f"num_latents={config.num_latents}, d_out={config.output_width}."
             )
 
 
@@ -132,18 +152,40 @@ def save(
     if config.architecture == "batchtopk":  # As SAELens records a BatchTopK export.
         meta["training_architecture"] = "batchtopk"
         meta["training_architecture_details"] = {"k": config.k}
+    for key, value in (
+        ("hook_name", config.hook_name),
+        ("hook_head_index", config.hook_head_index),
+        ("hook_name_out", config.output_hook_name),
+    ):
+        if value is not None:
+            meta[key] = value
     meta.update(metadata or {})
+    for key in ("hook_name", "hook_name_out"):  # SAELens and TransformerLens read TL names.
+        if isinstance(meta.get(key), str):
+            meta[key] = _transformer_lens_name(meta[key])
+    architecture = _TO_SAE_LENS[config.architecture]
+    if config.is_transcoder:
+        key = (architecture, config.skip_connection)
+        if key not in _TRANSCODERS_TO_SAE_LENS:
+            raise ValueError(
+                f"SAELens has no {config.architecture!r} transcoder layout; its transcoders are "
+                "relu ('standard') or jumprelu, with or without a skip connection."
+            )
+        architecture = _TRANSCODERS_TO_SAE_LENS[key]
     cfg: dict[str, Any] = {
-        "architecture": _TO_SAE_LENS[config.architecture],
+        "architecture": architecture,
         "d_in": config.d_in,
         "d_sae": config.num_latents,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": config.subtract_decoder_bias,
-        "normalize_activations": "none",  # input_scale is folded into the weights.
+        # input_scale is folded into the weights; per-token normalisation is kept.
+        "normalize_activations": config.normalize_activations,
         "reshape_activations": "none",
         "metadata": meta,
     }
+    if config.is_transcoder:
+        cfg["d_out"] = config.output_width
     if config.architecture == "topk":
         cfg["k"] = config.k
         cfg["rescale_acts_by_decoder_norm"] = False
@@ -179,19 +221,67 @@ def _read_folder(path: epath.PathLike) -> tuple[epath.Path, dict[str, Any]]:
     return folder, raw
 
 
+_META_KEYS = (
+    "model_name",
+    "hook_name",
+    "hook_head_index",
+    "hook_name_out",
+    "hook_head_index_out",
+    "context_size",
+    "dataset_path",
+    "prepend_bos",
+)
+
+
 def read_metadata(path: epath.PathLike) -> dict[str, Any]:
     """The SAELens metadata of a folder (model_name, hook_name, ...; {} if none).
 
-    Pre-6.0 configs keep these at the top level (hook_point is returned as hook_name).
+    `hook_name` (and a transcoder's `hook_name_out`) are given in interp's vocabulary, so
+    `run_with_hooks(model, params, tokens, capture=[meta["hook_name"]])` works on what a
+    published folder says; the name as written, when it was a TransformerLens name, is kept
+    as `transformer_lens_hook_name` (`transformer_lens_hook_name_out`). Pre-6.0 configs keep
+    these at the top level (hook_point is returned as hook_name).
     """
     _, raw = _read_folder(path)
+    return _metadata(raw)
+
+
+def _metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
     meta = dict(raw.get("metadata") or {})
-    for key in ("model_name", "hook_name", "hook_head_index", "context_size", "dataset_path"):
+    for key in _META_KEYS:
         if key in raw and key not in meta:
             meta[key] = raw[key]
     if "hook_point" in raw and "hook_name" not in meta:
         meta["hook_name"] = raw["hook_point"]
+    for key in ("hook_name", "hook_name_out"):
+        name = meta.get(key)
+        if isinstance(name, str) and sites.is_transformer_lens_name(name):
+            try:
+                meta[key] = sites.from_transformer_lens(name)
+            except sites.UnknownTransformerLensName as error:
+                logging.warning("%s stays as written: %s", key, error)
+                continue
+            meta[f"transformer_lens_{key}"] = name
+            if name.endswith(("attn.hook_q", "attn.hook_k")):
+                logging.warning(
+                    "%s is TransformerLens's %s, taken before any rotary embedding; interp's "
+                    "%s is after it, so the two agree only for models without rotary "
+                    "embeddings.",
+                    key,
+                    name,
+                    meta[key],
+                )
     return meta
+
+
+def _transformer_lens_name(name: str) -> str:
+    """A site's TransformerLens name for export, or the name as given if it has none."""
+    if sites.is_transformer_lens_name(name):
+        return name
+    try:
+        return sites.to_transformer_lens(name)
+    except ValueError:
+        return name
 
 
 def load(path: epath.PathLike) -> tuple[SAE, dict[str, jnp.ndarray]]:
@@ -212,8 +302,11 @@ def load(path: epath.PathLike) -> tuple[SAE, dict[str, jnp.ndarray]]:
     folder, raw = _read_folder(path)
     tensors = _read_tensors(folder / WEIGHTS_FILE)
     where = os.fspath(folder)
+    meta = _metadata(raw)
     if CONFIG_KEY in raw:
         config = SAEConfig.from_dict(raw[CONFIG_KEY])
+        if config.hook_name is None and isinstance(meta.get("hook_name"), str):
+            config = config.replace(hook_name=meta["hook_name"])  # Saved before the field.
         _check_params(tensors, config, where)
         scale = float(config.input_scale)
         params = {name: value.astype(np.float64) for name, value in tensors.items()}
@@ -222,13 +315,13 @@ def load(path: epath.PathLike) -> tuple[SAE, dict[str, jnp.ndarray]]:
         params["b_dec"] = params["b_dec"] * scale
         tensors = {name: value.astype(np.float32) for name, value in params.items()}
     else:
-        config, tensors = _from_sae_lens(raw, tensors, where)
+        config, tensors = _from_sae_lens(raw, meta, tensors, where)
         _check_params(tensors, config, where)
     return SAE(config), {name: jnp.asarray(value) for name, value in tensors.items()}
 
 
 def _from_sae_lens(
-    raw: Mapping[str, Any], tensors: dict[str, np.ndarray], where: str
+    raw: Mapping[str, Any], meta: Mapping[str, Any], tensors: dict[str, np.ndarray], where: str
 ) -> tuple[SAEConfig, dict[str, np.ndarray]]:
     """Our config and params from a SAELens cfg.json and weights (pre-6.0 or 6.x)."""
     cfg = dict(raw)
@@ -239,6 +332,9 @@ def _from_sae_lens(
     kwargs = cfg.get("activation_fn_kwargs") or {}
     if architecture == "standard" and activation == "topk":  # Pre-6.0 TopK.
         architecture = "topk"
+    transcoder = _TRANSCODERS_FROM_SAE_LENS.get(architecture)
+    if transcoder is not None:
+        architecture = transcoder[0]
     if architecture == "gated":
         raise ValueError(
             f"{where}: gated SAEs are not supported (SAEConfig architectures: relu, topk, "
@@ -247,7 +343,8 @@ def _from_sae_lens(
     if architecture not in _FROM_SAE_LENS:
         raise ValueError(
             f"{where}: unknown or unsupported SAELens architecture {architecture!r}; supported: "
-            f"{sorted(_FROM_SAE_LENS)} (gated, transcoders, matryoshka and other variants are not)."
+            f"{sorted(_FROM_SAE_LENS) + sorted(_TRANSCODERS_FROM_SAE_LENS)} (gated, matryoshka "
+            "and other variants are not)."
         )
     if architecture == "standard" and activation != "relu":
         raise ValueError(
@@ -258,7 +355,6 @@ def _from_sae_lens(
         if not isinstance(cfg.get(key), int):
             raise ValueError(f"{where}: cfg.json needs an integer {key!r}, got {cfg.get(key)!r}.")
 
-    meta = cfg.get("metadata") or {}
     ours = _FROM_SAE_LENS[architecture]
     k = cfg.get("k", kwargs.get("k"))
     details = meta.get("training_architecture_details") or {}
@@ -267,12 +363,7 @@ def _from_sae_lens(
     if ours in ("topk", "batchtopk") and k is None:
         raise ValueError(f"{where}: a {architecture!r} SAE needs 'k' in cfg.json.")
 
-    _check_normalization(cfg.get("normalize_activations"), where)
-    hook = str(cfg.get("hook_name") or cfg.get("hook_point") or meta.get("hook_name") or "")
-    if cfg.get("reshape_activations") == "hook_z" or hook.endswith("hook_z"):
-        logging.warning(
-            "%s: a hook_z SAE; encode activations flattened to [..., heads * head_dim].", where
-        )
+    normalize = _normalization(cfg.get("normalize_activations"), where)
 
     tensors = dict(tensors)
     # Pre-6.0 fine-tuning scale multiplies codes before the decoder: fold it into W_dec rows.
@@ -298,20 +389,47 @@ def _from_sae_lens(
         d_in=cfg["d_in"],
         num_latents=cfg["d_sae"],
         subtract_decoder_bias=bool(cfg.get("apply_b_dec_to_input", True)),
+        normalize_activations=normalize,
+        hook_name=_site(meta.get("hook_name")),
+        hook_head_index=meta.get("hook_head_index"),
     )
+    if transcoder is not None:
+        if not isinstance(cfg.get("d_out"), int):
+            raise ValueError(f"{where}: a transcoder's cfg.json needs an integer 'd_out'.")
+        fields.update(
+            d_out=cfg["d_out"],
+            skip_connection=transcoder[1],
+            subtract_decoder_bias=False,  # SAELens's transcoders never subtract b_dec.
+            output_hook_name=_site(meta.get("hook_name_out")),
+        )
+        if meta.get("hook_head_index_out") is not None:
+            raise ValueError(f"{where}: transcoders writing one head (hook_head_index_out) "
+                             "are not supported.")  # fmt: skip
     if k is not None and ours in ("topk", "batchtopk"):
         fields["k"] = int(round(k))  # SAELens's BatchTopK k may be a float (a mean).
     config = SAEConfig(**fields)
     return config, {name: value.astype(np.float32) for name, value in tensors.items()}
 
 
-def _check_normalization(normalize, where: str) -> None:
+def _site(name: Any) -> str | None:
+    """A hook name from metadata (already in interp's vocabulary where it could be)."""
+    return (
+        name
+        if isinstance(name, str) and name and not sites.is_transformer_lens_name(name)
+        else None
+    )
+
+
+def _normalization(normalize, where: str) -> str:
+    """Our `normalize_activations` for SAELens's."""
     if normalize in (None, False, "none"):
-        return
+        return "none"
     if normalize in _PER_TOKEN_NORMS:
+        return normalize  # Applied per token by the SAE module, as SAELens does.
+    if normalize not in ("expected_average_only_in", True, "covariance_whitening"):
         raise ValueError(
-            f"{where}: normalize_activations={normalize!r} rescales each token at inference; "
-            "SAEConfig only has a fixed input_scale, so this SAE is not supported."
+            f"{where}: unknown normalize_activations={normalize!r}; SAELens's are none, "
+            f"expected_average_only_in, {', '.join(_PER_TOKEN_NORMS)}, covariance_whitening."
         )
     # 'expected_average_only_in' (or True, before 6.0) and 'covariance_whitening' are no-ops
     # in SAELens's own encode of a folder loaded from disk (training folds them on export),
@@ -322,3 +440,4 @@ def _check_normalization(normalize, where: str) -> None:
         where,
         normalize,
     )
+    return "none"

@@ -31,6 +31,8 @@ from interp import records
 from interp.sae.kernels import topk_codes
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")
+_LAYER_NORM_EPS = 1e-5  # SAELens's, added to the standard deviation.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,19 @@ class SAEConfig:
         differentiate with scatter-adds over the active latents only (custom VJPs); False
         builds dense [B, X] codes and matmuls (the plain formulation, kept as the reference).
       dtype: Compute dtype of the matmuls ('float32' or 'bfloat16'); params stay float32.
+      normalize_activations: Per-token normalisation of inputs, undone on the output, as
+        SAELens's inference options: 'none'; 'layer_norm' (x - mean, divided by std + 1e-5;
+        std with Bessel's correction, as torch's); 'constant_norm_rescale' (x scaled to norm
+        sqrt(d_in)). With either, `decode` needs the input (`decode(codes, x)`).
+      d_out: Output width of a transcoder (W_dec [X, d_out], b_dec [d_out]); None: d_in (an
+        SAE). A transcoder never subtracts b_dec from its input.
+      skip_connection: A skip transcoder's W_skip [d_out, d_in]: output + x W_skip^T.
+      hook_name: The site (interp's name) the SAE reads, when known; evaluation, splicing
+        and steering use it by default.
+      hook_head_index: For a per-head SAE at a head-shaped site, the head it reads (SAELens's
+        hook_head_index); rows are then that head's [..., head_dim].
+      output_hook_name: A transcoder's output site (SAELens's hook_name_out); None for an SAE,
+        which reconstructs its own site.
     """
 
     architecture: str = "topk"
@@ -81,14 +96,40 @@ class SAEConfig:
     unit_norm_decoder: bool | None = None
     sparse_kernels: bool = True
     dtype: str = "float32"
+    normalize_activations: str = "none"
+    d_out: int | None = None
+    skip_connection: bool = False
+    hook_name: str | None = None
+    hook_head_index: int | None = None
+    output_hook_name: str | None = None
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"Unknown SAE architecture {self.architecture!r}; expected one of {ARCHITECTURES}."
             )
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalize_activations={self.normalize_activations!r}; expected one of "
+                f"{NORMALIZATIONS}."
+            )
+        if self.is_transcoder and self.subtract_decoder_bias:
+            raise ValueError(
+                "A transcoder (d_out or skip_connection set) reads its input as is: set "
+                "subtract_decoder_bias=False."
+            )
         if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.num_latents:
             raise ValueError(f"k={self.k} must be in 1..num_latents={self.num_latents}.")
+
+    @property
+    def output_width(self) -> int:
+        """Width of the reconstruction: d_out for a transcoder, else d_in."""
+        return self.d_in if self.d_out is None else self.d_out
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether the output is another site than the input (d_out or a skip connection)."""
+        return self.d_out is not None or self.skip_connection or bool(self.output_hook_name)
 
     @property
     def normalizes_decoder(self) -> bool:
@@ -116,15 +157,17 @@ class SAE(nn.Module):
 
     def setup(self):
         cfg = self.config
-        d, x = cfg.d_in, cfg.num_latents
+        d, x, o = cfg.d_in, cfg.num_latents, cfg.output_width
         partition = nn.with_logical_partitioning
         normal = nn.initializers.normal(stddev=d**-0.5)
         zeros = nn.initializers.zeros
         # Plain initialisers give shapes and logical axes; `init_params` is the training init.
         self.W_enc = self.param("W_enc", partition(normal, ("embed", "latent")), (d, x))
         self.b_enc = self.param("b_enc", partition(zeros, ("latent",)), (x,))
-        self.W_dec = self.param("W_dec", partition(normal, ("latent", "embed")), (x, d))
-        self.b_dec = self.param("b_dec", partition(zeros, ("embed",)), (d,))
+        self.W_dec = self.param("W_dec", partition(normal, ("latent", "embed")), (x, o))
+        self.b_dec = self.param("b_dec", partition(zeros, ("embed",)), (o,))
+        if cfg.skip_connection:
+            self.W_skip = self.param("W_skip", partition(zeros, (None, "embed")), (o, d))
         if cfg.architecture in ("jumprelu", "batchtopk"):
             init = nn.initializers.constant(cfg.jumprelu_init_threshold)
             self.threshold = self.param("threshold", partition(init, ("latent",)), (x,))
@@ -138,7 +181,7 @@ class SAE(nn.Module):
                 "applied at the hook site it was trained on?"
             )
         dtype = jnp.dtype(cfg.dtype)
-        x = x.astype(jnp.float32) * cfg.input_scale
+        x = self._normalize(x)[0]
         if cfg.subtract_decoder_bias:
             x = x - self.b_dec
         pre = jnp.einsum(
@@ -159,13 +202,44 @@ class SAE(nn.Module):
         # JumpReLU, and BatchTopK at inference: a per-latent threshold.
         return jnp.where(pre > self.threshold, jax.nn.relu(pre), 0.0)
 
+    def _normalize(self, x):
+        """(x scaled and per-token normalised [..., D] float32, fn undoing it on an output)."""
+        cfg = self.config
+        x = x.astype(jnp.float32) * cfg.input_scale
+        if cfg.normalize_activations == "layer_norm":
+            mean = x.mean(-1, keepdims=True)
+            x = x - mean
+            std = jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) / max(x.shape[-1] - 1, 1))
+            x = x / (std + _LAYER_NORM_EPS)
+            return x, lambda y: (y * std + mean) / cfg.input_scale
+        if cfg.normalize_activations == "constant_norm_rescale":
+            coefficient = cfg.d_in**0.5 / jnp.linalg.norm(x, axis=-1, keepdims=True)
+            return x * coefficient, lambda y: y / coefficient / cfg.input_scale
+        return x, lambda y: y / cfg.input_scale
+
     def encode(self, x):
         """Latent codes [..., X] of raw activations x [..., D]."""
         return self.activate(self.pre_activation(x))
 
-    def decode(self, codes):
-        """Reconstruction [..., D] in the raw activations' scale."""
+    def decode(self, codes, x=None):
+        """Reconstruction [..., D] (a transcoder's output [..., d_out]) in the raw scale.
+
+        Args:
+          codes: [..., X].
+          x: The input [..., D] the codes came from; needed (and only used) when the SAE
+            normalises each token or has a skip connection.
+
+        Raises:
+          ValueError: when such an SAE is given no `x`.
+        """
         cfg = self.config
+        per_token = cfg.normalize_activations != "none" and not cfg.is_transcoder
+        if (per_token or cfg.skip_connection) and x is None:
+            why = "has a skip connection" if cfg.skip_connection else "normalises each token"
+            raise ValueError(
+                f"This SAE {why}, so decoding needs its input: call decode(codes, x), or "
+                "the SAE itself."
+            )
         dtype = jnp.dtype(cfg.dtype)
         x_hat = jnp.einsum(
             "...X,XD->...D",
@@ -173,12 +247,20 @@ class SAE(nn.Module):
             self.W_dec.astype(dtype),
             preferred_element_type=jnp.float32,
         )
-        return (x_hat + self.b_dec) / cfg.input_scale
+        x_hat = x_hat + self.b_dec
+        if cfg.is_transcoder:  # Its output is another site: never renormalised (SAELens).
+            out = x_hat / cfg.input_scale
+            if cfg.skip_connection:
+                out = out + jnp.einsum("...D,OD->...O", x.astype(jnp.float32), self.W_skip)
+            return out
+        if not per_token:
+            return x_hat / cfg.input_scale
+        return self._normalize(x)[1](x_hat)
 
     def __call__(self, x):
-        """(reconstruction [..., D], codes [..., X])."""
+        """(reconstruction [..., D] or a transcoder's output [..., d_out], codes [..., X])."""
         codes = self.encode(x)
-        return self.decode(codes), codes
+        return self.decode(codes, x), codes
 
 
 def init_params(config: SAEConfig, key: jax.Array, b_dec=None) -> dict[str, jax.Array]:

@@ -2,10 +2,12 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from interp import sae as sae_lib
+from interp.models import sites
 from interp.sae import io
 from interp.sae.modules import SAE, SAEConfig
 from interp.safetensors_io import read as read_safetensors
@@ -59,11 +61,14 @@ def test_round_trip_is_exact(tmp_path, architecture, input_scale):
     params = _params(config)
     sae_lib.save(tmp_path, config, params, metadata={"hook_name": "blocks_1/resid_post"})
     sae, loaded = sae_lib.load(tmp_path)
-    assert sae.config == config
+    # The site comes back on the config (the folder's metadata names it).
+    assert sae.config == config.replace(hook_name="blocks_1/resid_post")
     assert sorted(loaded) == sorted(params)
     for name, value in params.items():
         np.testing.assert_array_equal(np.asarray(loaded[name]), value, err_msg=name)
-    assert io.read_metadata(tmp_path)["hook_name"] == "blocks_1/resid_post"
+    meta = io.read_metadata(tmp_path)
+    assert meta["hook_name"] == "blocks_1/resid_post"
+    assert meta["transformer_lens_hook_name"] == "blocks.1.hook_resid_post"  # As exported.
 
 
 def test_round_trip_other_scale_is_close_and_encodes_the_same(tmp_path):
@@ -144,8 +149,9 @@ def test_loads_pre_6_sae_lens_configs(tmp_path, cfg, architecture):
     x = _inputs(config)
     expected = _reference_encode(params, x, architecture, K, sae.config.subtract_decoder_bias)
     np.testing.assert_allclose(_encode(sae, loaded, x), expected, atol=1e-5)
-    if "hook_point" in cfg:
-        assert io.read_metadata(tmp_path)["hook_name"] == cfg["hook_point"]
+    if "hook_point" in cfg:  # TransformerLens's name, read as ours.
+        assert io.read_metadata(tmp_path)["hook_name"] == "blocks_0/resid_pre"
+        assert sae.config.hook_name == "blocks_0/resid_pre"
 
 
 def test_pre_6_finetuning_scaling_factor_is_folded_into_the_decoder(tmp_path):
@@ -201,7 +207,8 @@ def test_missing_folder_and_files(tmp_path):
         ({"architecture": "gated"}, "gated SAEs are not supported"),
         ({"architecture": "matryoshka_batchtopk"}, "unknown or unsupported SAELens architecture"),
         ({"activation_fn_str": "tanh-relu"}, "activation_fn 'tanh-relu' is not supported"),
-        ({"normalize_activations": "layer_norm"}, "rescales each token"),
+        ({"normalize_activations": "per_row_magic"}, "unknown normalize_activations"),
+        ({"architecture": "transcoder"}, "needs an integer 'd_out'"),
         ({"architecture": "topk"}, "needs 'k'"),
         ({"d_sae": X + 1}, r"W_enc has shape \(24, 96\), expected \(24, 97\)"),
     ],
@@ -254,7 +261,7 @@ def test_sae_lens_loads_our_folders(sae_lens, tmp_path, architecture, input_scal
     theirs = sae_lens.SAE.load_from_disk(tmp_path)
     expected_class = {"relu": "StandardSAE", "topk": "TopKSAE"}.get(architecture, "JumpReLUSAE")
     assert type(theirs).__name__ == expected_class
-    assert theirs.cfg.metadata.hook_name == "blocks_0/resid_post"
+    assert theirs.cfg.metadata.hook_name == "blocks.0.hook_resid_post"  # TransformerLens's.
     x = _inputs(config, rows=64)
     codes = _encode(SAE(config), params, x)
     assert (codes != 0).sum(-1).mean() > 1  # Something fires.
@@ -376,8 +383,101 @@ def test_gcs_round_trip(gcs_bucket):
     path = f"{gcs_bucket}/saes/layer_1"
     io.save(path, config, params, metadata={"hook_name": "blocks_1/resid_post"})
     sae, loaded = io.load(path)
-    assert sae.config == config
+    assert sae.config == config.replace(hook_name="blocks_1/resid_post")
     for name, value in params.items():
         np.testing.assert_array_equal(np.asarray(loaded[name]), value, err_msg=name)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         io.load(f"{gcs_bucket}/saes/missing")
+
+
+# --- SAELens variants: per-token normalisation, hook_z, per-head, transcoders ----------------
+
+
+def _sae_lens_variants(sae_lens):
+    """(name, SAELens module, metadata) for the variants `load` reads since issue 10."""
+    cfg = dict(d_in=D, d_sae=X)
+    transcoder = dict(d_in=D, d_sae=X, d_out=D + 8, apply_b_dec_to_input=False)
+    return [
+        ("layer_norm", sae_lens.StandardSAE(
+            sae_lens.StandardSAEConfig(**cfg, normalize_activations="layer_norm")), {}),
+        ("constant_norm_rescale", sae_lens.TopKSAE(
+            sae_lens.TopKSAEConfig(**cfg, k=K, normalize_activations="constant_norm_rescale")),
+         {}),
+        ("transcoder", sae_lens.Transcoder(sae_lens.TranscoderConfig(**transcoder)),
+         {"hook_name": "blocks.1.ln2.hook_normalized", "hook_name_out": "blocks.1.hook_mlp_out"}),
+        ("skip_transcoder", sae_lens.SkipTranscoder(sae_lens.SkipTranscoderConfig(**transcoder)),
+         {"hook_name": "blocks.1.hook_mlp_in", "hook_name_out": "blocks.1.hook_mlp_out"}),
+        ("jumprelu_transcoder", sae_lens.JumpReLUTranscoder(
+            sae_lens.JumpReLUTranscoderConfig(**transcoder)),
+         {"hook_name": "blocks.1.hook_mlp_in", "hook_name_out": "blocks.1.hook_mlp_out"}),
+    ]  # fmt: skip
+
+
+def test_sae_lens_variants_load_and_run_as_sae_lens_does(sae_lens, tmp_path):
+    import torch
+
+    x = torch.from_numpy(_inputs(SAEConfig(d_in=D), rows=64, seed=5) * 3.0 + 0.5)
+    for name, module, metadata in _sae_lens_variants(sae_lens):
+        module = _randomized(module)
+        for key, value in metadata.items():
+            module.cfg.metadata[key] = value
+        module.save_model(tmp_path / name)
+        reference = sae_lens.SAE.load_from_disk(tmp_path / name)
+        sae, params = io.load(tmp_path / name)
+        with torch.no_grad():
+            their_codes = reference.encode(x).numpy()
+            their_out = reference(x).numpy()
+        out, codes = (np.asarray(v) for v in sae.apply({"params": params}, x.numpy()))
+        assert (codes != 0).sum(-1).mean() > 1, name
+        np.testing.assert_allclose(codes, their_codes, atol=1e-4, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(out, their_out, atol=1e-4, rtol=1e-5, err_msg=name)
+        if "transcoder" in name:
+            assert sae.config.is_transcoder and sae.config.output_width == D + 8
+            assert sae.config.output_hook_name == "blocks_1/mlp/out", name
+            assert sae.config.skip_connection == name.startswith("skip"), name
+        else:
+            assert sae.config.normalize_activations == name
+            with pytest.raises(ValueError, match="needs its input"):
+                sae.apply({"params": params}, codes, method="decode")
+        # Written back out, SAELens reads the same SAE.
+        io.save(tmp_path / f"{name}_again", sae.config, params)
+        again = sae_lens.SAE.load_from_disk(tmp_path / f"{name}_again")
+        with torch.no_grad():
+            np.testing.assert_allclose(again(x).numpy(), their_out, atol=1e-4, err_msg=name)
+    assert io.read_metadata(tmp_path / "transcoder")["hook_name"] == "blocks_1/ln_2/normalized"
+    assert io.read_metadata(tmp_path / "skip_transcoder")["hook_name"] == "blocks_1/resid_mid"
+
+
+def test_hook_z_and_per_head_folders_read_the_rows_of_their_site(sae_lens, tmp_path):
+    import torch
+
+    heads, head_dim = 4, D // 4
+    module = _randomized(sae_lens.StandardSAE(sae_lens.StandardSAEConfig(
+        d_in=D, d_sae=X, reshape_activations="hook_z")))  # fmt: skip
+    module.cfg.metadata.hook_name = "blocks.0.attn.hook_z"
+    module.save_model(tmp_path / "z")
+    reference = sae_lens.SAE.load_from_disk(tmp_path / "z")
+    sae, params = io.load(tmp_path / "z")
+    assert sae.config.hook_name == "blocks_0/attn/z"
+    # SAELens reads hook_z values [..., heads, head_dim]; ours the site's rows (heads side by
+    # side, `sites.to_rows`), the same numbers.
+    z = np.random.default_rng(0).normal(size=(2, 5, heads, head_dim)).astype(np.float32)
+    rows = np.asarray(sites.to_rows("blocks_0/attn/z", jnp.asarray(z)))
+    with torch.no_grad():
+        their_codes = reference.encode(torch.from_numpy(z)).numpy()
+        their_z_hat = reference(torch.from_numpy(z)).numpy()  # [..., heads, head_dim]
+    codes, ours = _encode(sae, params, rows), None
+    np.testing.assert_allclose(codes, their_codes, atol=1e-5)
+    ours = sites.from_rows(
+        "blocks_0/attn/z", jnp.asarray(z), sae.apply({"params": params}, rows)[0]
+    )
+    np.testing.assert_allclose(ours, their_z_hat, atol=1e-5)
+
+    head = _randomized(sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=head_dim, d_sae=X)))
+    head.cfg.metadata.hook_name = "blocks.0.attn.hook_z"
+    head.cfg.metadata.hook_head_index = 2
+    head.save_model(tmp_path / "head")
+    sae, params = io.load(tmp_path / "head")
+    assert (sae.config.hook_name, sae.config.hook_head_index) == ("blocks_0/attn/z", 2)
+    io.save(tmp_path / "head_again", sae.config, params)
+    assert io.read_metadata(tmp_path / "head_again")["hook_head_index"] == 2
