@@ -115,7 +115,9 @@ def _split_item(item, pad_id):
     if tokens.ndim != 2:
         raise ValueError(f"Token batches must be [B, T]; got shape {tokens.shape}.")
     if mask is None:
-        mask = np.ones(tokens.shape, np.int32) if pad_id is None else padding_from_ids(tokens, pad_id)
+        mask = (
+            np.ones(tokens.shape, np.int32) if pad_id is None else padding_from_ids(tokens, pad_id)
+        )
     mask = np.asarray(mask)
     if mask.shape != tokens.shape:
         raise ValueError(f"attention_mask {mask.shape} does not match tokens {tokens.shape}.")

@@ -21,8 +21,9 @@ Language-model loss (next-token cross-entropy, nats, over the predicted position
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -32,7 +33,8 @@ import numpy as np
 from etils import epath
 
 from interp import metrics as metrics_lib
-from interp.models import hooks
+from interp.data import activations
+from interp.models import hooks, sites
 from interp.models.losses import next_token_loss
 
 DENSE_THRESHOLD = 0.1
@@ -42,14 +44,17 @@ RESULTS_FILE = "sae_eval.json"
 # --- Reconstruction -------------------------------------------------------------------------
 
 
-def _reconstruction_sums(sae: nn.Module, params, x, mask):
-    """Per-batch sums (float32, on device). x: [..., D]; mask: [...] or None."""
+def _reconstruction_sums(sae: nn.Module, params, x, mask, target=None):
+    """Per-batch sums (float32, on device). x: [..., D]; mask: [...] or None; target: what
+    the output is scored against ([..., d_out], a transcoder's output site; default x)."""
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # [N, D]
     weight = (
         jnp.ones(x.shape[:1], jnp.float32) if mask is None else mask.reshape(-1).astype(jnp.float32)
     )
     codes = sae.apply({"params": params}, x, method="encode")  # [N, X]
-    x_hat = sae.apply({"params": params}, codes, method="decode")
+    x_hat = sae.apply({"params": params}, codes, x, method="decode")
+    if target is not None:
+        x = target.reshape(-1, target.shape[-1]).astype(jnp.float32)
     tokens = weight.sum()
     mean = (weight[:, None] * x).sum(0) / jnp.maximum(tokens, 1.0)
     active = (codes != 0).astype(jnp.float32)
@@ -82,9 +87,12 @@ class ReconstructionAccumulator:
         self.l0 = 0.0
         self.fires: np.ndarray | None = None
 
-    def update(self, sae: nn.Module, params, x, mask=None) -> ReconstructionAccumulator:
-        """Adds a batch of activations x [..., D] (rows where mask [...] is 0 are skipped)."""
-        return self.add(_jit_reconstruction_sums(sae, params, x, mask))
+    def update(
+        self, sae: nn.Module, params, x, mask=None, target=None
+    ) -> ReconstructionAccumulator:
+        """Adds a batch of activations x [..., D] (rows where mask [...] is 0 are skipped);
+        a transcoder's output is scored against `target` [..., d_out]."""
+        return self.add(_jit_reconstruction_sums(sae, params, x, mask, target))
 
     def add(self, sums: Mapping[str, Any]) -> ReconstructionAccumulator:
         """Adds the per-batch sums of `_reconstruction_sums`."""
@@ -150,25 +158,49 @@ def _kl_sum(clean_logits, spliced_logits, weight):
     return (kl * weight).sum()
 
 
-def _loss_sums(model, sae, site, params, sae_params, tokens, attention_mask):
-    """Per-batch sums for the loss metrics, and the clean activations at the site."""
+def _loss_sums(model, sae, site, params, sae_params, tokens, attention_mask, keep):
+    """Per-batch sums for the loss metrics, and the SAE's input and target rows [B, T, D].
 
-    def splice(value):
-        return sae.apply({"params": sae_params}, value)[0]
+    `site` is a `Site`; the SAE replaces the target site's rows where `keep` [B, T] is set,
+    and zero ablation zeroes the same rows.
+    """
 
-    def run(interventions):
+    def replaced(fn):
+        def on_rows(rows):
+            return jnp.where(keep[..., None], fn(rows), rows)
+
+        return sites.row_intervention(site.output, on_rows, site.head_index)
+
+    def run(interventions, capture=()):
         return hooks.run_with_hooks(
             model,
             params,
             tokens,
-            capture=[site] if not interventions else (),
+            capture=capture,
             interventions=interventions,
             attention_mask=attention_mask,
         )
 
-    clean, captured = run(None)
-    spliced, _ = run({site: splice})
-    zero, _ = run({site: jnp.zeros_like})
+    clean, captured = run(None, sorted({site.input, site.output}))
+    inputs = sites.to_rows(site.input, captured[site.input], site.head_index)
+    targets = sites.to_rows(site.output, captured[site.output], site.head_index)
+    if site.input == site.output:
+        splice = replaced(lambda rows: sae.apply({"params": sae_params}, rows)[0])
+        spliced, _ = run({site.output: splice})
+    else:
+        # A transcoder: its input site comes earlier in the same forward pass, so its rows
+        # are read there and its output written at the output site.
+        seen = {}
+
+        def read(value):
+            seen["rows"] = sites.to_rows(site.input, value, site.head_index)
+            return value
+
+        def write(rows):
+            return sae.apply({"params": sae_params}, seen["rows"])[0]
+
+        spliced, _ = run({site.input: read, site.output: replaced(write)})
+    zero, _ = run({site.output: replaced(jnp.zeros_like)})
     sums = {}
     for name, logits in (("clean", clean), ("spliced", spliced), ("zero", zero)):
         loss, count = next_token_loss(logits, tokens, attention_mask)
@@ -178,12 +210,14 @@ def _loss_sums(model, sae, site, params, sae_params, tokens, attention_mask):
     weight = (weight[:, 1:] * weight[:, :-1]).astype(jnp.float32)
     sums["predictions"] = weight.sum()
     sums["kl"] = _kl_sum(clean[:, :-1], spliced[:, :-1], weight)
-    return sums, captured[site]
+    return sums, inputs, targets
 
 
-def _batch_sums(model, sae, site, params, sae_params, tokens, attention_mask):
-    sums, acts = _loss_sums(model, sae, site, params, sae_params, tokens, attention_mask)
-    return sums, _reconstruction_sums(sae, sae_params, acts, attention_mask)
+def _batch_sums(model, sae, site, params, sae_params, tokens, attention_mask, keep):
+    sums, inputs, targets = _loss_sums(
+        model, sae, site, params, sae_params, tokens, attention_mask, keep
+    )
+    return sums, _reconstruction_sums(sae, sae_params, inputs, keep, targets)
 
 
 _jit_loss_sums = jax.jit(_loss_sums, static_argnums=(0, 1, 2))
@@ -218,13 +252,91 @@ class LossAccumulator:
         }
 
 
-def _check_site(model: nn.Module, site: str) -> str:
-    names = hooks.resolve(model, [site])
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """Where an SAE reads (`input`) and writes (`output`; the same site unless a
+    transcoder), and which head of a head-shaped site (None: all heads side by side)."""
+
+    input: str
+    output: str
+    head_index: int | None = None
+
+
+def _one_site(model: nn.Module, name: str, what: str) -> str:
+    names = hooks.resolve(model, [name])
     if len(names) != 1:
-        raise ValueError(
-            f"Splice site {site!r} matches {len(names)} hook points {names}; name one."
-        )
+        raise ValueError(f"{what} {name!r} matches {len(names)} hook points {names}; name one.")
     return names[0]
+
+
+def resolve_site(model: nn.Module, sae: nn.Module, site: str | None = None, head_index=None):
+    """The `Site` an SAE is evaluated and spliced at, checked against the model.
+
+    Args:
+      model: A `Transformer`.
+      sae: The SAE (its config's hook_name, hook_head_index and output_hook_name are the
+        defaults).
+      site: A hook name (ours or TransformerLens's) overriding the config's.
+      head_index: A head overriding the config's.
+
+    Raises:
+      ValueError: when no site is known, a name matches no or several hook points, or the
+        SAE's width does not match the site's rows (naming both, and the head-index hint
+        for head-shaped sites).
+    """
+    config = sae.config
+    site = site or config.hook_name
+    if site is None:
+        raise ValueError(
+            "This SAE's config names no hook site (hook_name); pass site=, e.g. "
+            "'blocks_1/resid_post'."
+        )
+    head_index = config.hook_head_index if head_index is None else head_index
+    name = _one_site(model, site, "SAE site")
+    output = name
+    if config.is_transcoder:
+        if not config.output_hook_name:
+            raise ValueError(
+                "This transcoder's config names no output site (output_hook_name, SAELens's "
+                "hook_name_out); set it to the site its output replaces."
+            )
+        output = _one_site(model, config.output_hook_name, "Transcoder output site")
+    resolved = Site(name, output, head_index)
+    widths = _row_widths(model, resolved)
+    wanted = {"input": config.d_in, "output": config.output_width}
+    for end, width in widths.items():
+        if width != wanted[end]:
+            where = getattr(resolved, end)
+            hint = ""
+            if head_index is None and "attn/" in where:
+                hint = " (a per-head SAE needs head_index / SAELens's hook_head_index)"
+            raise ValueError(
+                f"This SAE's {end} is {wanted[end]} wide, but site {where!r} gives rows of "
+                f"width {width} (head_index={head_index}){hint}; is it the site the SAE was "
+                "trained on?"
+            )
+    return resolved
+
+
+def _row_widths(model: nn.Module, site: Site) -> dict[str, int]:
+    """{'input': width, 'output': width} of the site's rows, from shapes alone."""
+    if sites.is_pattern(site.input) or sites.is_pattern(site.output):
+        return {}  # Pattern rows are as wide as the sequence is long: checked when run.
+    ends = {"input": site.input, "output": site.output}
+
+    def rows(tokens):
+        params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+        _, acts = hooks.run_with_hooks(model, params, tokens, capture=sorted(set(ends.values())))
+        return {end: sites.to_rows(name, acts[name], site.head_index) for end, name in ends.items()}
+
+    shapes = jax.eval_shape(rows, jax.ShapeDtypeStruct((1, 2), jnp.int32))
+    return {end: value.shape[-1] for end, value in shapes.items()}
+
+
+def _keep(tokens, mask, exclusions) -> jax.Array:
+    keep = activations.keep_mask(np.asarray(tokens), None if mask is None else np.asarray(mask),
+                                 **exclusions)  # fmt: skip
+    return jnp.asarray(keep)
 
 
 def spliced_loss(
@@ -233,27 +345,47 @@ def spliced_loss(
     sae: nn.Module,
     sae_params,
     tokens,
-    site: str,
+    site: str | None = None,
     attention_mask=None,
+    *,
+    head_index: int | None = None,
+    bos_id: int | None = None,
+    skip_first: bool = False,
+    exclude_ids: Sequence[int] = (),
 ) -> dict[str, float]:
     """Next-token loss with the SAE's reconstruction in place of the activations at `site`.
 
     Args:
       model: A `Transformer`.
       params: Its parameters.
-      sae: An `interp.sae.modules.SAE` trained on the activations at `site`.
+      sae: An `interp.sae.modules.SAE` trained on the activations at `site` (a transcoder:
+        its output replaces its config's `output_hook_name`).
       sae_params: Its 'params'.
       tokens: [B, T] int token ids.
-      site: One hook name, e.g. 'blocks_1/resid_post'.
+      site: One hook name, e.g. 'blocks_1/resid_post' or 'blocks.1.hook_resid_post'; default
+        the SAE config's `hook_name`.
       attention_mask: Optional [B, T], 1 for real tokens.
+      head_index: For a per-head SAE, its head (default the config's `hook_head_index`).
+      bos_id, skip_first, exclude_ids: Positions the SAE does not see, as for
+        `interp.data.activations.harvest` (one definition: `activations.keep_mask`); pass
+        the values the SAE was trained with. There (and at padding) the clean activations
+        stay in place when splicing and zero-ablating, and no reconstruction is scored; the
+        loss is still over every predicted token.
 
     Returns:
       {'clean_loss', 'spliced_loss', 'zero_ablation_loss', 'kl', 'loss_recovered',
       'num_predictions'}: losses in nats per predicted token, kl = mean KL(clean || spliced)
       over the same positions, loss_recovered = (zero - spliced) / (zero - clean).
+
+    Raises:
+      ValueError: see `resolve_site`.
     """
-    site = _check_site(model, site)
-    sums, _ = _jit_loss_sums(model, sae, site, params, sae_params, tokens, attention_mask)
+    resolved = resolve_site(model, sae, site, head_index)
+    exclusions = dict(bos_id=bos_id, skip_first=skip_first, exclude_ids=tuple(exclude_ids))
+    keep = _keep(tokens, attention_mask, exclusions)
+    sums, _, _ = _jit_loss_sums(
+        model, sae, resolved, params, sae_params, tokens, attention_mask, keep
+    )
     return LossAccumulator().add(sums).result()
 
 
@@ -274,34 +406,55 @@ def evaluate(
     sae: nn.Module,
     sae_params,
     batches: Iterable[Any],
-    site: str,
+    site: str | None = None,
     *,
+    head_index: int | None = None,
+    bos_id: int | None = None,
+    skip_first: bool = False,
+    exclude_ids: Sequence[int] = (),
     dense_threshold: float = DENSE_THRESHOLD,
     max_batches: int | None = None,
 ) -> dict[str, float]:
     """Reconstruction, sparsity and spliced-loss metrics of an SAE over token batches.
+
+    Rows are the site's per-token rows (`interp.models.sites.to_rows`), the layout `harvest`
+    gives and SAEs are trained on, so head-shaped sites and per-head SAEs evaluate as
+    trained. A transcoder is scored against its output site's rows and spliced in there.
 
     Args:
       model: A `Transformer`; params: its parameters.
       sae: The SAE for the activations at `site`; sae_params: its 'params'.
       batches: Token batches: [B, T] int arrays, (tokens, attention_mask) tuples, or dicts with
         'tokens' and optionally 'attention_mask'. Padded positions are left out everywhere.
-      site: One hook name.
+      site: One hook name (ours or TransformerLens's); default the SAE config's `hook_name`.
+      head_index: For a per-head SAE, its head (default the config's `hook_head_index`).
+      bos_id, skip_first, exclude_ids: Positions the SAE does not see, as for
+        `interp.data.activations.harvest` (one definition: `activations.keep_mask`); pass
+        the values the SAE was trained with. There (and at padding) the clean activations
+        stay in place when splicing and zero-ablating, and no reconstruction is scored; the
+        loss is still over every predicted token.
       dense_threshold: A latent firing on more than this fraction of tokens is dense.
       max_batches: Stop after this many batches.
 
     Returns:
       The keys of `ReconstructionAccumulator.result` and `LossAccumulator.result`, with
       'num_batches'.
+
+    Raises:
+      ValueError: see `resolve_site`; with no batches.
     """
-    site = _check_site(model, site)
+    resolved = resolve_site(model, sae, site, head_index)
+    exclusions = dict(bos_id=bos_id, skip_first=skip_first, exclude_ids=tuple(exclude_ids))
     reconstruction, losses = ReconstructionAccumulator(dense_threshold), LossAccumulator()
     num_batches = 0
     for batch in batches:
         if max_batches is not None and num_batches >= max_batches:
             break
         tokens, mask = _unpack(batch)
-        loss_sums, recon_sums = _jit_batch_sums(model, sae, site, params, sae_params, tokens, mask)
+        keep = _keep(tokens, mask, exclusions)
+        loss_sums, recon_sums = _jit_batch_sums(
+            model, sae, resolved, params, sae_params, tokens, mask, keep
+        )
         losses.add(loss_sums)
         reconstruction.add(recon_sums)
         num_batches += 1

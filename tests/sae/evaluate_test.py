@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from interp.data import activations
 from interp.metrics import read_metrics
-from interp.models import hooks
+from interp.models import hooks, sites
 from interp.models.config import ModelConfig
 from interp.models.losses import next_token_loss
 from interp.models.transformer import Transformer, init_params
@@ -241,3 +242,109 @@ def test_write(tmp_path, lm):
     assert record["step"] == 7
     assert record["sae_eval/loss_recovered"] == pytest.approx(metrics["loss_recovered"])
     assert any((tmp_path / "tb").iterdir())
+
+
+# --- One layout per site: head-shaped sites, per-head SAEs, transcoders, exclusions ---------
+
+# The issue's failing input: width 16, 2 heads of 6, an SAE trained on harvested attn/z rows.
+HEADS = ModelConfig(
+    vocab_size=61, d_model=16, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=6,
+    mlp_dim=32, max_len=16,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("site", ["blocks_0/attn/z", "blocks_0/attn/v", "blocks.0.attn.hook_z"])
+def test_exact_sae_at_a_head_shaped_site_is_lossless(site):
+    model, params = Transformer(HEADS), init_params(HEADS, seed=0)
+    tokens = jax.random.randint(jax.random.key(1), (3, 10), 0, HEADS.vocab_size)
+    width = HEADS.num_heads * HEADS.head_dim
+    # The SAE's width is what harvest gives for the site: heads side by side.
+    (rows,) = activations.harvest(model, params, [np.asarray(tokens)], [site])
+    ((name, harvested),) = rows.items()
+    assert harvested.shape == (30, width) and [name] == hooks.resolve(model, [site])
+    sae, sae_params = _exact_sae(width)
+    metrics = evaluate.evaluate(model, params, sae, sae_params, [tokens], site)
+    assert metrics["fvu"] == pytest.approx(0.0, abs=1e-10)
+    assert metrics["spliced_loss"] == pytest.approx(metrics["clean_loss"], abs=1e-6)
+    # Splicing really writes the site: a zero SAE there gives the zero-ablation loss.
+    zero, zero_params = _zero_sae(width)
+    ablated = evaluate.spliced_loss(model, params, zero, zero_params, tokens, site)
+    assert ablated["spliced_loss"] == pytest.approx(ablated["zero_ablation_loss"], abs=1e-6)
+    assert ablated["zero_ablation_loss"] != pytest.approx(ablated["clean_loss"], abs=1e-3)
+
+
+def test_per_head_sae_reads_and_writes_its_head_only():
+    model, params = Transformer(HEADS), init_params(HEADS, seed=0)
+    tokens = jax.random.randint(jax.random.key(1), (3, 10), 0, HEADS.vocab_size)
+    sae, sae_params = _zero_sae(HEADS.head_dim)
+    sae = SAE(sae.config.replace(hook_name="blocks_1/attn/z", hook_head_index=1))
+    got = evaluate.spliced_loss(model, params, sae, sae_params, tokens)  # Site from config.
+    # Zeroing head 1 by hand gives the same loss; zeroing all heads does not.
+    ablate = sites.row_intervention("blocks_1/attn/z", jnp.zeros_like, head_index=1)
+    logits, _ = hooks.run_with_hooks(
+        model, params, tokens, interventions={"blocks_1/attn/z": ablate}
+    )
+    loss, _ = next_token_loss(logits, tokens, None)
+    assert got["spliced_loss"] == pytest.approx(float(loss), abs=1e-6)
+    assert got["zero_ablation_loss"] == pytest.approx(float(loss), abs=1e-6)
+    # The SAE's width is one head's: without the head index the site is too wide.
+    with pytest.raises(ValueError, match="width 12 .*per-head SAE needs head_index"):
+        evaluate.spliced_loss(model, params, SAE(sae.config.replace(hook_head_index=None)),
+                              sae_params, tokens)  # fmt: skip
+    with pytest.raises(ValueError, match="outside 0..1"):
+        evaluate.spliced_loss(model, params, sae, sae_params, tokens, head_index=2)
+    with pytest.raises(ValueError, match="names no hook site"):
+        evaluate.spliced_loss(model, params, _zero_sae(16)[0], sae_params, tokens)
+
+
+def test_transcoder_is_scored_against_and_spliced_into_its_output_site():
+    model, params = Transformer(TINY), init_params(TINY, seed=0)
+    tokens = jax.random.randint(jax.random.key(1), (3, 10), 0, TINY.vocab_size)
+    scale, bias = jax.random.normal(jax.random.key(5), (2, TINY.d_model))
+    ln = {"scale": 1.0 + 0.5 * scale, "bias": 0.5 * bias}
+    params = dict(params, blocks_1=dict(params["blocks_1"], ln_2=ln))
+    # An exact "transcoder" from ln_2's normalized input to mlp/in: mlp/in = normalized * scale
+    # + bias, so W_dec carries the scale and b_dec the bias.
+    d = TINY.d_model
+    config = SAEConfig(
+        architecture="relu", d_in=d, num_latents=2 * d, d_out=d, subtract_decoder_bias=False,
+        hook_name="blocks.1.ln2.hook_normalized", output_hook_name="blocks_1/mlp/in",
+    )  # fmt: skip
+    eye = jnp.eye(d)
+    transcoder = {
+        "W_enc": jnp.concatenate([eye, -eye], axis=1),
+        "b_enc": jnp.zeros(2 * d),
+        "W_dec": jnp.concatenate([eye, -eye], axis=0) * ln["scale"],
+        "b_dec": ln["bias"],
+    }
+    got = evaluate.evaluate(model, params, SAE(config), transcoder, [tokens])
+    assert got["fvu"] == pytest.approx(0.0, abs=1e-8)
+    assert got["spliced_loss"] == pytest.approx(got["clean_loss"], abs=1e-5)
+    # Scored against the output site: the same weights without the scale do worse.
+    wrong = dict(transcoder, W_dec=jnp.concatenate([eye, -eye], axis=0))
+    worse = evaluate.evaluate(model, params, SAE(config), wrong, [tokens])
+    assert worse["fvu"] > 0.01 and worse["spliced_loss"] != pytest.approx(got["clean_loss"])
+
+
+def test_excluded_positions_keep_their_activations_and_are_not_scored(lm):
+    model, params, tokens = lm
+    sae, sae_params = _zero_sae(TINY.d_model)
+    site = "blocks_0/resid_post"
+    first = int(tokens[0, 3])
+    options = dict(skip_first=True, exclude_ids=[first])
+    got = evaluate.spliced_loss(model, params, sae, sae_params, tokens, site, **options)
+    keep = activations.keep_mask(np.asarray(tokens), **options)
+    assert not keep[:, 0].any() and not keep[0, 3]
+    # By hand: zeros only where kept.
+    ablate = sites.row_intervention(site, lambda r: jnp.where(keep[..., None], 0.0, r))
+    logits, _ = hooks.run_with_hooks(model, params, tokens, interventions={site: ablate})
+    loss, _ = next_token_loss(logits, tokens, None)
+    assert got["spliced_loss"] == pytest.approx(float(loss), abs=1e-6)
+    # Reconstruction is scored on the kept rows only: the same rows harvest gives.
+    config = SAEConfig(architecture="topk", d_in=TINY.d_model, num_latents=32, k=3)
+    topk, topk_params = SAE(config), sae_init_params(config, jax.random.key(3))
+    metrics = evaluate.evaluate(model, params, topk, topk_params, [tokens], site, **options)
+    (rows,) = activations.harvest(model, params, [np.asarray(tokens)], site, **options)
+    assert metrics["num_tokens"] == int(keep.sum()) == len(rows[site])
+    by_hand = evaluate.reconstruction_metrics(topk, topk_params, rows[site])
+    assert metrics["fvu"] == pytest.approx(by_hand["fvu"], rel=1e-5)
