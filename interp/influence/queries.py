@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from interp.influence import gradients
+from interp.models import sites
 
 MeasurementFn = gradients.MeasurementFn
 
@@ -69,20 +70,46 @@ def logit_margin(token_a: int, token_b: int) -> Measurement:
     return Measurement(fn, name=f"logit_margin({token_a},{token_b})")
 
 
-def sae_feature(sae: Any, sae_params: Any, hook: str, feature: int) -> Measurement:
+def sae_feature(
+    sae: Any,
+    sae_params: Any,
+    hook: str | None = None,
+    feature: int = 0,
+    *,
+    head_index: int | None = None,
+) -> Measurement:
     """An SAE feature's activation at `hook`, summed over the positions loss_mask marks.
+
+    The SAE reads the site's per-token rows (`interp.models.sites.to_rows`), the layout it
+    was harvested and trained in, so head-shaped sites and per-head SAEs work as in
+    evaluation.
 
     Args:
       sae: The SAE module (`interp.sae.load(path)[0]`); used as a plain function of the
-        hook's value, so this room needs nothing from `interp.sae`.
+        hook's rows, so this room needs nothing from `interp.sae`.
       sae_params: Its parameters.
-      hook: The site the SAE reads ('blocks_2/resid_post').
+      hook: The site the SAE reads ('blocks_2/resid_post', or TransformerLens's name);
+        default the SAE config's `hook_name`.
       feature: The latent's index.
+      head_index: For a per-head SAE, its head; default the config's `hook_head_index`.
+
+    Raises:
+      ValueError: when neither `hook` nor the SAE's config names a site.
     """
+    config = getattr(sae, "config", None)
+    hook = hook or getattr(config, "hook_name", None)
+    if hook is None:
+        raise ValueError(
+            "sae_feature needs the SAE's site: pass hook=, e.g. 'blocks_2/resid_post'."
+        )
+    hook = sites.from_transformer_lens(hook)
+    if head_index is None:
+        head_index = getattr(config, "hook_head_index", None)
 
     def fn(logits, batch, values):
         del logits
-        codes = sae.apply({"params": sae_params}, values[hook], method="encode")  # [B, T, X]
+        rows = sites.to_rows(hook, values[hook], head_index)  # [B, T, D]
+        codes = sae.apply({"params": sae_params}, rows, method="encode")  # [B, T, X]
         return (codes[..., feature].astype(jnp.float32) * batch["loss_mask"]).sum(axis=1)
 
     return Measurement(fn, hooks=(hook,), name=f"{hook}[{feature}]")

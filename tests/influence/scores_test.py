@@ -123,17 +123,29 @@ def test_a_training_sequence_equal_to_the_query_is_among_its_most_influential(se
     assert np.argmax(scores) == 5
 
 
-def test_feature_query_gradient_matches_a_finite_difference(setup):
+@pytest.mark.parametrize(
+    "hook, head_index, width",
+    [
+        ("blocks_1/resid_post", None, 8),
+        ("blocks.1.attn.hook_z", None, 8),  # TransformerLens's name; both heads' rows.
+        ("blocks_1/attn/z", 1, 4),  # A per-head SAE, its site on its config.
+    ],
+)
+def test_feature_query_gradient_matches_a_finite_difference(setup, hook, head_index, width):
     model, params, _, queries = setup
-    sae_config = SAEConfig(architecture="relu", d_in=8, num_latents=16)
+    sae_config = SAEConfig(architecture="relu", d_in=width, num_latents=16)
+    if head_index is not None:
+        sae_config = sae_config.replace(hook_name=hook, hook_head_index=head_index)
     sae = SAE(sae_config)
     sae_params = init_params(sae_config, jax.random.key(0))
+    probe = jnp.ones((1, width))
     feature = int(
-        np.argmax(
-            np.asarray(sae.apply({"params": sae_params}, jnp.ones((1, 8)), method="encode"))[0]
-        )
+        np.argmax(np.asarray(sae.apply({"params": sae_params}, probe, method="encode"))[0])
     )
-    measurement = influence.sae_feature(sae, sae_params, "blocks_1/resid_post", feature)
+    if head_index is None:
+        measurement = influence.sae_feature(sae, sae_params, hook, feature)
+    else:
+        measurement = influence.sae_feature(sae, sae_params, feature=feature)
     modules = gradients.tracked_modules(model, ["blocks_0/mlp/down"])
     batch = {k: jnp.asarray(v) for k, v in gradients.check_batch(queries, 16, "q").items()}
     stats = gradients.inputs_and_grads(
