@@ -80,6 +80,9 @@ def get_config(arg=None):
         cache_path="",  # '' = <sae workdir>/activations; a complete cache is reused.
         harvest_rows=400_000,  # Activation rows (tokens) to cache.
         harvest_batch_size=64,  # Sequences per harvesting forward pass.
+        # Positions no SAE sees, in harvest (so training) and evaluation alike: each row's
+        # first position, the tokenizer's BOS, and any other token ids.
+        exclude=dict(first=True, bos=True, token_ids=()),
         num_latents=1024,  # Default width of each SAE (8x the residual stream).
         # One entry per SAE, all trained together on the same batches; any SAEConfig field.
         saes=(

@@ -12,6 +12,8 @@
    through the shared loop (`interp.jobs.loop`: metrics, progress, checkpoints, resume);
 4. evaluation on held-out text (FVU, L0, dead/dense latents, spliced-in loss, KL, loss
    recovered), written to `<workdir>/eval.json` and TensorBoard, and printed as a table;
+   the positions left out (`config.sae.exclude`: first positions, BOS, chosen token ids;
+   `exclusions`) are the same in harvest, so training, and evaluation;
 5. each SAE exported in SAELens format to `<workdir>/saes/<name>`.
 """
 
@@ -31,6 +33,7 @@ from interp.data.documents import documents
 from interp.jobs import loop
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained
+from interp.models import sites as sites_lib
 from interp.models.fingerprint import fingerprint
 from interp.sae import evaluate as sae_evaluate
 from interp.sae import io as sae_io
@@ -58,19 +61,53 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
+def _sites(sae_config) -> list[str]:
+    """The harvested sites in interp's names (TransformerLens names are accepted)."""
+    return [sites_lib.from_transformer_lens(site) for site in sae_config.sites]
+
+
 def _entries(sae_config) -> list[dict[str, Any]]:
+    harvested = _sites(sae_config)
     entries = []
     for raw in sae_config.saes:
         entry = dict(raw)
-        entry.setdefault("site", sae_config.sites[0])
+        entry["site"] = sites_lib.from_transformer_lens(entry.get("site", harvested[0]))
         entry.setdefault("num_latents", sae_config.num_latents)
-        if entry["site"] not in sae_config.sites:
+        if entry["site"] not in harvested:
             raise ValueError(
                 f"SAE {entry} trains on site {entry['site']!r}, which is not harvested; "
                 f"add it to config.sae.sites {list(sae_config.sites)}."
             )
         entries.append(entry)
     return entries
+
+
+_EXCLUDE_DEFAULTS = {"first": True, "bos": True, "token_ids": ()}
+
+
+def exclusions(sae_config, tokenizer) -> dict[str, Any]:
+    """`keep_mask` options from `config.sae.exclude`, the same for harvest and evaluation.
+
+    `first`: each row's first position (a packed row's first token has no context and an
+    outsized norm); `bos`: the tokenizer's BOS token wherever it stands; `token_ids`: more
+    token ids (other special tokens).
+
+    Raises:
+      ValueError: for unknown keys.
+    """
+    given = dict(sae_config.get("exclude") or {})
+    unknown = sorted(set(given) - set(_EXCLUDE_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"config.sae.exclude has unknown keys {unknown}; known: {sorted(_EXCLUDE_DEFAULTS)}."
+        )
+    options = {**_EXCLUDE_DEFAULTS, **given}
+    bos = getattr(tokenizer, "bos_id", None) if options["bos"] else None
+    return {
+        "bos_id": None if bos is None else int(bos),
+        "skip_first": bool(options["first"]),
+        "exclude_ids": tuple(int(i) for i in options["token_ids"]),
+    }
 
 
 def _token_batches(tokens: np.ndarray, batch_size: int):
@@ -102,15 +139,25 @@ def _check_cache_model(cache, path: str, model_path: str, model_hash: str) -> No
 
 
 def _cache(
-    config, workdir, model_path, model, params, tokenizer, train_docs, model_hash
+    config, workdir, model_path, model, params, tokenizer, train_docs, model_hash, excluded
 ) -> cache_lib.ActivationCache:
     sae_config = config.sae
+    harvested = _sites(sae_config)
     path = sae_config.cache_path or str(workdir / "activations")
     if cache_lib.is_complete(path):
         cache = cache_lib.ActivationCache.open(path)
         _check_cache_model(cache, path, model_path, model_hash)
-        missing = set(sae_config.sites) - set(cache.sites)
-        if not missing and cache.num_rows >= sae_config.harvest_rows:
+        missing = set(harvested) - set(cache.sites)
+        cached_exclusions = cache.metadata.get("extra", {}).get("exclusions")
+        same_positions = cached_exclusions == _json_exclusions(excluded)
+        if not same_positions:
+            logging.info(
+                "The cache at %s kept other positions (%s, now %s); harvesting again.",
+                path,
+                cached_exclusions,
+                _json_exclusions(excluded),
+            )
+        elif not missing and cache.num_rows >= sae_config.harvest_rows:
             logging.info("Reusing %d cached activation rows at %s.", cache.num_rows, path)
             return cache
     tokens = text.pack(train_docs, tokenizer, config.data.seq_len)
@@ -124,19 +171,23 @@ def _cache(
         model,
         params,
         _token_batches(tokens[np.sort(order)], sae_config.harvest_batch_size),
-        list(sae_config.sites),
-        skip_first=True,  # A packed row's first position has no context and an outsized norm.
+        harvested,
+        **excluded,
     )
     return cache_lib.write_cache(
         path,
         stream,
-        list(sae_config.sites),
+        harvested,
         num_rows=sae_config.harvest_rows,
         model_config=model.config,
         model_name=model_path,
-        extra={"model_fingerprint": model_hash},
+        extra={"model_fingerprint": model_hash, "exclusions": _json_exclusions(excluded)},
         overwrite=True,
     )
+
+
+def _json_exclusions(excluded: dict[str, Any]) -> dict[str, Any]:
+    return {**excluded, "exclude_ids": list(excluded["exclude_ids"])}
 
 
 def run(config, workdir: str) -> dict[str, dict[str, float]]:
@@ -152,6 +203,7 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
     sae_config = config.sae
     train_config = sae_train.as_train_config(sae_config.train, where="config.sae.train")
     entries = _entries(sae_config)
+    exclusions(sae_config, None)  # Unknown keys.
     for entry in entries:  # Unknown or bad SAE fields; the width comes from the cache later.
         SAEConfig.from_dict({k: v for k, v in entry.items() if k != "site"} | {"d_in": 1})
     mesh = parallel.mesh_from_config(config.mesh)
@@ -174,7 +226,10 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
         raise FileNotFoundError(f"{model_path} has no tokenizer.json; the SAE job needs text.")
     train_docs, heldout_docs = documents(config.data)
     model_hash = fingerprint(model.config, params)
-    cache = _cache(config, workdir, model_path, model, params, tokenizer, train_docs, model_hash)
+    excluded = exclusions(sae_config, tokenizer)
+    cache = _cache(
+        config, workdir, model_path, model, params, tokenizer, train_docs, model_hash, excluded
+    )
 
     sites = [entry["site"] for entry in entries]
     sample = {site: cache.read(site, 0, min(cache.num_rows, 8192)) for site in set(sites)}
@@ -182,6 +237,7 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
         SAEConfig.from_dict(
             {k: v for k, v in entry.items() if k != "site"}
             | {"d_in": cache.dims[entry["site"]], "input_scale": cache.input_scale(entry["site"])}
+            | {"hook_name": entry["site"]}
         )
         for entry in entries
     )
@@ -238,7 +294,7 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
             sae_params = jax.device_get(sae_state["params"])
             results[name] = sae_evaluate.evaluate(
                 model, params, SAE(sae_cfg), sae_params, eval_batches, site,
-                max_batches=sae_config.eval_batches,
+                max_batches=sae_config.eval_batches, **excluded,
             )  # fmt: skip
             if jax.process_index() == 0:
                 sae_io.save(

@@ -174,3 +174,40 @@ def test_readme_sae_example_runs_on_the_pipeline_output(pipeline_run):
     codes = np.asarray(namespace["codes"])
     assert codes.shape[:2] == namespace["tokens"].shape
     assert np.all((codes != 0).sum(-1) <= namespace["sae"].config.k)
+
+
+def test_excluded_positions_are_the_same_in_harvest_and_evaluation(pipeline_run, tmp_path):
+    from interp.data import activations, text
+    from interp.data.documents import documents
+
+    workdir, _ = pipeline_run
+    config = _config()
+    config.sae.model_path = os.path.join(workdir, "lm", "export")
+    config.sae.cache_path = str(tmp_path / "activations")
+    _, _, tokenizer = models.from_pretrained(config.sae.model_path)
+    the = tokenizer.encode(" the")[0]
+    config.sae.exclude = {"first": True, "bos": True, "token_ids": (the,)}
+    config.sae.train.steps = 4
+    results = job.run(config, str(tmp_path / "sae"))
+    cache = cache_lib.ActivationCache.open(config.sae.cache_path)
+    excluded = {"bos_id": tokenizer.bos_id, "skip_first": True, "exclude_ids": [the]}
+    assert cache.metadata["extra"]["exclusions"] == excluded
+    # Evaluation scored exactly the positions harvest would keep on the held-out rows.
+    _, heldout = documents(config.data)
+    rows = text.pack(heldout, tokenizer, config.data.seq_len)
+    size = config.sae.eval_batch_size
+    batches = [rows[i : i + size] for i in range(0, len(rows) - size + 1, size)]
+    batches = batches[: config.sae.eval_batches]
+    excluded["exclude_ids"] = (the,)
+    kept = sum(int(activations.keep_mask(b, **excluded).sum()) for b in batches)
+    assert kept < sum(b.size for b in batches) - len(batches) * size  # " the" was dropped.
+    for name, metrics in results.items():
+        assert metrics["num_tokens"] == kept, name
+    # Other exclusions make the cache harvest again rather than train on other positions.
+    config.sae.exclude = {"first": True}
+    job.run(config, str(tmp_path / "sae_default"))
+    again = cache_lib.ActivationCache.open(config.sae.cache_path)
+    assert again.metadata["extra"]["exclusions"]["exclude_ids"] == []
+    config.sae.exclude = {"firsts": True}
+    with pytest.raises(ValueError, match="unknown keys \\['firsts'\\]"):
+        job.run(config, str(tmp_path / "typo"))
