@@ -1,9 +1,15 @@
 """Hugging Face config.json <-> `ModelConfig`.
 
-Families: gpt2, gpt_neox (Pythia), llama, gemma2. `config_from_hf` reads both the transformers
-4 layout of config.json (top-level `rope_theta`/`rope_scaling`, NeoX `rotary_pct`, Gemma 2
-without `layer_types`) and the transformers 5 one (`rope_parameters`); `config_to_hf` writes
-both, and refuses a config that the family's HF model cannot express.
+Families (model_type): gpt2, gpt_neox (Pythia), llama, gemma2, gemma3_text (Gemma 3's text
+model), qwen2 (Qwen 2 and 2.5), qwen3, mistral. The Llama-like ones (all but gpt2 and gpt_neox)
+are rows of one table, `_FAMILIES`: what each fixes and which config.json keys it reads.
+`config_from_hf` reads both the transformers 4 layout of config.json (top-level
+`rope_theta`/`rope_scaling`, NeoX `rotary_pct`, Gemma 2/3 and Qwen without `layer_types`, Gemma
+3 `rope_local_base_freq`) and the transformers 5 one (`rope_parameters`, nested by layer type
+for Gemma 3); rope types default, linear, dynamic, yarn and llama3. `config_to_hf` writes both
+layouts, and refuses a config that the family's HF model cannot express. Options we do not
+model (another rope type, bidirectional attention, biases a family has no place for, ...) are
+errors naming the option, never ignored.
 
 Parameters are mapped in `hf_params.py`; folders (safetensors files,
 from_pretrained/save_pretrained) are in `pretrained.py`.
@@ -11,19 +17,83 @@ from_pretrained/save_pretrained) are in `pretrained.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from interp.models.config import ModelConfig
 
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """A Llama-like family: what it fixes, what it reads, and its config class's defaults."""
+
+    architectures: tuple[str, ...]
+    tied: bool = False  # tie_word_embeddings when absent
+    # 'attention_bias': q/k/v/o biases per that key; 'qkv': always q/k/v, never o; 'none'.
+    bias: str = "attention_bias"
+    mlp_bias: bool = False  # Reads `mlp_bias` (else a true `mlp_bias` is refused).
+    head_dim: int | None = None  # When config.json has none; None: hidden_size // heads.
+    activation_key: str = "hidden_act"
+    activation: str = "silu"
+    qk_norm: bool = False  # Per-head RMSNorm on q and k.
+    gemma: bool = False  # (1 + w) norms, post-norms, sqrt(D) embeddings, query_pre_attn_scalar
+    softcaps: tuple[float | None, float | None] = (None, None)  # attention, final defaults
+    # Which layers slide: 'layer_types' (else every `pattern`-th layer is global), 'qwen'
+    # (`use_sliding_window`: layer_types, else layers from max_window_layers on), 'all'
+    # (every layer when sliding_window is set), 'none'.
+    sliding: str = "none"
+    pattern: int = 0
+    local_rope: bool = False  # Sliding layers rotate unscaled with `rope_local_base_freq`.
+    rope_theta: float = 10_000.0
+    max_len: int = 2048
+
+
+_FAMILIES = {
+    "llama": _Family(("LlamaForCausalLM",), mlp_bias=True),
+    "gemma2": _Family(
+        ("Gemma2ForCausalLM",),
+        tied=True,
+        head_dim=256,
+        activation_key="hidden_activation",
+        activation="gelu_pytorch_tanh",
+        gemma=True,
+        softcaps=(50.0, 30.0),
+        sliding="layer_types",
+        pattern=2,
+        max_len=8192,
+    ),
+    "gemma3_text": _Family(
+        ("Gemma3ForCausalLM",),
+        tied=True,
+        head_dim=256,
+        activation_key="hidden_activation",
+        activation="gelu_pytorch_tanh",
+        qk_norm=True,
+        gemma=True,
+        sliding="layer_types",
+        pattern=6,
+        local_rope=True,
+        rope_theta=1_000_000.0,
+        max_len=131_072,
+    ),
+    "qwen2": _Family(("Qwen2ForCausalLM",), bias="qkv", sliding="qwen", max_len=32_768),
+    "qwen3": _Family(
+        ("Qwen3ForCausalLM",), head_dim=128, qk_norm=True, sliding="qwen", max_len=32_768
+    ),
+    "mistral": _Family(("MistralForCausalLM",), bias="none", sliding="all", max_len=131_072),
+}
 SUPPORTED = {
     "gpt2": ("GPT2LMHeadModel", "GPT2Model"),
     "gpt_neox": ("GPTNeoXForCausalLM",),
-    "llama": ("LlamaForCausalLM",),
-    "gemma2": ("Gemma2ForCausalLM",),
+    **{name: family.architectures for name, family in _FAMILIES.items()},
 }
-_TIED_DEFAULT = {"gpt2": True, "gpt_neox": False, "llama": False, "gemma2": True}
+_TIED_DEFAULT = {
+    "gpt2": True,
+    "gpt_neox": False,
+    **{name: family.tied for name, family in _FAMILIES.items()},
+}
 _ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
@@ -32,6 +102,24 @@ _ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
     "relu": "relu",
+}
+_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+# Keys each rope type may carry besides rope_type/type/rope_theta/partial_rotary_factor.
+_ROPE_KEYS = {
+    "default": set(),
+    "linear": {"factor"},
+    "dynamic": {"factor"},
+    "yarn": {
+        "factor",
+        "original_max_position_embeddings",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    },
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
 }
 
 
@@ -45,54 +133,156 @@ def _activation(name: str) -> str:
     return _ACTIVATIONS[name]
 
 
+def _rope_scaling(params: Mapping[str, Any], hf: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """The rope_scaling fields of ModelConfig from one rotary's parameters."""
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise ValueError(
+            f"Unsupported rope type {kind!r} in {family} rope_parameters/rope_scaling; "
+            f"supported: {', '.join(_ROPE_TYPES)}."
+        )
+    common = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+    unknown = sorted(set(params) - common - _ROPE_KEYS[kind])
+    if unknown:
+        raise ValueError(f"Unsupported {kind} rope parameter(s) {unknown} in {family} config.")
+    if kind == "default":
+        return {}
+    max_len = hf.get("max_position_embeddings", _FAMILIES.get(family, _Family(())).max_len)
+    # transformers gives a top-level original_max_position_embeddings priority (Phi 3).
+    original = hf.get(
+        "original_max_position_embeddings", params.get("original_max_position_embeddings")
+    )
+    original = int(max_len if original is None else original)
+    factor = params.get("factor")
+    if kind == "yarn" and factor is None:  # transformers: the context extension ratio
+        factor = max_len / original
+    out: dict[str, Any] = {"rope_scaling": kind, "rope_factor": float(factor)}
+    if kind == "llama3":
+        out.update(
+            rope_low_freq_factor=float(params["low_freq_factor"]),
+            rope_high_freq_factor=float(params["high_freq_factor"]),
+            rope_original_max_len=original,
+        )
+    elif kind == "yarn":
+        attention_factor = params.get("attention_factor")
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if attention_factor is None and mscale and mscale_all_dim:
+            # DeepSeek's form of YaRN's attention factor (transformers' get_mscale ratio).
+            def get_mscale(scale):
+                return lambda m: 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+            attention_factor = get_mscale(factor)(mscale) / get_mscale(factor)(mscale_all_dim)
+        out.update(
+            rope_original_max_len=original,
+            rope_beta_fast=float(params.get("beta_fast") or 32),
+            rope_beta_slow=float(params.get("beta_slow") or 1),
+            rope_attention_factor=None if attention_factor is None else float(attention_factor),
+            rope_truncate=bool(params.get("truncate", True)),
+        )
+    return out
+
+
 def _rope(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
     """Rotary fields of ModelConfig from either config layout."""
-    # transformers 5: `rope_parameters`; 4: `rope_scaling` (which wins if both, as in HF).
-    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-    nested = [v for v in params.values() if isinstance(v, Mapping)]
-    if nested:  # Per layer type; one decoder-wide rotary is all we model.
-        if any(dict(v) != dict(nested[0]) for v in nested):
-            raise ValueError(f"Per-layer-type rope_parameters differ: {params}.")
-        params = dict(nested[0])
+    local_rope = family in _FAMILIES and _FAMILIES[family].local_rope
+    default_theta = _FAMILIES[family].rope_theta if family in _FAMILIES else 10_000.0
+    params = dict(hf.get("rope_parameters") or {})
+    nested = {k: v for k, v in params.items() if isinstance(v, Mapping)}  # by layer type
+    local = None
+    if nested:
+        unknown = sorted(set(params) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise ValueError(f"Unsupported rope_parameters keys {unknown} in {family} config.")
+        if local_rope:
+            params = dict(nested.get("full_attention") or {})
+            local = dict(nested.get("sliding_attention") or {})
+        else:  # One decoder-wide rotary is all these families have.
+            if any(dict(v) != dict(next(iter(nested.values()))) for v in nested.values()):
+                raise ValueError(f"Per-layer-type rope_parameters differ: {params}.")
+            params = dict(next(iter(nested.values())))
+    if hf.get("rope_scaling"):  # transformers 4 layout; wins, as in transformers.
+        params = dict(params, **hf["rope_scaling"]) if local_rope else dict(hf["rope_scaling"])
     theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base")))
     fraction = params.get(
         "partial_rotary_factor",
         hf.get("partial_rotary_factor", hf.get("rotary_pct", 0.25 if family == "gpt_neox" else 1)),
     )
-    if family != "gpt_neox" and fraction != 1:  # HF's Llama/Gemma 2 rotate whole heads.
+    if family != "gpt_neox" and fraction != 1:  # HF's Llama-like models rotate whole heads.
         raise ValueError(f"{family} partial_rotary_factor={fraction} is not supported.")
     out = {
-        "rope_theta": float(10_000.0 if theta is None else theta),
+        "rope_theta": float(default_theta if theta is None else theta),
         "rotary_fraction": float(fraction),
+        **_rope_scaling(params, hf, family),
     }
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "llama3":
-        out.update(
-            rope_scaling="llama3",
-            rope_factor=float(params["factor"]),
-            rope_low_freq_factor=float(params["low_freq_factor"]),
-            rope_high_freq_factor=float(params["high_freq_factor"]),
-            rope_original_max_len=int(
-                params.get("original_max_position_embeddings", hf["max_position_embeddings"])
-            ),
+    if local_rope:
+        local = local or {}
+        kind = local.get("rope_type", local.get("type", "default"))
+        if kind != "default" or set(local) - {"rope_type", "type", "rope_theta"}:
+            raise ValueError(
+                f"Unsupported {family} rope_parameters['sliding_attention'] {local}: sliding "
+                "layers rotate with rope_type 'default' and a rope_theta only."
+            )
+        out["rope_local_theta"] = float(
+            local.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
         )
-    elif kind != "default":
-        raise ValueError(f"Unsupported rope type {kind!r}; supported: default, llama3.")
     return out
 
 
-def _gemma2_sliding_layers(hf: Mapping[str, Any], num_layers: int) -> tuple[int, ...]:
-    if hf.get("sliding_window") is None:
-        return ()
-    if hf.get("layer_types"):
-        kinds = list(hf["layer_types"])
-        unknown = set(kinds) - {"sliding_attention", "full_attention"}
-        if unknown or len(kinds) != num_layers:
-            raise ValueError(f"Unsupported gemma2 layer_types {kinds}.")
-        return tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
-    # Older configs: every `pattern`-th layer is global, the others slide (Gemma 2: 2).
-    pattern = int(hf.get("sliding_window_pattern", 2))
-    return tuple(i for i in range(num_layers) if (i + 1) % pattern)
+def _sliding(hf: Mapping[str, Any], family: str, num_layers: int) -> dict[str, Any]:
+    """sliding_window and sliding_layers of a Llama-like family."""
+    rule = _FAMILIES[family]
+    window = hf.get("sliding_window")
+    kinds = list(hf.get("layer_types") or ())
+    if rule.sliding == "qwen":
+        if not hf.get("use_sliding_window", False):
+            window = None  # As transformers: the window exists only when switched on.
+        if not kinds:  # transformers 4: layers from max_window_layers on slide.
+            first = hf.get("max_window_layers", 28)
+            kinds = [
+                "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
+            ]
+    elif rule.sliding == "layer_types" and not kinds:
+        # Older configs: every `pattern`-th layer is global, the others slide.
+        pattern = int(hf.get("sliding_window_pattern", rule.pattern))
+        kinds = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(num_layers)
+        ]
+    elif rule.sliding == "all":
+        if kinds and set(kinds) != {"sliding_attention" if window else "full_attention"}:
+            raise ValueError(
+                f"{family} layer_types={kinds} is not supported: MistralForCausalLM slides on "
+                "every layer when sliding_window is set (mixed layers are Ministral's)."
+            )
+        kinds = ["sliding_attention" if window else "full_attention"] * num_layers
+    elif rule.sliding == "none":
+        kinds = []
+    unknown = set(kinds) - {"sliding_attention", "full_attention"}
+    if unknown or (kinds and len(kinds) != num_layers):
+        raise ValueError(f"Unsupported {family} layer_types {kinds}.")
+    layers = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    if window is None and layers:
+        if family == "gemma2":  # No window: gemma2's sliding layers attend fully.
+            return {"sliding_window": None, "sliding_layers": ()}
+        reason = "use_sliding_window is false" if rule.sliding == "qwen" else "sliding_window=None"
+        raise ValueError(f"{family} layer_types has sliding_attention layers but {reason}.")
+    return {"sliding_window": int(window) if layers else None, "sliding_layers": layers}
+
+
+def _refuse(hf: Mapping[str, Any], family: str) -> None:
+    """Errors for options of the family's transformers model that we do not model."""
+    rule = _FAMILIES[family]
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{family} use_bidirectional_attention=True is not supported.")
+    if hf.get("mlp_bias") and not rule.mlp_bias:
+        raise ValueError(f"{family} mlp_bias=True is not supported: its MLP has no biases.")
+    if rule.bias == "none" and hf.get("attention_bias"):
+        raise ValueError(f"{family} attention_bias=True is not supported: it has no biases.")
+    if rule.bias == "qkv" and hf.get("attention_bias", True) is not True:
+        raise ValueError(
+            f"{family} attention_bias={hf['attention_bias']!r} is not supported: "
+            f"{rule.architectures[0]} always has q/k/v biases (and no output bias)."
+        )
 
 
 def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
@@ -105,10 +295,17 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
       A float32 `ModelConfig` whose `family` is the HF model_type.
 
     Raises:
-      ValueError: for an unsupported model_type, architecture, rope type or activation.
+      ValueError: for an unsupported model_type, architecture, rope type, activation or other
+        option, naming it.
     """
     hf = dict(hf_config)
     family = hf.get("model_type")
+    if family == "gemma3":
+        raise ValueError(
+            "model_type 'gemma3' is multimodal Gemma 3 (Gemma3ForConditionalGeneration), which "
+            "is not supported; its language model is: pass config['text_config'] (model_type "
+            "'gemma3_text') with the weights saved from Gemma3ForCausalLM (model.layers.*)."
+        )
     if family not in SUPPORTED:
         raise ValueError(
             f"Unsupported model_type {family!r}; supported model types (architectures): "
@@ -150,7 +347,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
         mlp_dim=hf["intermediate_size"],
-        max_len=hf.get("max_position_embeddings", 2048),
+        max_len=hf.get("max_position_embeddings", _FAMILIES.get(family, _Family(())).max_len),
         positions="rotary",
         tied_embeddings=tied,
         **_rope(hf, family),
@@ -169,41 +366,35 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
             mlp_bias=True,
             parallel_residual=hf.get("use_parallel_residual", True),
         )
-    bias = hf.get("attention_bias", False)
-    common.update(
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        norm="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        gated_mlp=True,
-        attn_bias=bias,
-        attn_out_bias=bias,
-    )
-    if family == "llama":
-        return ModelConfig(
-            **common,
-            head_dim=hf.get("head_dim") or d // heads,
-            activation=_activation(hf.get("hidden_act", "silu")),
-            mlp_bias=hf.get("mlp_bias", False),
+    rule = _FAMILIES[family]
+    _refuse(hf, family)
+    bias = bool(hf.get("attention_bias", False))
+    head_dim = hf.get("head_dim") or rule.head_dim or d // heads
+    gemma = {}
+    if rule.gemma:
+        scalar = hf.get("query_pre_attn_scalar", 256)
+        gemma = dict(
+            norm_offset=1.0,
+            post_norms=True,
+            embed_scale=True,
+            query_scale=None if scalar == head_dim else float(scalar) ** -0.5,
+            attn_softcap=hf.get("attn_logit_softcapping", rule.softcaps[0]),
+            final_softcap=hf.get("final_logit_softcapping", rule.softcaps[1]),
         )
-    # gemma2; defaults are Gemma2Config's.
-    head_dim = hf.get("head_dim") or 256
-    scalar = hf.get("query_pre_attn_scalar", 256)
-    if hf.get("use_bidirectional_attention"):
-        raise ValueError("gemma2 use_bidirectional_attention=True is not supported.")
-    sliding = _gemma2_sliding_layers(hf, common["num_layers"])
     return ModelConfig(
         **common,
+        **gemma,
+        **_sliding(hf, family, common["num_layers"]),
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=head_dim,
-        norm_offset=1.0,
-        activation=_activation(hf.get("hidden_activation") or "gelu_pytorch_tanh"),
-        mlp_bias=False,
-        post_norms=True,
-        embed_scale=True,
-        query_scale=None if scalar == head_dim else float(scalar) ** -0.5,
-        attn_softcap=hf.get("attn_logit_softcapping", 50.0),
-        final_softcap=hf.get("final_logit_softcapping", 30.0),
-        sliding_window=hf.get("sliding_window", 4096) if sliding else None,
-        sliding_layers=sliding,
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        activation=_activation(hf.get(rule.activation_key) or rule.activation),
+        gated_mlp=True,
+        attn_bias={"attention_bias": bias, "qkv": True, "none": False}[rule.bias],
+        attn_out_bias=bias if rule.bias == "attention_bias" else False,
+        mlp_bias=bool(hf.get("mlp_bias", False)) if rule.mlp_bias else False,
+        qk_norm=rule.qk_norm,
     )
 
 
@@ -211,6 +402,26 @@ def _hf_activation(config: ModelConfig, family: str) -> str:
     if config.activation == "gelu_tanh":
         return "gelu_new" if family == "gpt2" else "gelu_pytorch_tanh"
     return config.activation
+
+
+def _hf_rope(c: ModelConfig) -> dict[str, Any]:
+    """transformers 5 rope_parameters of the (global) rotary."""
+    rope: dict[str, Any] = {"rope_type": c.rope_scaling or "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling is not None:
+        rope["factor"] = c.rope_factor
+    if c.rope_scaling in ("llama3", "yarn"):
+        rope["original_max_position_embeddings"] = c.rope_original_max_len
+    if c.rope_scaling == "llama3":
+        rope.update(
+            low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor
+        )
+    if c.rope_scaling == "yarn":
+        rope.update(
+            beta_fast=c.rope_beta_fast, beta_slow=c.rope_beta_slow, truncate=c.rope_truncate
+        )
+        if c.rope_attention_factor is not None:
+            rope["attention_factor"] = c.rope_attention_factor
+    return rope
 
 
 def _config_to_family(config: ModelConfig, family: str) -> dict[str, Any]:
@@ -239,22 +450,13 @@ def _config_to_family(config: ModelConfig, family: str) -> dict[str, Any]:
             activation_function=act,
             scale_attn_weights=scale != 1.0,
         )
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": c.rope_theta}
-    if c.rope_scaling == "llama3":
-        rope.update(
-            rope_type="llama3",
-            factor=c.rope_factor,
-            low_freq_factor=c.rope_low_freq_factor,
-            high_freq_factor=c.rope_high_freq_factor,
-            original_max_position_embeddings=c.rope_original_max_len,
-        )
+    rope = _hf_rope(c)
     out.update(
         hidden_size=c.d_model,
         num_hidden_layers=c.num_layers,
         num_attention_heads=c.num_heads,
         intermediate_size=c.mlp_dim,
         max_position_embeddings=c.max_len,
-        attention_bias=c.attn_bias,
         # transformers 4 reads these (transformers 5 reads them too, consistently).
         rope_theta=c.rope_theta,
         rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"}
@@ -263,33 +465,58 @@ def _config_to_family(config: ModelConfig, family: str) -> dict[str, Any]:
     )
     if family == "gpt_neox":
         rope["partial_rotary_factor"] = c.rotary_fraction
-        out.update(rotary_pct=c.rotary_fraction, rotary_emb_base=c.rope_theta)
-    out["rope_parameters"] = rope  # transformers 5
-    if family == "gpt_neox":
         return dict(
             out,
+            rope_parameters=rope,  # transformers 5
+            attention_bias=c.attn_bias,
+            rotary_pct=c.rotary_fraction,
+            rotary_emb_base=c.rope_theta,
             hidden_act=act,
             layer_norm_eps=c.norm_eps,
             use_parallel_residual=c.parallel_residual,
         )
-    out.update(num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim)
-    out.update(rms_norm_eps=c.norm_eps)
-    if family == "llama":
-        return dict(out, hidden_act=act, mlp_bias=c.mlp_bias)
-    scale = c.head_dim**-0.5 if c.query_scale is None else c.query_scale
-    scalar = scale**-2
-    return dict(
-        out,
-        hidden_activation=act,
-        query_pre_attn_scalar=round(scalar) if math.isclose(scalar, round(scalar)) else scalar,
-        attn_logit_softcapping=c.attn_softcap,
-        final_logit_softcapping=c.final_softcap,
-        sliding_window=c.sliding_window,
-        layer_types=[
-            "sliding_attention" if i in c.sliding_layers else "full_attention"
-            for i in range(c.num_layers)
-        ],
-    )
+    rule = _FAMILIES[family]
+    out.update(num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.norm_eps)
+    out[rule.activation_key] = act
+    out["rope_parameters"] = rope
+    if rule.local_rope:
+        local = c.rope_theta if c.rope_local_theta is None else c.rope_local_theta
+        out.update(
+            rope_local_base_freq=local,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": local},
+                "full_attention": rope,
+            },
+        )
+    if rule.bias == "attention_bias":
+        out["attention_bias"] = c.attn_bias
+    if rule.mlp_bias:
+        out["mlp_bias"] = c.mlp_bias
+    if rule.gemma:
+        scale = c.head_dim**-0.5 if c.query_scale is None else c.query_scale
+        scalar = scale**-2
+        out.update(
+            query_pre_attn_scalar=round(scalar) if math.isclose(scalar, round(scalar)) else scalar,
+            attn_logit_softcapping=c.attn_softcap,
+            final_logit_softcapping=c.final_softcap,
+        )
+    kinds = [
+        "sliding_attention" if i in c.sliding_layers else "full_attention"
+        for i in range(c.num_layers)
+    ]
+    if rule.sliding == "layer_types":
+        out.update(sliding_window=c.sliding_window, layer_types=kinds)
+    elif rule.sliding == "qwen":
+        out.update(
+            use_sliding_window=bool(c.sliding_layers),
+            sliding_window=c.sliding_window if c.sliding_layers else None,
+            # transformers 4 reads max_window_layers, 5 layer_types.
+            max_window_layers=min(c.sliding_layers, default=c.num_layers),
+            layer_types=kinds,
+        )
+    elif rule.sliding == "all":
+        out["sliding_window"] = c.sliding_window if c.sliding_layers else None
+    return out
 
 
 def _effective(config: ModelConfig) -> dict[str, Any]:
@@ -299,16 +526,41 @@ def _effective(config: ModelConfig) -> dict[str, Any]:
         c = c.replace(query_scale=c.head_dim**-0.5)
     default = ModelConfig()
     if c.positions == "learned":
-        c = c.replace(rotary_fraction=1.0, rope_theta=default.rope_theta, rope_scaling=None)
-    if c.rope_scaling is None:
         c = c.replace(
-            rope_factor=default.rope_factor,
-            rope_low_freq_factor=default.rope_low_freq_factor,
-            rope_high_freq_factor=default.rope_high_freq_factor,
-            rope_original_max_len=default.rope_original_max_len,
+            rotary_fraction=1.0,
+            rope_theta=default.rope_theta,
+            rope_scaling=None,
+            rope_local_theta=None,
         )
     if not c.sliding_layers:
-        c = c.replace(sliding_window=None)
+        c = c.replace(sliding_window=None, rope_local_theta=None)
+    if c.rope_local_theta == c.rope_theta and c.rope_scaling is None:
+        c = c.replace(rope_local_theta=None)
+    used = {
+        None: (),
+        "linear": ("rope_factor",),
+        "dynamic": ("rope_factor",),
+        "yarn": (
+            "rope_factor",
+            "rope_original_max_len",
+            "rope_beta_fast",
+            "rope_beta_slow",
+            "rope_attention_factor",
+            "rope_truncate",
+        ),
+        "llama3": (
+            "rope_factor",
+            "rope_low_freq_factor",
+            "rope_high_freq_factor",
+            "rope_original_max_len",
+        ),
+    }[c.rope_scaling]
+    scaling_fields = {f.name for f in dataclasses.fields(c) if f.name.startswith("rope_")}
+    scaling_fields -= {"rope_theta", "rope_scaling", "rope_local_theta"}
+    c = c.replace(**{f: getattr(default, f) for f in scaling_fields - set(used)})
+    if c.rope_scaling == "yarn" and c.rope_attention_factor is None:
+        factor = c.rope_factor
+        c = c.replace(rope_attention_factor=1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0)
     return c.to_dict()
 
 
