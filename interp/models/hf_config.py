@@ -236,8 +236,8 @@ def _sliding(hf: Mapping[str, Any], family: str, num_layers: int) -> dict[str, A
     if rule.sliding == "qwen":
         if not hf.get("use_sliding_window", False):
             window = None  # As transformers: the window exists only when switched on.
-        if not kinds:  # transformers 4: layers from max_window_layers on slide.
-            first = hf.get("max_window_layers", 28)
+        if not kinds:  # transformers 4: with a window, layers from max_window_layers on slide.
+            first = hf.get("max_window_layers", 28) if window is not None else num_layers
             kinds = [
                 "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
             ]

@@ -32,6 +32,18 @@ def test_logits_match_transformers(converted):
     assert error <= TOLERANCE
 
 
+@pytest.mark.parametrize("variant", hf_testing.MQA_VARIANTS)
+def test_multi_query_attention_matches_transformers(variant):
+    _, hf, _, model, params = hf_testing.converted(f"{variant}_mqa")
+    assert model.config.num_kv_heads == 1
+    tokens = hf_testing.random_tokens()
+    error = hf_testing.relative_error(
+        hf_testing.ours(model, params, tokens), hf_testing.hf_logits(hf, tokens)
+    )
+    print(f"{variant} with one kv head: max relative logit error {error:.2e}")
+    assert error <= TOLERANCE
+
+
 def test_right_padded_batch_matches_transformers(converted):
     variant, hf, _, model, params = converted
     tokens, mask = hf_testing.random_tokens(1), np.ones((BATCH, LENGTH), np.int32)
@@ -62,6 +74,18 @@ def test_left_padded_batch_matches_transformers(converted):
         ("llama_gqa_llama3", dict(rope_scaling=None)),
         ("gemma2", dict(sliding_layers=())),
         ("gemma2", dict(query_scale=None)),
+        ("gemma3", dict(rope_local_theta=1_000_000.0)),  # the local rotary base
+        ("gemma3", dict(rope_factor=1.0)),  # linear scaling of the global layer
+        ("gemma3", dict(sliding_layers=(0, 2, 4))),  # 1:1, not the 5:1 pattern
+        ("gemma3", dict(qk_norm=False)),
+        ("qwen2", dict(sliding_layers=())),  # use_sliding_window mapped to layers 1, 2
+        ("qwen2", dict(attn_bias=False)),
+        ("qwen3", dict(rope_factor=2.0)),  # yarn factor
+        ("qwen3", dict(rope_beta_fast=32.0)),
+        ("qwen3", dict(rope_attention_factor=1.0)),
+        ("mistral", dict(sliding_layers=())),
+        ("mistral", dict(rope_scaling=None)),  # linear
+        ("llama_dynamic", dict(rope_factor=2.0)),
     ],
 )
 def test_parity_check_detects_a_wrong_model(variant, change):
