@@ -8,12 +8,15 @@ max |hf| <= 1e-4 over real (unpadded) positions (see `hf_testing`).
 
 import shutil
 
+import jax
 import numpy as np
 import pytest
+import torch
 import transformers
 
 from interp import models, safetensors_io
 from interp.models import hf_params
+from interp.models.transformer import init_cache
 from tests.models import hf_testing
 from tests.models.hf_testing import BATCH, LENGTH, PAD, TOLERANCE
 
@@ -186,3 +189,35 @@ def test_gpt2_without_prefix_with_buffers_and_tied_head_loads(tmp_path):
     hf_testing.assert_trees_identical(
         models.from_pretrained(_edited_copy(folder, tmp_path / "old", edit))[1], params
     )
+
+
+def test_dynamic_rope_cached_generation_follows_transformers():
+    """Past max_len, dynamic NTK rotates each new token with the base of its own length and
+    keeps the cached keys' (see transformer._dynamic_inverse_frequencies), as HF's generate;
+    a forward pass over the whole sequence rotates every key with the final length's base."""
+    _, _, _, model, params = hf_testing.converted("llama_dynamic")
+    hf = hf_testing.hf_model("llama_dynamic")  # fresh: its rotary remembers the longest input
+    prompt, steps = hf_testing.random_tokens(4), 6  # 16 tokens > max_position_embeddings = 8
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor(prompt),
+            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    reference, tokens = torch.stack(out.logits, 1).numpy(), out.sequences.numpy()
+    apply = jax.jit(model.apply)
+    cache = init_cache(model.config, BATCH, LENGTH + steps)
+    logits, cache = apply({"params": params}, prompt, cache=cache)
+    ours = [logits[:, -1]]
+    for i in range(LENGTH, LENGTH + steps - 1):
+        logits, cache = apply({"params": params}, tokens[:, i : i + 1], cache=cache)
+        ours.append(logits[:, 0])
+    error = hf_testing.relative_error(np.stack(ours, 1), reference)
+    print(f"llama_dynamic: cached steps, max relative logit error {error:.2e}")
+    assert error <= TOLERANCE
+    whole = hf_testing.ours(model, params, tokens[:, :-1])[:, LENGTH - 1 :]
+    assert hf_testing.relative_error(whole, reference) > 100 * TOLERANCE
