@@ -9,6 +9,7 @@ hashable, and a typed record documents every field. Experiment configs hold a pl
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -163,6 +164,13 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def yarn_attention_factor(self) -> float:
+        """YaRN's factor on cos and sin: rope_attention_factor, else 0.1 ln(factor) + 1."""
+        if self.rope_attention_factor is not None:
+            return self.rope_attention_factor
+        return 1.0 if self.rope_factor <= 1 else 0.1 * math.log(self.rope_factor) + 1.0
 
     @property
     def compute_dtype(self) -> Any:

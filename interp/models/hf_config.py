@@ -133,6 +133,15 @@ def _activation(name: str) -> str:
     return _ACTIVATIONS[name]
 
 
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _max_len(hf: Mapping[str, Any], family: str) -> int:
+    default = _FAMILIES[family].max_len if family in _FAMILIES else 2048
+    return hf.get("max_position_embeddings", default)
+
+
 def _rope_scaling(params: Mapping[str, Any], hf: Mapping[str, Any], family: str) -> dict[str, Any]:
     """The rope_scaling fields of ModelConfig from one rotary's parameters."""
     kind = params.get("rope_type", params.get("type", "default"))
@@ -147,7 +156,7 @@ def _rope_scaling(params: Mapping[str, Any], hf: Mapping[str, Any], family: str)
         raise ValueError(f"Unsupported {kind} rope parameter(s) {unknown} in {family} config.")
     if kind == "default":
         return {}
-    max_len = hf.get("max_position_embeddings", _FAMILIES.get(family, _Family(())).max_len)
+    max_len = _max_len(hf, family)
     # transformers gives a top-level original_max_position_embeddings priority (Phi 3).
     original = hf.get(
         "original_max_position_embeddings", params.get("original_max_position_embeddings")
@@ -167,11 +176,8 @@ def _rope_scaling(params: Mapping[str, Any], hf: Mapping[str, Any], family: str)
         attention_factor = params.get("attention_factor")
         mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
         if attention_factor is None and mscale and mscale_all_dim:
-            # DeepSeek's form of YaRN's attention factor (transformers' get_mscale ratio).
-            def get_mscale(scale):
-                return lambda m: 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-            attention_factor = get_mscale(factor)(mscale) / get_mscale(factor)(mscale_all_dim)
+            # DeepSeek's form of YaRN's attention factor, as transformers computes it.
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
         out.update(
             rope_original_max_len=original,
             rope_beta_fast=float(params.get("beta_fast") or 32),
@@ -265,7 +271,9 @@ def _sliding(hf: Mapping[str, Any], family: str, num_layers: int) -> dict[str, A
         if family == "gemma2":  # No window: gemma2's sliding layers attend fully.
             return {"sliding_window": None, "sliding_layers": ()}
         reason = "use_sliding_window is false" if rule.sliding == "qwen" else "sliding_window=None"
-        raise ValueError(f"{family} layer_types has sliding_attention layers but {reason}.")
+        raise ValueError(
+            f"{family} has sliding layers (layer_types, or their default pattern) but {reason}."
+        )
     return {"sliding_window": int(window) if layers else None, "sliding_layers": layers}
 
 
@@ -347,7 +355,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
         mlp_dim=hf["intermediate_size"],
-        max_len=hf.get("max_position_embeddings", _FAMILIES.get(family, _Family(())).max_len),
+        max_len=_max_len(hf, family),
         positions="rotary",
         tied_embeddings=tied,
         **_rope(hf, family),
@@ -558,9 +566,8 @@ def _effective(config: ModelConfig) -> dict[str, Any]:
     scaling_fields = {f.name for f in dataclasses.fields(c) if f.name.startswith("rope_")}
     scaling_fields -= {"rope_theta", "rope_scaling", "rope_local_theta"}
     c = c.replace(**{f: getattr(default, f) for f in scaling_fields - set(used)})
-    if c.rope_scaling == "yarn" and c.rope_attention_factor is None:
-        factor = c.rope_factor
-        c = c.replace(rope_attention_factor=1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0)
+    if c.rope_scaling == "yarn":
+        c = c.replace(rope_attention_factor=c.yarn_attention_factor)
     return c.to_dict()
 
 

@@ -135,9 +135,7 @@ def rotary_attention_factor(config: ModelConfig, *, local: bool = False) -> floa
     """The factor on cos and sin (so on rotated q and k dims): YaRN's, else 1."""
     if not _uses_scaling(config, local) or config.rope_scaling != "yarn":
         return 1.0
-    if config.rope_attention_factor is not None:
-        return config.rope_attention_factor
-    return 1.0 if config.rope_factor <= 1 else 0.1 * math.log(config.rope_factor) + 1.0
+    return config.yarn_attention_factor
 
 
 def _dynamic_inverse_frequencies(positions, config: ModelConfig, local: bool):
