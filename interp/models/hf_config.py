@@ -1,8 +1,12 @@
 """Hugging Face config.json <-> `ModelConfig`.
 
 Families (model_type): gpt2, gpt_neox (Pythia), llama, gemma2, gemma3_text (Gemma 3's text
-model), qwen2 (Qwen 2 and 2.5), qwen3, mistral. The Llama-like ones (all but gpt2 and gpt_neox)
-are rows of one table, `_FAMILIES`: what each fixes and which config.json keys it reads.
+model), qwen2 (Qwen 2 and 2.5), qwen3, mistral. A multimodal Gemma 3 config (model_type gemma3)
+reads as its language model, a gemma3_text config (`hf_params` then skips the vision tower;
+exports are text-only Gemma3ForCausalLM folders). The Llama-like ones (all but gpt2 and
+gpt_neox) are rows of one table, `_FAMILIES`: what each fixes and which config.json keys it
+reads.
+
 `config_from_hf` reads both the transformers 4 layout of config.json (top-level
 `rope_theta`/`rope_scaling`, NeoX `rotary_pct`, Gemma 2/3 and Qwen without `layer_types`, Gemma
 3 `rope_local_base_freq`) and the transformers 5 one (`rope_parameters`, nested by layer type
@@ -293,6 +297,40 @@ def _refuse(hf: Mapping[str, Any], family: str) -> None:
         )
 
 
+# Gemma3TextConfig's defaults, on which the text_config of multimodal Hub configs relies.
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+)
+
+
+def _gemma3_language_model(hf: Mapping[str, Any]) -> ModelConfig:
+    """Multimodal Gemma 3: the config of its language model (a gemma3_text ModelConfig)."""
+    for arch in hf.get("architectures") or ():
+        if arch != "Gemma3ForConditionalGeneration":
+            raise ValueError(
+                f"Unsupported architecture {arch!r} for model_type 'gemma3'; supported: "
+                "Gemma3ForConditionalGeneration (its language model only)."
+            )
+    text = dict(_GEMMA3_TEXT_DEFAULTS, **(hf.get("text_config") or {}))
+    if text.setdefault("model_type", "gemma3_text") != "gemma3_text":
+        raise ValueError(f"gemma3 text_config has model_type {text['model_type']!r}.")
+    text.pop("architectures", None)
+    if text.get("final_logit_softcapping") is not None:
+        raise ValueError(
+            "gemma3 text_config final_logit_softcapping="
+            f"{text['final_logit_softcapping']} is not supported: "
+            "Gemma3ForConditionalGeneration does not apply it (Gemma3ForCausalLM does)."
+        )
+    if "tie_word_embeddings" in hf:  # The multimodal model ties (or not) as a whole.
+        text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+    return config_from_hf(text)
+
+
 def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     """The `ModelConfig` of a Hugging Face config.json dict.
 
@@ -309,11 +347,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     hf = dict(hf_config)
     family = hf.get("model_type")
     if family == "gemma3":
-        raise ValueError(
-            "model_type 'gemma3' is multimodal Gemma 3 (Gemma3ForConditionalGeneration), which "
-            "is not supported; its language model is: pass config['text_config'] (model_type "
-            "'gemma3_text') with the weights saved from Gemma3ForCausalLM (model.layers.*)."
-        )
+        return _gemma3_language_model(hf)
     if family not in SUPPORTED:
         raise ValueError(
             f"Unsupported model_type {family!r}; supported model types (architectures): "

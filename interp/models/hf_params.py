@@ -235,6 +235,25 @@ def _where(source: str | Mapping[str, str], name: str | None = None) -> str:
     return ", ".join(sorted(set(source.values()))) or "no files"
 
 
+# Multimodal Gemma 3 (Gemma3ForConditionalGeneration) holds Gemma3ForCausalLM's tensors under
+# these prefixes (saved; in memory), next to a vision tower and projector that we do not load.
+_GEMMA3_LANGUAGE_MODEL = ("language_model.model.", "model.language_model.")
+_GEMMA3_RENAMES = (*((p, "model.") for p in _GEMMA3_LANGUAGE_MODEL), ("language_model.", ""))
+_GEMMA3_VISION = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
+
+
+def _gemma3_language_model(tensors, source):
+    """The language model's tensors of a multimodal Gemma 3, named as in Gemma3ForCausalLM."""
+    out, where = {}, {}
+    for name, value in tensors.items():
+        if _GEMMA3_VISION.match(name):
+            continue
+        new = next((r + name[len(p) :] for p, r in _GEMMA3_RENAMES if name.startswith(p)), name)
+        out[new] = value
+        where[new] = source if isinstance(source, str) else source.get(name, "")
+    return out, where
+
+
 def hf_to_params(
     tensors: Mapping[str, np.ndarray],
     config: ModelConfig,
@@ -266,6 +285,9 @@ def hf_to_params(
             if isinstance(source, str)
             else {**source, "embed_out.weight": source.get("lm_head.weight", "")}
         )
+        names = dict.fromkeys(tensors)
+    if family == "gemma3_text" and any(n.startswith(_GEMMA3_LANGUAGE_MODEL) for n in names):
+        tensors, source = _gemma3_language_model(tensors, source)
         names = dict.fromkeys(tensors)
     prefix = "transformer." if any(n.startswith("transformer.") for n in names) else ""
     entries = _name_map(config, gpt2_prefix=prefix)

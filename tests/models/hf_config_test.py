@@ -16,9 +16,24 @@ def test_unknown_model_type_or_architecture_lists_supported():
     families = r"(?s)'mamba'.*gpt2.*gpt_neox.*llama.*gemma2.*gemma3_text.*qwen2.*qwen3.*mistral"
     with pytest.raises(ValueError, match=families):
         hf_config.config_from_hf({"model_type": "mamba"})
-    # Multimodal Gemma 3: say what to pass instead.
-    with pytest.raises(ValueError, match=r"(?s)'gemma3' is multimodal.*text_config.*gemma3_text"):
-        hf_config.config_from_hf({"model_type": "gemma3", "text_config": {}})
+    # Multimodal Gemma 3 reads as its language model; Hub text_configs rely on the defaults.
+    multimodal = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}
+    text = {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34}
+    text.update(rope_scaling={"factor": 8.0, "rope_type": "linear"}, sliding_window=1024)
+    config = hf_config.config_from_hf(dict(multimodal, text_config=text))  # gemma-3-4b's
+    assert (config.family, config.vocab_size, config.num_heads, config.head_dim) == (
+        "gemma3_text",
+        262_208,
+        8,
+        256,
+    )
+    assert (config.rope_theta, config.rope_local_theta, config.rope_factor) == (1e6, 1e4, 8)
+    assert config.sliding_layers == tuple(i for i in range(34) if (i + 1) % 6)
+    with pytest.raises(ValueError, match=r"'Gemma3Model'.*Gemma3ForConditionalGeneration"):
+        hf_config.config_from_hf(dict(multimodal, architectures=["Gemma3Model"]))
+    with pytest.raises(ValueError, match=r"final_logit_softcapping=30.0 .*does not apply it"):
+        softcap = dict(text, final_logit_softcapping=30.0)
+        hf_config.config_from_hf(dict(multimodal, text_config=softcap))
     hf = hf_testing.hf_config("llama_gqa_llama3").to_dict()
     hf["architectures"] = ["LlamaForSequenceClassification"]
     with pytest.raises(ValueError, match=r"(?s)'LlamaForSequenceClassification'.*LlamaForCausalLM"):

@@ -47,6 +47,22 @@ def test_multi_query_attention_matches_transformers(variant):
     assert error <= TOLERANCE
 
 
+def test_multimodal_gemma3_loads_as_its_language_model():
+    variant, hf, folder, model, params = hf_testing.converted("gemma3_multimodal")
+    assert type(hf).__name__ == "Gemma3ForConditionalGeneration"
+    assert any(
+        n.startswith("vision_tower.") for n in safetensors_io.read(folder / "model.safetensors")
+    )
+    text_only = hf_testing.converted("gemma3")[3].config
+    assert model.config == text_only.replace(final_softcap=None)
+    tokens = hf_testing.random_tokens()
+    error = hf_testing.relative_error(
+        hf_testing.ours(model, params, tokens), hf_testing.hf_logits(hf, tokens)
+    )
+    print(f"{variant}: text-only, max relative logit error {error:.2e}")
+    assert error <= TOLERANCE
+
+
 def test_right_padded_batch_matches_transformers(converted):
     variant, hf, _, model, params = converted
     tokens, mask = hf_testing.random_tokens(1), np.ones((BATCH, LENGTH), np.int32)

@@ -130,6 +130,22 @@ def hf_config(variant):
             sliding_window=4,
             rope_scaling=dict(rope_type="linear", factor=2.0),
         )
+    if variant == "gemma3_multimodal":
+        # Gemma3ForConditionalGeneration: the gemma3 text model beside a tiny vision tower.
+        vision = transformers.SiglipVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        return transformers.Gemma3Config(
+            # Without final softcapping, which the multimodal model does not apply.
+            text_config=dict(hf_config("gemma3").to_dict(), final_logit_softcapping=None),
+            vision_config=vision.to_dict(),
+            mm_tokens_per_image=4,
+        )
     assert variant == "gemma2"
     return transformers.Gemma2Config(
         **small,
@@ -146,7 +162,7 @@ def hf_config(variant):
 def _randomize(model, seed=0):
     """Weights of std 0.1 (norm gains 1 + 0.1 noise) so attention is far from uniform."""
     generator = torch.Generator().manual_seed(seed)
-    gemma = model.config.model_type in ("gemma2", "gemma3_text")
+    gemma = model.config.model_type in ("gemma2", "gemma3_text", "gemma3")
     offset = 0.0 if gemma else 1.0  # Gemma norms are (1 + w).
     with torch.no_grad():
         for name, param in model.named_parameters():
