@@ -54,8 +54,10 @@ class ModelConfig:
       rope_scaling: How transformers' `rope_type` rescales the rotary frequencies (see
         `transformer.rotary_inverse_frequencies`): None; 'linear' (positions / factor);
         'dynamic' (NTK: for inputs longer than max_len the base grows with the input's
-        length); 'yarn' (per-frequency blend of interpolation and extrapolation, and an
-        attention factor on the rotated dims); 'llama3' (Llama 3.1+ frequency bands).
+        length; past max_len, cached generation therefore follows transformers' generate,
+        not a forward pass over the whole sequence); 'yarn' (per-frequency blend of
+        interpolation and extrapolation, and an attention factor on the rotated dims);
+        'llama3' (Llama 3.1+ frequency bands).
       rope_factor: Scaling factor of every rope_scaling type.
       rope_low_freq_factor, rope_high_freq_factor: Llama 3 band edges.
       rope_original_max_len: Pretraining length of the yarn and llama3 scalings.

@@ -139,7 +139,7 @@ def rotary_attention_factor(config: ModelConfig, *, local: bool = False) -> floa
 
 
 def _dynamic_inverse_frequencies(positions, config: ModelConfig, local: bool):
-    """Dynamic NTK: the base grows with the longest input, L = max(positions) + 1 > max_len.
+    """Dynamic NTK: the base grows with the input's length L = max(positions) + 1 past max_len.
 
     As transformers' forward: L is taken over the whole batch of this call, so in cached
     generation each new token is rotated with its own length's base while earlier keys keep
