@@ -101,6 +101,8 @@ def test_left_padded_batch_matches_transformers(converted):
         ("qwen2", dict(attn_bias=False)),
         ("qwen3", dict(rope_factor=2.0)),  # yarn factor
         ("qwen3", dict(rope_beta_fast=32.0)),
+        ("qwen3", dict(rope_beta_slow=2.0)),
+        ("qwen3", dict(rope_truncate=False)),
         ("qwen3", dict(rope_attention_factor=1.0)),
         ("mistral", dict(sliding_layers=())),
         ("mistral", dict(rope_scaling=None)),  # linear
