@@ -7,15 +7,14 @@ exports are text-only Gemma3ForCausalLM folders). The Llama-like ones (all but g
 gpt_neox) are rows of one table, `_FAMILIES`: what each fixes and which config.json keys it
 reads.
 
-`config_from_hf` reads both the transformers 4 layout of config.json (top-level
-`rope_theta`/`rope_scaling`, NeoX `rotary_pct`, Gemma 2/3 and Qwen without `layer_types`, Gemma
-3 `rope_local_base_freq`) and the transformers 5 one (`rope_parameters`, nested by layer type
-for Gemma 3); rope types default, linear, dynamic, yarn and llama3. `config_to_hf` writes both
-layouts, and refuses a config that the family's HF model cannot express. Options we do not
-model (another rope type, bidirectional attention, biases a family has no place for, ...) are
-errors naming the option, never ignored.
+`config_from_hf` reads both the transformers 4 layout of config.json (Gemma 2/3 and Qwen
+without `layer_types`, Qwen's `max_window_layers`) and the transformers 5 one; `config_to_hf`
+writes both, and refuses a config that the family's HF model cannot express. Options we do not
+model (bidirectional attention, biases a family has no place for, ...) are errors naming the
+option, never ignored.
 
-Parameters are mapped in `hf_params.py`; folders (safetensors files,
+The rotary settings (both layouts; rope types default, linear, dynamic, yarn, llama3) are read
+and written in `hf_rope.py`, parameters mapped in `hf_params.py`; folders (safetensors files,
 from_pretrained/save_pretrained) are in `pretrained.py`.
 """
 
@@ -26,6 +25,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from interp.models import hf_rope
 from interp.models.config import ModelConfig
 
 
@@ -107,24 +107,6 @@ _ACTIVATIONS = {
     "swish": "silu",
     "relu": "relu",
 }
-_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
-# Keys each rope type may carry besides rope_type/type/rope_theta/partial_rotary_factor.
-_ROPE_KEYS = {
-    "default": set(),
-    "linear": {"factor"},
-    "dynamic": {"factor"},
-    "yarn": {
-        "factor",
-        "original_max_position_embeddings",
-        "attention_factor",
-        "beta_fast",
-        "beta_slow",
-        "mscale",
-        "mscale_all_dim",
-        "truncate",
-    },
-    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
-}
 
 
 def _supported_text() -> str:
@@ -137,105 +119,9 @@ def _activation(name: str) -> str:
     return _ACTIVATIONS[name]
 
 
-def _yarn_mscale(factor: float, mscale: float) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
 def _max_len(hf: Mapping[str, Any], family: str) -> int:
     default = _FAMILIES[family].max_len if family in _FAMILIES else 2048
     return hf.get("max_position_embeddings", default)
-
-
-def _rope_scaling(params: Mapping[str, Any], hf: Mapping[str, Any], family: str) -> dict[str, Any]:
-    """The rope_scaling fields of ModelConfig from one rotary's parameters."""
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in _ROPE_TYPES:
-        raise ValueError(
-            f"Unsupported rope type {kind!r} in {family} rope_parameters/rope_scaling; "
-            f"supported: {', '.join(_ROPE_TYPES)}."
-        )
-    common = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
-    unknown = sorted(set(params) - common - _ROPE_KEYS[kind])
-    if unknown:
-        raise ValueError(f"Unsupported {kind} rope parameter(s) {unknown} in {family} config.")
-    if kind == "default":
-        return {}
-    max_len = _max_len(hf, family)
-    # transformers gives a top-level original_max_position_embeddings priority (Phi 3).
-    original = hf.get(
-        "original_max_position_embeddings", params.get("original_max_position_embeddings")
-    )
-    original = int(max_len if original is None else original)
-    factor = params.get("factor")
-    if kind == "yarn" and factor is None:  # transformers: the context extension ratio
-        factor = max_len / original
-    out: dict[str, Any] = {"rope_scaling": kind, "rope_factor": float(factor)}
-    if kind == "llama3":
-        out.update(
-            rope_low_freq_factor=float(params["low_freq_factor"]),
-            rope_high_freq_factor=float(params["high_freq_factor"]),
-            rope_original_max_len=original,
-        )
-    elif kind == "yarn":
-        attention_factor = params.get("attention_factor")
-        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
-        if attention_factor is None and mscale and mscale_all_dim:
-            # DeepSeek's form of YaRN's attention factor, as transformers computes it.
-            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
-        out.update(
-            rope_original_max_len=original,
-            rope_beta_fast=float(params.get("beta_fast") or 32),
-            rope_beta_slow=float(params.get("beta_slow") or 1),
-            rope_attention_factor=None if attention_factor is None else float(attention_factor),
-            rope_truncate=bool(params.get("truncate", True)),
-        )
-    return out
-
-
-def _rope(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
-    """Rotary fields of ModelConfig from either config layout."""
-    local_rope = family in _FAMILIES and _FAMILIES[family].local_rope
-    default_theta = _FAMILIES[family].rope_theta if family in _FAMILIES else 10_000.0
-    params = dict(hf.get("rope_parameters") or {})
-    nested = {k: v for k, v in params.items() if isinstance(v, Mapping)}  # by layer type
-    local = None
-    if nested:
-        unknown = sorted(set(params) - {"full_attention", "sliding_attention"})
-        if unknown:
-            raise ValueError(f"Unsupported rope_parameters keys {unknown} in {family} config.")
-        if local_rope:
-            params = dict(nested.get("full_attention") or {})
-            local = dict(nested.get("sliding_attention") or {})
-        else:  # One decoder-wide rotary is all these families have.
-            if any(dict(v) != dict(next(iter(nested.values()))) for v in nested.values()):
-                raise ValueError(f"Per-layer-type rope_parameters differ: {params}.")
-            params = dict(next(iter(nested.values())))
-    if hf.get("rope_scaling"):  # transformers 4 layout; wins, as in transformers.
-        params = dict(params, **hf["rope_scaling"]) if local_rope else dict(hf["rope_scaling"])
-    theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base")))
-    fraction = params.get(
-        "partial_rotary_factor",
-        hf.get("partial_rotary_factor", hf.get("rotary_pct", 0.25 if family == "gpt_neox" else 1)),
-    )
-    if family != "gpt_neox" and fraction != 1:  # HF's Llama-like models rotate whole heads.
-        raise ValueError(f"{family} partial_rotary_factor={fraction} is not supported.")
-    out = {
-        "rope_theta": float(default_theta if theta is None else theta),
-        "rotary_fraction": float(fraction),
-        **_rope_scaling(params, hf, family),
-    }
-    if local_rope:
-        local = local or {}
-        kind = local.get("rope_type", local.get("type", "default"))
-        if kind != "default" or set(local) - {"rope_type", "type", "rope_theta"}:
-            raise ValueError(
-                f"Unsupported {family} rope_parameters['sliding_attention'] {local}: sliding "
-                "layers rotate with rope_type 'default' and a rope_theta only."
-            )
-        out["rope_local_theta"] = float(
-            local.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
-        )
-    return out
 
 
 def _sliding(hf: Mapping[str, Any], family: str, num_layers: int) -> dict[str, Any]:
@@ -392,7 +278,13 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         max_len=_max_len(hf, family),
         positions="rotary",
         tied_embeddings=tied,
-        **_rope(hf, family),
+        **hf_rope.rope_from_hf(
+            hf,
+            family,
+            max_len=_max_len(hf, family),
+            default_theta=_FAMILIES[family].rope_theta if family in _FAMILIES else 10_000.0,
+            local_rope=family in _FAMILIES and _FAMILIES[family].local_rope,
+        ),
     )
     if family == "gpt_neox":
         bias = hf.get("attention_bias", True)
@@ -446,26 +338,6 @@ def _hf_activation(config: ModelConfig, family: str) -> str:
     return config.activation
 
 
-def _hf_rope(c: ModelConfig) -> dict[str, Any]:
-    """transformers 5 rope_parameters of the (global) rotary."""
-    rope: dict[str, Any] = {"rope_type": c.rope_scaling or "default", "rope_theta": c.rope_theta}
-    if c.rope_scaling is not None:
-        rope["factor"] = c.rope_factor
-    if c.rope_scaling in ("llama3", "yarn"):
-        rope["original_max_position_embeddings"] = c.rope_original_max_len
-    if c.rope_scaling == "llama3":
-        rope.update(
-            low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor
-        )
-    if c.rope_scaling == "yarn":
-        rope.update(
-            beta_fast=c.rope_beta_fast, beta_slow=c.rope_beta_slow, truncate=c.rope_truncate
-        )
-        if c.rope_attention_factor is not None:
-            rope["attention_factor"] = c.rope_attention_factor
-    return rope
-
-
 def _config_to_family(config: ModelConfig, family: str) -> dict[str, Any]:
     c = config
     act = _hf_activation(c, family)
@@ -492,7 +364,7 @@ def _config_to_family(config: ModelConfig, family: str) -> dict[str, Any]:
             activation_function=act,
             scale_attn_weights=scale != 1.0,
         )
-    rope = _hf_rope(c)
+    rope = hf_rope.rope_to_hf(c)
     out.update(
         hidden_size=c.d_model,
         num_hidden_layers=c.num_layers,
