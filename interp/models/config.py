@@ -1,4 +1,5 @@
-"""`ModelConfig`: the choices that make one decoder into GPT-2, GPT-NeoX, Llama or Gemma 2.
+"""`ModelConfig`: the choices that make one decoder into GPT-2, GPT-NeoX, Llama, Gemma 2/3,
+Qwen 2/2.5/3 or Mistral.
 
 A frozen dataclass rather than an `ml_collections.ConfigDict`: Flax module attributes must be
 hashable, and a typed record documents every field. Experiment configs hold a plain dict under
@@ -8,6 +9,7 @@ hashable, and a typed record documents every field. Experiment configs hold a pl
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ from interp import records
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITIONS = ("learned", "rotary")
-ROPE_SCALINGS = (None, "llama3")
+ROPE_SCALINGS = (None, "linear", "dynamic", "yarn", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +27,8 @@ class ModelConfig:
     """Architecture of a decoder-only transformer.
 
     Attributes:
-      family: Which Hugging Face family the config came from ('gpt2', 'gpt_neox', 'llama',
-        'gemma2', or 'custom'); informational, behaviour is set by the fields below.
+      family: Which Hugging Face family the config came from (a model_type of
+        `hf_config.SUPPORTED`, or 'custom'); informational, behaviour is set by the fields below.
       vocab_size: V.
       d_model: D, the residual stream width.
       num_layers: Number of blocks.
@@ -46,11 +48,27 @@ class ModelConfig:
       positions: 'learned' absolute embeddings or 'rotary'.
       rotary_fraction: Fraction of each head's dims that rotate (GPT-NeoX: 0.25).
       rope_theta: Rotary base.
-      rope_scaling: None or 'llama3' (frequency-dependent scaling of Llama 3.1+).
-      rope_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_max_len:
-        Parameters of the Llama 3 scaling.
+      rope_local_theta: Rotary base of the sliding-window layers, which then rotate without
+        `rope_scaling` (Gemma 3: 10k locally, 1M with scaling globally); None: all layers
+        share one rotary.
+      rope_scaling: How transformers' `rope_type` rescales the rotary frequencies (see
+        `transformer.rotary_inverse_frequencies`): None; 'linear' (positions / factor);
+        'dynamic' (NTK: for inputs longer than max_len the base grows with the input's
+        length; past max_len, cached generation therefore follows transformers' generate,
+        not a forward pass over the whole sequence); 'yarn' (per-frequency blend of
+        interpolation and extrapolation, and an attention factor on the rotated dims);
+        'llama3' (Llama 3.1+ frequency bands).
+      rope_factor: Scaling factor of every rope_scaling type.
+      rope_low_freq_factor, rope_high_freq_factor: Llama 3 band edges.
+      rope_original_max_len: Pretraining length of the yarn and llama3 scalings.
+      rope_beta_fast, rope_beta_slow: YaRN's ramp bounds, in rotations over the original
+        length.
+      rope_attention_factor: YaRN's multiplier on cos/sin; None: 0.1 * ln(factor) + 1.
+      rope_truncate: YaRN rounds its ramp bounds to whole dims (transformers' `truncate`).
       parallel_residual: x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX, GPT-J) instead of sequential.
       post_norms: Gemma 2's extra norms on the attention and MLP outputs.
+      qk_norm: A norm (the model's `norm`, over H, one scale shared by the heads) on each
+        query and key head before rotary (Qwen 3, Gemma 3).
       tied_embeddings: The unembedding is the transposed token embedding.
       embed_scale: Multiply token embeddings by sqrt(D) (Gemma).
       query_scale: Attention logits are scaled by this; None means head_dim ** -0.5.
@@ -88,8 +106,14 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    rope_local_theta: float | None = None
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: float | None = None
+    rope_truncate: bool = True
     parallel_residual: bool = False
     post_norms: bool = False
+    qk_norm: bool = False
     tied_embeddings: bool = True
     embed_scale: bool = False
     query_scale: float | None = None
@@ -142,6 +166,13 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def yarn_attention_factor(self) -> float:
+        """YaRN's factor on cos and sin: rope_attention_factor, else 0.1 ln(factor) + 1."""
+        if self.rope_attention_factor is not None:
+            return self.rope_attention_factor
+        return 1.0 if self.rope_factor <= 1 else 0.1 * math.log(self.rope_factor) + 1.0
 
     @property
     def compute_dtype(self) -> Any:

@@ -1,8 +1,9 @@
 """Hugging Face state dicts <-> our parameters, one name map per family.
 
-Families are those of `hf_config.SUPPORTED`. Conversion is pure NumPy and exact:
-`params_to_hf(hf_to_params(t, c), c)` is bit-identical to `t`. Folders (safetensors files,
-from_pretrained/save_pretrained) are in `pretrained.py`.
+Families are those of `hf_config.SUPPORTED`; the Llama-like ones (all but gpt2 and gpt_neox)
+share one name map. Conversion is pure NumPy and exact: `params_to_hf(hf_to_params(t, c), c)`
+is bit-identical to `t`. Folders (safetensors files, from_pretrained/save_pretrained) are in
+`pretrained.py`.
 
 Weight layouts, with the legend of `transformer.py`: HF `nn.Linear` weights are [out, in];
 GPT-2 `Conv1D` weights are [in, out]; GPT-NeoX fuses q, k, v into one [3 * N * H, D] matrix laid
@@ -29,9 +30,8 @@ from interp.models.hf_config import SUPPORTED
 _IGNORED = {
     "gpt2": re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$"),
     "gpt_neox": re.compile(r"\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$"),
-    "llama": re.compile(r"\.rotary_emb\.inv_freq$"),
-    "gemma2": re.compile(r"\.rotary_emb\.inv_freq$"),
 }
+_ROTARY_BUFFER = re.compile(r"\.rotary_emb\.(\w+_)?inv_freq$")  # Llama-like families
 _LM_HEAD = {"gpt2": "lm_head.weight", "gpt_neox": "embed_out.weight"}
 
 
@@ -156,7 +156,8 @@ def _neox_map(c: ModelConfig) -> list[_Tensor]:
 
 
 def _llama_map(c: ModelConfig) -> list[_Tensor]:
-    """Llama and Gemma 2 (which adds two post-norms and renames the pre-MLP norm)."""
+    """Llama-like families: Llama, Qwen 2/3, Mistral, Gemma 2/3 (Gemma adds two post-norms and
+    renames the pre-MLP norm; Qwen 3 and Gemma 3 have per-head q/k norms)."""
     d, n, k, h, f = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
     out = [
         _reshaped("model.embed_tokens.weight", "embed", (c.vocab_size, d), (c.vocab_size, d)),
@@ -187,6 +188,12 @@ def _llama_map(c: ModelConfig) -> list[_Tensor]:
                         f"{attn}.{x}_proj.bias", f"{ours}/attn/{x}_bias", (heads * h,), (heads, h)
                     )
                 )
+        if c.qk_norm:
+            for x in "qk":
+                path = f"{ours}/attn/{x}_norm"
+                out.append(_reshaped(f"{attn}.{x}_norm.weight", f"{path}/scale", (h,), (h,)))
+                if c.norm == "layernorm":
+                    out.append(_reshaped(f"{attn}.{x}_norm.bias", f"{path}/bias", (h,), (h,)))
         out.append(_linear(f"{attn}.o_proj.weight", f"{ours}/attn/o_kernel", (d, n * h), (n, h, d)))
         if c.attn_out_bias:
             out.append(_reshaped(f"{attn}.o_proj.bias", f"{ours}/attn/o_bias", (d,), (d,)))
@@ -207,7 +214,7 @@ def _name_map(config: ModelConfig, gpt2_prefix: str = "transformer.") -> list[_T
         out = _gpt2_map(config, gpt2_prefix)
     elif family == "gpt_neox":
         out = _neox_map(config)
-    elif family in ("llama", "gemma2"):
+    elif family in SUPPORTED:
         out = _llama_map(config)
     else:
         raise ValueError(
@@ -226,6 +233,25 @@ def _where(source: str | Mapping[str, str], name: str | None = None) -> str:
     if name is not None and name in source:
         return source[name]
     return ", ".join(sorted(set(source.values()))) or "no files"
+
+
+# Multimodal Gemma 3 (Gemma3ForConditionalGeneration) holds Gemma3ForCausalLM's tensors under
+# these prefixes (saved; in memory), next to a vision tower and projector that we do not load.
+_GEMMA3_LANGUAGE_MODEL = ("language_model.model.", "model.language_model.")
+_GEMMA3_RENAMES = (*((p, "model.") for p in _GEMMA3_LANGUAGE_MODEL), ("language_model.", ""))
+_GEMMA3_VISION = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
+
+
+def _gemma3_language_model(tensors, source):
+    """The language model's tensors of a multimodal Gemma 3, named as in Gemma3ForCausalLM."""
+    out, where = {}, {}
+    for name, value in tensors.items():
+        if _GEMMA3_VISION.match(name):
+            continue
+        new = next((r + name[len(p) :] for p, r in _GEMMA3_RENAMES if name.startswith(p)), name)
+        out[new] = value
+        where[new] = source if isinstance(source, str) else source.get(name, "")
+    return out, where
 
 
 def hf_to_params(
@@ -260,6 +286,9 @@ def hf_to_params(
             else {**source, "embed_out.weight": source.get("lm_head.weight", "")}
         )
         names = dict.fromkeys(tensors)
+    if family == "gemma3_text" and any(n.startswith(_GEMMA3_LANGUAGE_MODEL) for n in names):
+        tensors, source = _gemma3_language_model(tensors, source)
+        names = dict.fromkeys(tensors)
     prefix = "transformer." if any(n.startswith("transformer.") for n in names) else ""
     entries = _name_map(config, gpt2_prefix=prefix)
     expected = {e.name for e in entries}
@@ -274,7 +303,7 @@ def hf_to_params(
         raise ValueError(
             f"Missing tensor(s) for a {family} model in {_where(source)}: {', '.join(lines)}{more}."
         )
-    ignored = _IGNORED.get(family)
+    ignored = _IGNORED.get(family, _ROTARY_BUFFER)
     leftover = [n for n in names if n not in expected and not (ignored and ignored.search(n))]
     head = _LM_HEAD.get(family, "lm_head.weight")
     if config.tied_embeddings and head in leftover:

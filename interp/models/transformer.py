@@ -1,4 +1,5 @@
-"""One Flax decoder; GPT-2, GPT-NeoX/Pythia, Llama and Gemma 2 are configurations of it.
+"""One Flax decoder; GPT-2, GPT-NeoX/Pythia, Llama, Gemma 2, Gemma 3, Qwen 2/2.5, Qwen 3 and
+Mistral are configurations of it.
 
 Legend (used in docstrings and einsums): B batch, T query positions, S key positions, D model
 width, N query heads, K key/value heads, G query heads per kv head (N = K * G), H head dim,
@@ -10,10 +11,12 @@ resid_mid (sequential residual only), mlp/in (normed MLP input), mlp/pre_act (up
 or gate projection when gated), mlp/up (gated only), mlp/post_act (input of the down
 projection), mlp/out, resid_post; attn_out and mlp/out are what the sublayer adds to the
 residual stream (after Gemma's post-norms), so resid_mid = resid_pre + attn_out and
-resid_post = resid_mid + mlp/out in every family. Every norm (ln_1, ln_2, ln_f, post norms)
-has a `normalized` point before its learned scale and bias (TransformerLens's
-hook_normalized). Top level: final_norm (the final norm's output, what the unembedding
-reads). TransformerLens names map to these in `interp.models.sites`.
+resid_post = resid_mid + mlp/out in every family. Every norm (ln_1, ln_2, ln_f, post norms,
+q/k norms) has a `normalized` point before its learned scale and bias (TransformerLens's
+hook_normalized). Families with q/k norms (Qwen 3, Gemma 3) add attn/q_pre_norm [B, T, N, H]
+and attn/k_pre_norm [B, T, K, H], the projections before those norms; attn/q and attn/k are
+then normed and rotated, as everywhere. Top level: final_norm (the final norm's output, what
+the unembedding reads). TransformerLens names map to these in `interp.models.sites`.
 
 KV cache: pass `cache=init_cache(...)` and the call returns `(logits, new_cache)`. The cache
 holds keys/values for every layer, a key-validity mask and the next write index; see
@@ -44,9 +47,11 @@ def _param(module: nn.Module, name: str, shape, axes, init=_init):
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm over the last axis, computed in float32. x: [..., D]."""
+    """LayerNorm or RMSNorm over the last axis, computed in float32. x: [..., D] (or [..., H]
+    for the q/k norms, whose `axis` is 'kv')."""
 
     config: ModelConfig
+    axis: str = "embed"  # Logical name of the normalized axis.
 
     @nn.compact
     def __call__(self, x):
@@ -61,7 +66,7 @@ class Norm(nn.Module):
         scale_init = nn.initializers.zeros if cfg.norm_offset else nn.initializers.ones
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(scale_init, ("embed",)),
+            nn.with_logical_partitioning(scale_init, (self.axis,)),
             (d,),
             cfg.storage_dtype,
         )
@@ -69,7 +74,7 @@ class Norm(nn.Module):
         if cfg.norm == "layernorm":
             bias = self.param(
                 "bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                nn.with_logical_partitioning(nn.initializers.zeros, (self.axis,)),
                 (d,),
                 cfg.storage_dtype,
             )
@@ -77,32 +82,95 @@ class Norm(nn.Module):
         return xf.astype(cfg.compute_dtype)
 
 
-def rotary_inverse_frequencies(config: ModelConfig) -> np.ndarray:
-    """Per-pair rotation frequencies [rotary_dim / 2], with Llama 3 scaling if configured."""
-    dim = config.rotary_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    if config.rope_scaling == "llama3":
+def _uses_scaling(config: ModelConfig, local: bool) -> bool:
+    """Whether this layer's rotary is rescaled: Gemma 3's local layers never are."""
+    return config.rope_scaling is not None and not (local and config.rope_local_theta is not None)
+
+
+def _theta(config: ModelConfig, local: bool) -> float:
+    if local and config.rope_local_theta is not None:
+        return config.rope_local_theta
+    return config.rope_theta
+
+
+def rotary_inverse_frequencies(config: ModelConfig, *, local: bool = False) -> np.ndarray:
+    """Per-pair rotation frequencies [rotary_dim / 2], with the configured scaling.
+
+    Follows transformers' `modeling_rope_utils`. `local` selects the sliding-window layers'
+    rotary (see `ModelConfig.rope_local_theta`). For 'dynamic' these are the frequencies of
+    inputs up to max_len; `apply_rotary` grows the base for longer ones.
+    """
+    dim, theta = config.rotary_dim, _theta(config, local)
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    kind, factor = config.rope_scaling if _uses_scaling(config, local) else None, config.rope_factor
+    if kind == "linear":
+        inv_freq = inv_freq / factor
+    elif kind == "yarn":
+        # YaRN (Peng et al. 2023, sec. 3.2): dims that turn fewer than beta_slow times over
+        # the original length are interpolated (/ factor), more than beta_fast times kept,
+        # with a linear ramp between. Dim d turns r times at d = dim ln(L / 2 pi r) / 2 ln(base).
+        def dim_of(rotations):
+            length = config.rope_original_max_len
+            return dim * math.log(length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim_of(config.rope_beta_fast), dim_of(config.rope_beta_slow)
+        if config.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        high = high + 0.001 if low == high else high  # as transformers: no division by zero
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    elif kind == "llama3":
         # Llama 3.1 frequency-dependent scaling: long wavelengths are slowed by `factor`,
         # short ones kept, and the band between interpolated smoothly.
         low_wavelen = config.rope_original_max_len / config.rope_low_freq_factor
         high_wavelen = config.rope_original_max_len / config.rope_high_freq_factor
         wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > low_wavelen, inv_freq / config.rope_factor, inv_freq)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
         smooth = (config.rope_original_max_len / wavelen - config.rope_low_freq_factor) / (
             config.rope_high_freq_factor - config.rope_low_freq_factor
         )
-        smoothed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled)
     return inv_freq.astype(np.float32)
 
 
-def apply_rotary(x, positions, config: ModelConfig):
-    """Rotates the first rotary_dim dims of each head (half-split convention). x: [B,T,N,H]."""
-    inv_freq = jnp.asarray(rotary_inverse_frequencies(config))
+def rotary_attention_factor(config: ModelConfig, *, local: bool = False) -> float:
+    """The factor on cos and sin (so on rotated q and k dims): YaRN's, else 1."""
+    if not _uses_scaling(config, local) or config.rope_scaling != "yarn":
+        return 1.0
+    return config.yarn_attention_factor
+
+
+def _dynamic_inverse_frequencies(positions, config: ModelConfig, local: bool):
+    """Dynamic NTK: the base grows with the input's length L = max(positions) + 1 past max_len.
+
+    As transformers' forward: L is taken over the whole batch of this call, so in cached
+    generation each new token is rotated with its own length's base while earlier keys keep
+    theirs (transformers' generate does the same); recomputing without a cache rotates all
+    keys with the final length's base instead, so the two agree only up to max_len.
+    """
+    dim, factor, max_len = config.rotary_dim, config.rope_factor, config.max_len
+    length = jnp.maximum(jnp.max(positions) + 1, max_len).astype(jnp.float32)
+    base = _theta(config, local) * (factor * length / max_len - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+
+
+def apply_rotary(x, positions, config: ModelConfig, *, local: bool = False):
+    """Rotates the first rotary_dim dims of each head (half-split convention). x: [B,T,N,H].
+
+    `local`: x belongs to a sliding-window layer (see `ModelConfig.rope_local_theta`).
+    """
+    if config.rope_scaling == "dynamic" and _uses_scaling(config, local):
+        inv_freq = _dynamic_inverse_frequencies(positions, config, local)
+    else:
+        inv_freq = jnp.asarray(rotary_inverse_frequencies(config, local=local))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, R]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    factor = rotary_attention_factor(config, local=local)
+    cos, sin = jnp.cos(angles) * factor, jnp.sin(angles) * factor
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     rot, rest = x[..., : config.rotary_dim], x[..., config.rotary_dim :]
     half = config.rotary_dim // 2
     rotated_half = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
@@ -114,9 +182,14 @@ def _softcap(x, cap):
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query causal self-attention. x: [B, T, D] -> [B, T, D]."""
+    """Multi-head / grouped-query causal self-attention. x: [B, T, D] -> [B, T, D].
+
+    `sliding`: a sliding-window layer, which may have its own rotary (Gemma 3); the window
+    itself is in the mask the caller passes.
+    """
 
     config: ModelConfig
+    sliding: bool = False
 
     @nn.compact
     def __call__(self, x, *, positions, mask, cache=None):
@@ -143,9 +216,12 @@ class Attention(nn.Module):
             return y
 
         q, key, value = project("q", n), project("k", k), project("v", k)
+        if cfg.qk_norm:
+            q = Norm(cfg, "kv", name="q_norm")(HookPoint(name="q_pre_norm")(q))
+            key = Norm(cfg, "kv", name="k_norm")(HookPoint(name="k_pre_norm")(key))
         if cfg.positions == "rotary":
-            q = apply_rotary(q, positions, cfg)
-            key = apply_rotary(key, positions, cfg)
+            q = apply_rotary(q, positions, cfg, local=self.sliding)
+            key = apply_rotary(key, positions, cfg, local=self.sliding)
         q = HookPoint(name="q")(q)
         key = HookPoint(name="k")(key)
         value = HookPoint(name="v")(value)
@@ -234,7 +310,7 @@ class Block(nn.Module):
         cfg = self.config
         x = HookPoint(name="resid_pre")(x)
         sliding = self.layer_index in cfg.sliding_layers
-        attn_out, new_cache = Attention(cfg, name="attn")(
+        attn_out, new_cache = Attention(cfg, sliding, name="attn")(
             Norm(cfg, name="ln_1")(x),
             positions=positions,
             mask=masks["sliding" if sliding else "full"],

@@ -17,9 +17,10 @@ def _model(config, seed=0):
     return Transformer(config), params
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma2", "neox"])
+@pytest.mark.parametrize("family", ["gpt2", "gemma2", "neox", "gemma3"])
 def test_greedy_with_cache_equals_greedy_without(family):
-    # Gemma 2's window (4) is shorter than prompt + generation, so the sliding mask matters.
+    # Gemma 2/3's window (4) is shorter than prompt + generation, so the sliding mask matters;
+    # the gemma3 config also has q/k norms, two rotaries (YaRN globally) and one kv head.
     model, params = _model(ALL[family])
     prompt = jax.random.randint(jax.random.key(1), (3, 5), 0, model.config.vocab_size)
     cached = generate(model, params, prompt, 8)

@@ -8,12 +8,15 @@ max |hf| <= 1e-4 over real (unpadded) positions (see `hf_testing`).
 
 import shutil
 
+import jax
 import numpy as np
 import pytest
+import torch
 import transformers
 
 from interp import models, safetensors_io
 from interp.models import hf_params
+from interp.models.transformer import init_cache
 from tests.models import hf_testing
 from tests.models.hf_testing import BATCH, LENGTH, PAD, TOLERANCE
 
@@ -29,6 +32,34 @@ def test_logits_match_transformers(converted):
     ours, reference = hf_testing.ours(model, params, tokens), hf_testing.hf_logits(hf, tokens)
     error = hf_testing.relative_error(ours, reference)
     print(f"{variant}: max relative logit error {error:.2e}")
+    assert error <= TOLERANCE
+
+
+@pytest.mark.parametrize("variant", hf_testing.MQA_VARIANTS)
+def test_multi_query_attention_matches_transformers(variant):
+    _, hf, _, model, params = hf_testing.converted(f"{variant}_mqa")
+    assert model.config.num_kv_heads == 1
+    tokens = hf_testing.random_tokens()
+    error = hf_testing.relative_error(
+        hf_testing.ours(model, params, tokens), hf_testing.hf_logits(hf, tokens)
+    )
+    print(f"{variant} with one kv head: max relative logit error {error:.2e}")
+    assert error <= TOLERANCE
+
+
+def test_multimodal_gemma3_loads_as_its_language_model():
+    variant, hf, folder, model, params = hf_testing.converted("gemma3_multimodal")
+    assert type(hf).__name__ == "Gemma3ForConditionalGeneration"
+    assert any(
+        n.startswith("vision_tower.") for n in safetensors_io.read(folder / "model.safetensors")
+    )
+    text_only = hf_testing.converted("gemma3")[3].config
+    assert model.config == text_only.replace(final_softcap=None)
+    tokens = hf_testing.random_tokens()
+    error = hf_testing.relative_error(
+        hf_testing.ours(model, params, tokens), hf_testing.hf_logits(hf, tokens)
+    )
+    print(f"{variant}: text-only, max relative logit error {error:.2e}")
     assert error <= TOLERANCE
 
 
@@ -62,6 +93,20 @@ def test_left_padded_batch_matches_transformers(converted):
         ("llama_gqa_llama3", dict(rope_scaling=None)),
         ("gemma2", dict(sliding_layers=())),
         ("gemma2", dict(query_scale=None)),
+        ("gemma3", dict(rope_local_theta=1_000_000.0)),  # the local rotary base
+        ("gemma3", dict(rope_factor=1.0)),  # linear scaling of the global layer
+        ("gemma3", dict(sliding_layers=(0, 2, 4))),  # 1:1, not the 5:1 pattern
+        ("gemma3", dict(qk_norm=False)),
+        ("qwen2", dict(sliding_layers=())),  # use_sliding_window mapped to layers 1, 2
+        ("qwen2", dict(attn_bias=False)),
+        ("qwen3", dict(rope_factor=2.0)),  # yarn factor
+        ("qwen3", dict(rope_beta_fast=32.0)),
+        ("qwen3", dict(rope_beta_slow=2.0)),
+        ("qwen3", dict(rope_truncate=False)),
+        ("qwen3", dict(rope_attention_factor=1.0)),
+        ("mistral", dict(sliding_layers=())),
+        ("mistral", dict(rope_scaling=None)),  # linear
+        ("llama_dynamic", dict(rope_factor=2.0)),
     ],
 )
 def test_parity_check_detects_a_wrong_model(variant, change):
@@ -162,3 +207,35 @@ def test_gpt2_without_prefix_with_buffers_and_tied_head_loads(tmp_path):
     hf_testing.assert_trees_identical(
         models.from_pretrained(_edited_copy(folder, tmp_path / "old", edit))[1], params
     )
+
+
+def test_dynamic_rope_cached_generation_follows_transformers():
+    """Past max_len, dynamic NTK rotates each new token with the base of its own length and
+    keeps the cached keys' (see transformer._dynamic_inverse_frequencies), as HF's generate;
+    a forward pass over the whole sequence rotates every key with the final length's base."""
+    _, _, _, model, params = hf_testing.converted("llama_dynamic")
+    hf = hf_testing.hf_model("llama_dynamic")  # fresh: its rotary remembers the longest input
+    prompt, steps = hf_testing.random_tokens(4), 6  # 16 tokens > max_position_embeddings = 8
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor(prompt),
+            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    reference, tokens = torch.stack(out.logits, 1).numpy(), out.sequences.numpy()
+    apply = jax.jit(model.apply)
+    cache = init_cache(model.config, BATCH, LENGTH + steps)
+    logits, cache = apply({"params": params}, prompt, cache=cache)
+    ours = [logits[:, -1]]
+    for i in range(LENGTH, LENGTH + steps - 1):
+        logits, cache = apply({"params": params}, tokens[:, i : i + 1], cache=cache)
+        ours.append(logits[:, 0])
+    error = hf_testing.relative_error(np.stack(ours, 1), reference)
+    print(f"llama_dynamic: cached steps, max relative logit error {error:.2e}")
+    assert error <= TOLERANCE
+    whole = hf_testing.ours(model, params, tokens[:, :-1])[:, LENGTH - 1 :]
+    assert hf_testing.relative_error(whole, reference) > 100 * TOLERANCE

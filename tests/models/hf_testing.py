@@ -20,11 +20,19 @@ from interp import models
 VOCAB, BATCH, LENGTH, PAD = 128, 2, 16, 5
 TOLERANCE = 1e-4
 VARIANTS = ["gpt2", "neox_parallel", "neox_sequential", "llama_gqa_llama3"]
-VARIANTS += ["llama_mha_bias_tied", "gemma2"]
+VARIANTS += ["llama_mha_bias_tied", "gemma2", "gemma3", "qwen2", "qwen3", "mistral"]
+VARIANTS += ["llama_dynamic"]
+# "<variant>_mqa": the variant with one kv head. With qwen2 and mistral (MQA already), every
+# family that has kv heads.
+MQA_VARIANTS = ["llama_gqa_llama3", "gemma2", "gemma3", "qwen3"]
 
 
 def hf_config(variant):
     """The transformers config of a variant."""
+    if variant.endswith("_mqa"):
+        config = hf_config(variant.removesuffix("_mqa"))
+        config.num_key_value_heads = 1
+        return config
     small = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, intermediate_size=128)
     small.update(max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=None)
     small.update(attn_implementation="eager")
@@ -67,6 +75,77 @@ def hf_config(variant):
             mlp_bias=True,
             tie_word_embeddings=True,
         )
+    if variant == "llama_dynamic":
+        # max_position_embeddings < LENGTH: the NTK base grows with the input's length.
+        return transformers.LlamaConfig(
+            **dict(small, max_position_embeddings=8),
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            rope_scaling=dict(rope_type="dynamic", factor=3.0),
+        )
+    if variant == "gemma3":
+        # Six layers: Gemma 3's default 5:1 pattern (layers 0-4 slide, 5 is global). Linear
+        # scaling on the global rotary only; a local base far from the global one.
+        full = dict(rope_type="linear", factor=4.0, rope_theta=1_000_000.0)
+        return transformers.Gemma3TextConfig(
+            **small,
+            num_hidden_layers=6,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            final_logit_softcapping=3.0,
+            rope_parameters=dict(
+                full_attention=full,
+                sliding_attention=dict(rope_type="default", rope_theta=100.0),
+            ),
+        )
+    if variant == "qwen2":
+        # One kv head (MQA); the window switched on for layers 1 and 2.
+        return transformers.Qwen2Config(
+            **small,
+            num_hidden_layers=3,
+            num_key_value_heads=1,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+        )
+    if variant == "qwen3":
+        # head_dim 24 != 64 / 4; YaRN whose ramp (dims 2..7 of 12) lies inside the head.
+        yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)
+        yarn.update(beta_fast=4.0, beta_slow=1.0, rope_theta=100.0)
+        return transformers.Qwen3Config(
+            **small,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            head_dim=24,
+            rope_parameters=yarn,
+        )
+    if variant == "mistral":
+        return transformers.MistralConfig(
+            **small,
+            num_hidden_layers=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            sliding_window=4,
+            rope_scaling=dict(rope_type="linear", factor=2.0),
+        )
+    if variant == "gemma3_multimodal":
+        # Gemma3ForConditionalGeneration: the gemma3 text model beside a tiny vision tower.
+        vision = transformers.SiglipVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        return transformers.Gemma3Config(
+            # Without final softcapping, which the multimodal model does not apply.
+            text_config=dict(hf_config("gemma3").to_dict(), final_logit_softcapping=None),
+            vision_config=vision.to_dict(),
+            mm_tokens_per_image=4,
+        )
     assert variant == "gemma2"
     return transformers.Gemma2Config(
         **small,
@@ -83,7 +162,8 @@ def hf_config(variant):
 def _randomize(model, seed=0):
     """Weights of std 0.1 (norm gains 1 + 0.1 noise) so attention is far from uniform."""
     generator = torch.Generator().manual_seed(seed)
-    offset = 0.0 if model.config.model_type == "gemma2" else 1.0  # Gemma norms are (1 + w).
+    gemma = model.config.model_type in ("gemma2", "gemma3_text", "gemma3")
+    offset = 0.0 if gemma else 1.0  # Gemma norms are (1 + w).
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = 0.1 * torch.randn(param.shape, generator=generator)

@@ -71,4 +71,23 @@ GEMMA2_LIKE = ModelConfig(
     query_scale=0.25,
 )
 
+# Gemma 3's parts (q/k norms, unscaled local rotary, sliding window) with one kv head and
+# YaRN on the global layer: the newer options in one config, for generation and hooks.
+GEMMA3_LIKE = GEMMA2_LIKE.replace(
+    family="gemma3_text",
+    num_kv_heads=1,
+    qk_norm=True,
+    attn_softcap=None,
+    final_softcap=None,
+    rope_theta=1_000_000.0,
+    rope_local_theta=10_000.0,
+    rope_scaling="yarn",
+    rope_factor=4.0,
+    rope_original_max_len=16,
+)
+QWEN3_LIKE = LLAMA_LIKE.replace(
+    family="qwen3", head_dim=12, qk_norm=True, rope_scaling="dynamic", rope_factor=2.0
+)
+
 ALL = {"gpt2": GPT2_LIKE, "llama": LLAMA_LIKE, "neox": NEOX_LIKE, "gemma2": GEMMA2_LIKE}
+ALL["gemma3"] = GEMMA3_LIKE
