@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from interp import parallel
+from interp.models.config import ModelConfig
 
 # Elements hashed per parameter array: all of a smaller array, else this many evenly spaced.
 SAMPLE_SIZE = 1 << 16
@@ -45,11 +46,12 @@ def _sample(leaf: Any) -> np.ndarray:
 def fingerprint(config: Any, params: Any) -> str:
     """16 hex digits identifying a model: sha256 of its config and parameter samples.
 
-    The config (a dataclass such as `ModelConfig`, or a mapping) is hashed whole, except its
-    compute/storage dtypes; every parameter contributes its path, shape and the values (as
-    float32 for floating types, so a bf16 checkpoint loaded in f32 keeps its hash) of up to
-    `SAMPLE_SIZE` evenly spaced elements, so any retraining or other checkpoint changes the
-    hash while the cost stays small for billion-parameter models. Independent of how params
+    The config (a `ModelConfig`, as a dataclass or a dict, or another mapping) is hashed
+    except its compute/storage dtypes and the fields at their defaults; every parameter
+    contributes its path, shape and the values (as float32 for floating types, so a bf16
+    checkpoint loaded in f32 keeps its hash) of up to `SAMPLE_SIZE` evenly spaced elements, so
+    any retraining or other checkpoint changes the hash while the cost stays small for
+    billion-parameter models. Independent of how params
     are sharded.
 
     Args:
@@ -59,7 +61,22 @@ def fingerprint(config: Any, params: Any) -> str:
     Returns:
       A 16-character hex string.
     """
-    values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    if not dataclasses.is_dataclass(config):
+        try:  # A ModelConfig as a dict (e.g. from a saved record) hashes as the dataclass.
+            config = ModelConfig.from_dict(config)
+        except (TypeError, ValueError):
+            pass  # Another mapping: hashed whole.
+    if dataclasses.is_dataclass(config):
+        # Fields at their default are left out, so a field added to the config class later
+        # (with a default that keeps the old behaviour) leaves saved fingerprints valid.
+        values = {
+            field.name: getattr(config, field.name)
+            for field in dataclasses.fields(config)
+            if field.default is dataclasses.MISSING or getattr(config, field.name) != field.default
+        }
+        values = json.loads(json.dumps(values, default=str))
+    else:
+        values = dict(config)
     for field in ("dtype", "param_dtype"):
         values.pop(field, None)
     digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())

@@ -40,6 +40,19 @@ def test_other_weights_or_config_change_the_hash():
     assert fingerprint(config.replace(norm_eps=1e-6), params) != reference
 
 
+def test_a_config_field_added_with_its_default_keeps_the_hash():
+    # Fields added to ModelConfig later (at defaults that keep the old behaviour) must not
+    # orphan saved caches and factors: their fingerprints stay valid.
+    import dataclasses
+
+    config, params = _model()
+    fields = [(f.name, f.type, f) for f in dataclasses.fields(config)]
+    older = dataclasses.make_dataclass("Older", [f for f in fields if f[0] != "qk_norm"])
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(older)}
+    assert fingerprint(older(**values), params) == fingerprint(config, params)
+    assert fingerprint(config.replace(qk_norm=True), params) != fingerprint(config, params)
+
+
 def test_large_arrays_are_sampled_not_read_whole(monkeypatch):
     from interp.models import fingerprint as module
 
