@@ -51,8 +51,7 @@ def fingerprint(config: Any, params: Any) -> str:
     contributes its path, shape and the values (as float32 for floating types, so a bf16
     checkpoint loaded in f32 keeps its hash) of up to `SAMPLE_SIZE` evenly spaced elements, so
     any retraining or other checkpoint changes the hash while the cost stays small for
-    billion-parameter models. Independent of how params
-    are sharded.
+    billion-parameter models. Independent of how params are sharded.
 
     Args:
       config: The model's config.
