@@ -21,10 +21,15 @@ def test_bad_model_inputs_are_clear_errors():
 
 @pytest.mark.parametrize("config", [GEMMA2_LIKE, GEMMA3_LIKE, QWEN3_LIKE])
 def test_llama_like_families_share_hook_names(config):
-    """Same sites as Llama; q/k norms add attn/{q,k}_pre_norm, only where a family has them."""
+    """Same sites as Llama; q/k norms add attn/{q,k}_pre_norm, and each extra norm its
+    `normalized` point, only where a family has them."""
     names = set(hooks.hook_names(Transformer(config)))
     expected = set(hooks.hook_names(Transformer(LLAMA_LIKE.replace(num_layers=config.num_layers))))
-    if config.qk_norm:
-        for i in range(config.num_layers):
+    for i in range(config.num_layers):
+        if config.qk_norm:
             expected |= {f"blocks_{i}/attn/q_pre_norm", f"blocks_{i}/attn/k_pre_norm"}
+            expected |= {f"blocks_{i}/attn/q_norm/normalized", f"blocks_{i}/attn/k_norm/normalized"}
+        if config.post_norms:
+            expected |= {f"blocks_{i}/post_attn_norm/normalized"}
+            expected |= {f"blocks_{i}/post_mlp_norm/normalized"}
     assert names == expected
