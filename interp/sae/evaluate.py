@@ -366,11 +366,7 @@ def spliced_loss(
         the SAE config's `hook_name`.
       attention_mask: Optional [B, T], 1 for real tokens.
       head_index: For a per-head SAE, its head (default the config's `hook_head_index`).
-      bos_id, skip_first, exclude_ids: Positions the SAE does not see, as for
-        `interp.data.activations.harvest` (one definition: `activations.keep_mask`); pass
-        the values the SAE was trained with. There (and at padding) the clean activations
-        stay in place when splicing and zero-ablating, and no reconstruction is scored; the
-        loss is still over every predicted token.
+      bos_id, skip_first, exclude_ids: Positions the SAE does not see (see `evaluate`).
 
     Returns:
       {'clean_loss', 'spliced_loss', 'zero_ablation_loss', 'kl', 'loss_recovered',
