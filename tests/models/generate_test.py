@@ -1,11 +1,14 @@
 """Generation: the KV cache is exact, padding is invisible, interventions apply every step."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from interp.models.generate import generate, sample_logits
+from interp.models import hooks
+from interp.models.generate import generate, sample_logits, takes_positions, token_positions
 from interp.models.transformer import Transformer, init_params
 from tests.models.testing import ALL, GEMMA2_LIKE, GPT2_LIKE
 
@@ -120,3 +123,126 @@ def test_bad_arguments_are_clear_errors():
             3,
             interventions={"blocks_0/nope": lambda x: x},
         )
+
+
+# ----------------------------------------------------------------- what interventions see
+
+STEER = 10.0  # Large enough to change greedy tokens of the scaled-up random models.
+
+
+def _plain_loop(model, params, prompt, mask, steps, site, fn):
+    """Greedy decoding as a user would write it: re-run the growing sequence every step."""
+    sequence, mask = jnp.asarray(prompt), jnp.asarray(mask, jnp.int32)
+    for _ in range(steps):
+        positions = token_positions(mask)
+        bound = functools.partial(fn, positions=positions) if takes_positions(fn) else fn
+        logits, _ = hooks.run_with_hooks(
+            model, params, sequence, interventions={site: bound}, attention_mask=mask
+        )
+        last = jnp.argmax(logits[jnp.arange(len(sequence)), _last_real(mask)], -1)
+        sequence = jnp.concatenate([sequence, last[:, None].astype(sequence.dtype)], 1)
+        mask = jnp.concatenate([mask, jnp.ones_like(mask[:, :1])], 1)
+    return sequence
+
+
+def _last_real(mask):
+    return mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+
+
+def _padded_batch(side):
+    """Two prompts of 3 and 5 real tokens in [2, 5], padded on `side`, and their mask."""
+    short, long = [5, 17, 3], [9, 2, 44, 61, 7]
+    if side == "none":
+        return jnp.array([[5, 17, 3, 8, 1], long], jnp.int32), jnp.ones((2, 5), jnp.int32)
+    row = [0, 0, *short] if side == "left" else [*short, 0, 0]
+    mask = [[0, 0, 1, 1, 1] if side == "left" else [1, 1, 1, 0, 0], [1] * 5]
+    return jnp.array([row, long], jnp.int32), jnp.array(mask, jnp.int32)
+
+
+def _direction(config):
+    return 2.0 * jax.random.normal(jax.random.key(11), (config.d_model,))
+
+
+# Built once so the compiled programs are reused across parameters.
+_V = _direction(GPT2_LIKE)
+POSITION_INDEXED = {
+    "last_column": lambda x: x.at[:, -1].add(STEER * _V),
+    "position_2": lambda x, positions: jnp.where((positions == 2)[..., None], x + STEER * _V, x),
+    "positions_2_to_5": lambda x, positions: jnp.where(
+        ((positions >= 2) & (positions <= 5))[..., None], x + STEER * _V, x
+    ),
+    "everywhere": lambda x: x + STEER * _V,
+}
+SITE = "blocks_0/resid_post"
+
+
+@pytest.mark.parametrize("side", ["none", "left", "right"])
+@pytest.mark.parametrize("name", list(POSITION_INDEXED))
+def test_interventions_see_the_full_forward_pass(name, side):
+    # The issue's case: without the cache, x[:, -1] used to land on an unwritten future slot
+    # of a fixed buffer and change nothing. Now each uncached step is the plain loop's pass.
+    model, params = _model(GPT2_LIKE)
+    prompt, mask = _padded_batch(side)
+    fn = POSITION_INDEXED[name]
+    run = functools.partial(
+        generate, model, params, prompt, 4, attention_mask=mask, use_cache=False
+    )
+    uncached = run(interventions={SITE: fn})
+    np.testing.assert_array_equal(uncached, _plain_loop(model, params, prompt, mask, 4, SITE, fn))
+    assert not np.array_equal(uncached, run()), "The intervention changed nothing."
+    if name != "last_column":
+        # Length-independent interventions (position-independent, or selecting through
+        # `positions`) change each position as the full pass does: the cache agrees.
+        np.testing.assert_array_equal(uncached, run(interventions={SITE: fn}, use_cache=True))
+
+
+def test_cached_last_column_is_the_newest_token():
+    # At a cached step x is [B, 1, D]: x[:, -1] is the newest token, the full pass's last
+    # column. At the last site nothing attends back, so both paths and the loop agree.
+    model, params = _model(GPT2_LIKE)
+    prompt, mask = _padded_batch("none")
+    fn = POSITION_INDEXED["last_column"]
+    cached = generate(model, params, prompt, 4, interventions={"final_norm": fn})
+    np.testing.assert_array_equal(
+        cached, _plain_loop(model, params, prompt, mask, 4, "final_norm", fn)
+    )
+    # At an earlier site the cache keeps each token's intervened keys and values, where a
+    # full pass intervenes on the last column only: the cached path is then the full pass
+    # intervening on every position from the prompt's last on (documented in generate).
+    cached = generate(model, params, prompt, 4, interventions={SITE: fn})
+    from_last = lambda x, positions: jnp.where(  # noqa: E731
+        (positions >= 4)[..., None], x + STEER * _V, x
+    )
+    np.testing.assert_array_equal(
+        cached, _plain_loop(model, params, prompt, mask, 4, SITE, from_last)
+    )
+
+
+def test_cached_step_sees_one_position_and_its_absolute_position():
+    model, params = _model(GPT2_LIKE)
+    prompt, mask = _padded_batch("left")
+    seen = []
+
+    def record(x, positions):
+        jax.debug.callback(lambda s, p: seen.append((s, np.asarray(p))), x.shape[1], positions)
+        return x
+
+    generate(model, params, prompt, 3, attention_mask=mask, interventions={"final_norm": record})
+    jax.effects_barrier()
+    assert [s for s, _ in seen] == [5, 1, 1, 1]
+    np.testing.assert_array_equal(seen[0][1], [[-1, -1, 0, 1, 2], [0, 1, 2, 3, 4]])
+    for step, (_, positions) in enumerate(seen[1:]):
+        np.testing.assert_array_equal(positions, [[3 + step], [5 + step]])
+
+
+def test_return_mask_tells_eos_from_padding_when_they_share_an_id():
+    model, params = _model(GPT2_LIKE)
+    prompt = jnp.array([[1, 2, 3]], jnp.int32)
+    free = np.asarray(generate(model, params, prompt, 6))[0]
+    stop_at = next(i for i in range(4, 9) if free[i] not in free[3:i])
+    eos = int(free[stop_at])
+    tokens, mask = generate(model, params, prompt, 6, eos_id=eos, pad_id=eos, return_mask=True)
+    np.testing.assert_array_equal(tokens[0, stop_at:], eos)  # Eos, then filler equal to it.
+    np.testing.assert_array_equal(mask[0], [1] * (stop_at + 1) + [0] * (8 - stop_at))
+    _, mask = generate(model, params, prompt, 6, return_mask=True)
+    np.testing.assert_array_equal(mask, 1)
