@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from interp.models import generate as generate_lib
 from interp.models import hooks
 from interp.models.generate import generate, sample_logits, takes_positions, token_positions
 from interp.models.transformer import Transformer, init_params
@@ -246,3 +247,24 @@ def test_return_mask_tells_eos_from_padding_when_they_share_an_id():
     np.testing.assert_array_equal(mask[0], [1] * (stop_at + 1) + [0] * (8 - stop_at))
     _, mask = generate(model, params, prompt, 6, return_mask=True)
     np.testing.assert_array_equal(mask, 1)
+
+
+def test_each_shape_compiles_once():
+    model, params = _model(GPT2_LIKE)
+    prompt, mask = _padded_batch("left")
+    steer = {SITE: POSITION_INDEXED["position_2"]}
+    for use_cache in (True, False):
+        run = functools.partial(
+            generate, model, params, prompt, 4, attention_mask=mask, use_cache=use_cache
+        )
+        run(interventions=steer)
+        sizes = (
+            generate_lib._generate_cached._cache_size(),
+            generate_lib._full_pass_step._cache_size(),
+        )
+        run(interventions=steer)
+        run(interventions=dict(steer))  # Equal mappings of the same functions: no new program.
+        assert sizes == (
+            generate_lib._generate_cached._cache_size(),
+            generate_lib._full_pass_step._cache_size(),
+        )
