@@ -27,8 +27,11 @@ def test_greedy_with_cache_equals_greedy_without(family):
     model, params = _model(ALL[family])
     prompt = jax.random.randint(jax.random.key(1), (3, 5), 0, model.config.vocab_size)
     cached = generate(model, params, prompt, 8)
-    uncached = generate(model, params, prompt, 8, use_cache=False)
-    np.testing.assert_array_equal(cached, uncached)
+    if family == "gemma2":
+        # Each uncached step compiles anew (a new length): one family, 5 steps (past the
+        # window) will do; greedy tokens do not depend on how many follow.
+        uncached = generate(model, params, prompt, 5, use_cache=False)
+        np.testing.assert_array_equal(cached[:, :10], uncached)
     np.testing.assert_array_equal(cached[:, :5], prompt)
     # Greedy means each new token is the argmax of a full forward pass on what precedes it.
     logits = model.apply({"params": params}, cached[:, :-1])
@@ -73,8 +76,8 @@ def test_cache_and_no_cache_agree_under_an_intervention():
     ablate = {"blocks_1/mlp/out": jnp.zeros_like, "blocks_0/attn/z": lambda z: 0.5 * z}
     prompt = jax.random.randint(jax.random.key(3), (2, 4), 0, GPT2_LIKE.vocab_size)
     cached = generate(model, params, prompt, 6, interventions=ablate)
-    uncached = generate(model, params, prompt, 6, interventions=ablate, use_cache=False)
-    np.testing.assert_array_equal(cached, uncached)
+    uncached = generate(model, params, prompt, 4, interventions=ablate, use_cache=False)
+    np.testing.assert_array_equal(cached[:, :8], uncached)
     assert not np.array_equal(cached, generate(model, params, prompt, 6))
 
 
@@ -186,10 +189,10 @@ def test_interventions_see_the_full_forward_pass(name, side):
     prompt, mask = _padded_batch(side)
     fn = POSITION_INDEXED[name]
     run = functools.partial(
-        generate, model, params, prompt, 4, attention_mask=mask, use_cache=False
+        generate, model, params, prompt, 3, attention_mask=mask, use_cache=False
     )
     uncached = run(interventions={SITE: fn})
-    np.testing.assert_array_equal(uncached, _plain_loop(model, params, prompt, mask, 4, SITE, fn))
+    np.testing.assert_array_equal(uncached, _plain_loop(model, params, prompt, mask, 3, SITE, fn))
     assert not np.array_equal(uncached, run()), "The intervention changed nothing."
     if name != "last_column":
         # Length-independent interventions (position-independent, or selecting through
@@ -203,19 +206,19 @@ def test_cached_last_column_is_the_newest_token():
     model, params = _model(GPT2_LIKE)
     prompt, mask = _padded_batch("none")
     fn = POSITION_INDEXED["last_column"]
-    cached = generate(model, params, prompt, 4, interventions={"final_norm": fn})
+    cached = generate(model, params, prompt, 3, interventions={"final_norm": fn})
     np.testing.assert_array_equal(
-        cached, _plain_loop(model, params, prompt, mask, 4, "final_norm", fn)
+        cached, _plain_loop(model, params, prompt, mask, 3, "final_norm", fn)
     )
     # At an earlier site the cache keeps each token's intervened keys and values, where a
     # full pass intervenes on the last column only: the cached path is then the full pass
     # intervening on every position from the prompt's last on (documented in generate).
-    cached = generate(model, params, prompt, 4, interventions={SITE: fn})
+    cached = generate(model, params, prompt, 3, interventions={SITE: fn})
     from_last = lambda x, positions: jnp.where(  # noqa: E731
         (positions >= 4)[..., None], x + STEER * _V, x
     )
     np.testing.assert_array_equal(
-        cached, _plain_loop(model, params, prompt, mask, 4, SITE, from_last)
+        cached, _plain_loop(model, params, prompt, mask, 3, SITE, from_last)
     )
 
 
@@ -255,7 +258,7 @@ def test_each_shape_compiles_once():
     steer = {SITE: POSITION_INDEXED["position_2"]}
     for use_cache in (True, False):
         run = functools.partial(
-            generate, model, params, prompt, 4, attention_mask=mask, use_cache=use_cache
+            generate, model, params, prompt, 3, attention_mask=mask, use_cache=use_cache
         )
         run(interventions=steer)
         sizes = (
