@@ -175,8 +175,8 @@ POSITION_INDEXED = {
     "positions_2_to_5": lambda x, positions: jnp.where(
         ((positions >= 2) & (positions <= 5))[..., None], x + STEER * _V, x
     ),
-    "everywhere": lambda x: x + STEER * _V,
 }
+# Position-independent interventions (x + v, ablations): test_cache_and_no_cache_agree_*.
 SITE = "blocks_0/resid_post"
 
 
