@@ -83,7 +83,6 @@ class Tokenizer:
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.padding_side = _check_padding_side(padding_side)
         self.chat_template = chat_template
-        self._prefix, self._suffix = _template(backend)
 
     @classmethod
     def from_file(
@@ -132,12 +131,12 @@ class Tokenizer:
     @property
     def add_bos_token(self) -> bool:
         """Whether `encode` puts the bos token first by default (the checkpoint's template)."""
-        return self.bos_id is not None and self.bos_id in self._prefix
+        return self.bos_id is not None and self.bos_id in _template(self.backend)[0]
 
     @property
     def add_eos_token(self) -> bool:
         """Whether `encode` puts the eos token last by default (the checkpoint's template)."""
-        return self.eos_id is not None and self.eos_id in self._suffix
+        return self.eos_id is not None and self.eos_id in _template(self.backend)[1]
 
     def encode(
         self, text: str, add_bos: bool | None = None, *, add_eos: bool | None = None
@@ -270,7 +269,7 @@ class Tokenizer:
 
     def _special_ids(self, add_bos: bool | None, add_eos: bool | None):
         """(prefix, suffix) ids around each text: the template's, overridden where asked."""
-        prefix, suffix = list(self._prefix), list(self._suffix)
+        prefix, suffix = _template(self.backend)  # Read each time: the backend may change.
         if add_bos is not None:
             bos = self._require("bos") if add_bos else self.bos_id
             prefix = [i for i in prefix if i != bos]  # Bos may also be eos: prefix only.
@@ -468,7 +467,10 @@ def _template(backend: tokenizers.Tokenizer) -> tuple[list[int], list[int]]:
     # Templates are the same for every text; a probe that yields some token of its own
     # (sequence id 0, where added special tokens have None) shows where the text goes.
     for probe in ("a", "Hello", "the", "0", " ", "."):
-        encoding = backend.encode(probe, add_special_tokens=True)
+        try:
+            encoding = backend.encode(probe, add_special_tokens=True)
+        except Exception:  # E.g. a word-level model without an unknown token.
+            continue
         inside = [i for i, s in enumerate(encoding.sequence_ids) if s is not None]
         if inside:
             return encoding.ids[: inside[0]], encoding.ids[inside[-1] + 1 :]
