@@ -22,8 +22,12 @@ the sequence length: position-independent ones (`x + v`, ablations) and ones tha
 positions through the `positions` argument. They differ, by design, for interventions that
 address columns relative to the current length: `x.at[:, -1]` at a cached step is the newest
 token, as in the full pass, but in the full pass earlier tokens are no longer the last column
-and go un-intervened, while the cache keeps their intervened keys and values. Column indices
-from the start (`x[:, p]`) do not exist at a cached step (its length is 1); use `positions`.
+and go un-intervened, while the cache keeps their intervened keys and values. So cached,
+`x.at[:, -1]` acts as the full pass would with every position from the prompt's last column
+on intervened (`positions >= that position`); at a site nothing attends back from (e.g.
+`final_norm`) both are the same. Under right padding the prompt's last column is padding for
+short rows, in both paths. Column indices from the start (`x[:, p]`) do not exist at a cached
+step (its length is 1): select positions with `positions` instead.
 """
 
 from __future__ import annotations
