@@ -17,7 +17,6 @@ present (the post-processor decides), and so does this module. Special-token str
 `decode(..., skip_special_tokens=True)` then drops them.
 """
 
-import datetime
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +26,8 @@ import fsspec
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from interp.models import chat_template as chat_template_lib
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -260,10 +261,8 @@ class Tokenizer:
             if getattr(self, f"{role}_token") is not None
         }
         variables.update(template_kwargs)
-        text = _compile_chat_template(template).render(
-            messages=[{k: v for k, v in m.items() if v is not None} for m in messages],
-            add_generation_prompt=add_generation_prompt,
-            **variables,
+        text = chat_template_lib.render(
+            template, messages, add_generation_prompt=add_generation_prompt, **variables
         )
         return self.encode(text, add_bos=False, add_eos=False) if tokenize else text
 
@@ -507,36 +506,6 @@ def _chat_template(fs, root: str, config: Mapping[str, Any]) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     return template if isinstance(template, str) else None
-
-
-def _compile_chat_template(template: str):
-    """A jinja2 template in the sandbox and with the helpers transformers renders chats with."""
-    try:
-        import jinja2  # noqa: PLC0415 (only chat templates need it)
-        import jinja2.ext  # noqa: PLC0415
-        from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
-    except ImportError as e:
-        raise ImportError("Chat templates need jinja2: pip install 'jinja2>=3.1'.") from e
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson escapes HTML characters, which a prompt must keep as they are.
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    def strftime_now(format):
-        return datetime.datetime.now().strftime(format)
-
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    environment.filters["tojson"] = tojson
-    environment.globals["raise_exception"] = raise_exception
-    environment.globals["strftime_now"] = strftime_now
-    return environment.from_string(template)
 
 
 def _token_content(value: Any) -> str | None:
