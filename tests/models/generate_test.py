@@ -200,22 +200,31 @@ def test_interventions_see_the_full_forward_pass(name, side):
         np.testing.assert_array_equal(uncached, run(interventions={SITE: fn}, use_cache=True))
 
 
-def test_cached_last_column_is_the_newest_token():
+# The first position a cached x.at[:, -1] reaches in each row: the prompt's last column (a
+# padding column for the short row under right padding, so its next position), then every
+# new token.
+FIRST_INTERVENED = {"none": [4, 4], "left": [2, 4], "right": [3, 4]}
+
+
+@pytest.mark.parametrize("side", ["none", "left", "right"])
+def test_cached_last_column_is_the_newest_token(side):
     # At a cached step x is [B, 1, D]: x[:, -1] is the newest token, the full pass's last
-    # column. At the last site nothing attends back, so both paths and the loop agree.
+    # column. At the last site nothing attends back, so the cache and the loop agree.
     model, params = _model(GPT2_LIKE)
-    prompt, mask = _padded_batch("none")
+    prompt, mask = _padded_batch(side)
     fn = POSITION_INDEXED["last_column"]
-    cached = generate(model, params, prompt, 3, interventions={"final_norm": fn})
+    run = functools.partial(generate, model, params, prompt, 3, attention_mask=mask)
+    cached = run(interventions={"final_norm": fn})
     np.testing.assert_array_equal(
         cached, _plain_loop(model, params, prompt, mask, 3, "final_norm", fn)
     )
     # At an earlier site the cache keeps each token's intervened keys and values, where a
     # full pass intervenes on the last column only: the cached path is then the full pass
     # intervening on every position from the prompt's last on (documented in generate).
-    cached = generate(model, params, prompt, 3, interventions={SITE: fn})
+    cached = run(interventions={SITE: fn})
+    first = jnp.array(FIRST_INTERVENED[side])[:, None]
     from_last = lambda x, positions: jnp.where(  # noqa: E731
-        (positions >= 4)[..., None], x + STEER * _V, x
+        (positions >= first)[..., None], x + STEER * _V, x
     )
     np.testing.assert_array_equal(
         cached, _plain_loop(model, params, prompt, mask, 3, SITE, from_last)
