@@ -26,6 +26,7 @@ setuptools.setup(
         "chex>=0.1.90",  # A core dependency by the design card (tests use it today).
         "numpy>=1.26",
         "tokenizers>=0.20",
+        "jinja2>=3.1.6",  # Chat templates (the sandbox transformers requires, same version floor).
         "tensorboardX>=2.6",
         "etils[epath]>=1.7",
         "fsspec",

@@ -102,39 +102,56 @@ def read_documents(
     return [document for document in documents if document.strip()]
 
 
-def pack(documents: Iterable[str], tokenizer: Encoder, seq_len: int) -> np.ndarray:
+def pack(
+    documents: Iterable[str],
+    tokenizer: Encoder,
+    seq_len: int,
+    *,
+    add_bos: bool | None = None,
+) -> np.ndarray:
     """Tokenizes documents into one stream and cuts it into rows for LM training.
 
-    The stream is doc_0 <eos> doc_1 <eos> ... doc_n: the eos token goes between documents
-    (not after the last one). Rows are consecutive `seq_len`-token slices of the stream; the
-    ragged tail shorter than `seq_len` is dropped. No bos is added; special-token strings
-    inside a document are tokenized as the tokenizer does (byte-level BPE from
-    `interp.models.tokenizer` maps a literal '<|endoftext|>' to the special token, like
-    Hugging Face).
+    Each document is encoded as the tokenizer encodes a text by default, so with the special
+    tokens the checkpoint puts around a text (Llama's and Gemma's bos first; none for GPT-2
+    style tokenizers). An eos token goes between documents (not after the last one), unless
+    one is there already: a document that ends with eos (a template adding it) or the next
+    that starts with it (a bos that is also the eos, as in GPT-2) needs no second one. Rows are
+    consecutive `seq_len`-token slices of the stream; the ragged tail shorter than `seq_len` is
+    dropped, and a row may start inside a document. Special-token strings inside a document
+    are tokenized as the tokenizer does (byte-level BPE from `interp.models.tokenizer` maps a
+    literal '<|endoftext|>' to the special token, like Hugging Face).
 
     Args:
         documents: The texts.
         tokenizer: Has `encode_many(texts) -> list[list[int]]` and `eos_id` (not None), such
             as `interp.models.tokenizer.Tokenizer`.
         seq_len: Tokens per row, >= 1.
+        add_bos: None: the tokenizer's convention. True / False: passed to
+            `encode_many(texts, add_bos=...)` to force a bos at each document's start or none.
 
     Returns:
         int32 [N, seq_len], N = floor(stream length / seq_len); N may be 0.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
-    if tokenizer.eos_id is None:
+    eos_id = tokenizer.eos_id
+    if eos_id is None:
         raise ValueError(
             "pack separates documents with the eos token, but the tokenizer has no eos_id. "
             "Load one with an eos token (tokenizer_config.json 'eos_token'), or pass "
             "eos_token= to Tokenizer.from_file / train_bpe."
         )
-    eos = np.asarray([tokenizer.eos_id], np.int32)
-    pieces = []
+    eos = np.asarray([eos_id], np.int32)
+    options = {} if add_bos is None else {"add_bos": add_bos}
+    pieces, first, last = [], True, None  # `last`: the stream's last token so far.
     for chunk in _chunks(documents, 1024):  # Batched so the Rust tokenizer can parallelise.
-        for ids in tokenizer.encode_many(chunk):
-            pieces.extend((eos, np.asarray(ids, np.int32)))
-    stream = np.concatenate(pieces[1:]) if pieces else np.zeros(0, np.int32)  # No leading eos.
+        for ids in tokenizer.encode_many(chunk, **options):
+            if not first and last != eos_id and not (ids and ids[0] == eos_id):
+                pieces.append(eos)
+                last = eos_id
+            pieces.append(np.asarray(ids, np.int32))
+            first, last = False, ids[-1] if ids else last
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     num_rows = len(stream) // seq_len
     return stream[: num_rows * seq_len].reshape(num_rows, seq_len)
 

@@ -67,7 +67,9 @@ def from_pretrained(
       param_dtype: Storage dtype of the parameters.
 
     Returns:
-      (Transformer, params as jax arrays, tokenizer or None).
+      (Transformer, params as jax arrays, tokenizer or None). The tokenizer keeps the
+      checkpoint's conventions as transformers reads them (the bos/eos its post-processor adds,
+      padding side, pad token, chat template; see `interp.models.tokenizer.load`).
 
     Raises:
       FileNotFoundError: naming the missing folder, config.json or weights.

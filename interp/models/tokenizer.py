@@ -2,18 +2,24 @@
 
     tok = tokenizer.load('/path/to/hf_model')          # None if it has no tokenizer.json
     tok = tokenizer.train_bpe(documents, vocab_size=4096)
-    tokens, mask = tok.encode_batch(texts, max_length=128, padding_side='left')
+    tokens, mask = tok.encode_batch(texts, max_length=128)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     tok.save(workdir)   # transformers.AutoTokenizer.from_pretrained(workdir) loads it too
 
-Special tokens are explicit: `encode` adds a bos only when asked (`add_bos=True`) and never
-runs the tokenizer's post-processor, so no family-specific template slips in. Special-token
-strings that occur *inside* a text (e.g. a literal '<|endoftext|>') become their special ids,
-as in Hugging Face; `decode(..., skip_special_tokens=True)` then drops them.
+Token conventions come from the checkpoint, as `transformers` takes them: the special tokens
+that `tokenizer.json`'s post-processor puts around a text (Llama's and Gemma's `<bos>`, a
+template's eos), the padding side and pad token of `tokenizer_config.json`, and its chat
+template. `encode(text)` then gives the ids `AutoTokenizer.from_pretrained(folder)(text)` gives;
+an explicit `add_bos=` / `add_eos=` / `padding_side=` overrides the checkpoint. Transformers 5
+ignores `add_bos_token` / `add_eos_token` in `tokenizer_config.json` when a `tokenizer.json` is
+present (the post-processor decides), and so does this module. Special-token strings that occur
+*inside* a text (e.g. a literal '<|endoftext|>') become their special ids, as in Hugging Face;
+`decode(..., skip_special_tokens=True)` then drops them.
 """
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import fsspec
@@ -21,10 +27,20 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from interp.models import chat_template as chat_template_lib
+
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _ROLES = ("bos", "eos", "pad")
+# Tokenizer classes whose default padding side in transformers is 'left' (their class
+# attribute `padding_side`); every other class pads on the right unless its config says.
+_LEFT_PADDING_CLASSES = frozenset(
+    f"{name}Tokenizer{suffix}"
+    for name in ("Llama", "CodeLlama", "Gemma", "Cohere", "XLNet", "Siglip2")
+    for suffix in ("", "Fast")
+)
 
 
 class Tokenizer:
@@ -35,6 +51,8 @@ class Tokenizer:
         bos_token: Beginning-of-sequence token string, or None.
         eos_token: End-of-sequence token string, or None.
         pad_token: Padding token string, or None (then `encode_batch` pads with eos, or 0).
+        padding_side: 'right' or 'left': where `encode_batch` pads by default.
+        chat_template: Jinja chat template, or None.
     """
 
     def __init__(
@@ -43,8 +61,19 @@ class Tokenizer:
         bos_token: str | None = None,
         eos_token: str | None = None,
         pad_token: str | None = None,
+        *,
+        padding_side: str = "right",
+        chat_template: str | None = None,
     ):
-        """Wraps `backend`; each named special token must be in its vocabulary."""
+        """Wraps `backend`; each named special token must be in its vocabulary.
+
+        The post-processor of `backend` says which special tokens surround a text by default;
+        padding and truncation configured in `backend` are ignored (`encode_batch` pads).
+        """
+        if backend.padding is not None or backend.truncation is not None:
+            backend = tokenizers.Tokenizer.from_str(backend.to_str())  # A copy, left unchanged.
+            backend.no_padding()
+            backend.no_truncation()
         self.backend = backend
         for role, token in zip(_ROLES, (bos_token, eos_token, pad_token), strict=True):
             if token is not None and backend.token_to_id(token) is None:
@@ -53,6 +82,8 @@ class Tokenizer:
                     f"(size {backend.get_vocab_size()}); pass a token it has, or None."
                 )
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.padding_side = _check_padding_side(padding_side)
+        self.chat_template = chat_template
 
     @classmethod
     def from_file(
@@ -61,6 +92,7 @@ class Tokenizer:
         bos_token: str | None = None,
         eos_token: str | None = None,
         pad_token: str | None = None,
+        **kwargs,
     ) -> "Tokenizer":
         """Reads a `tokenizer.json` (local or any fsspec URL such as gs://).
 
@@ -69,23 +101,13 @@ class Tokenizer:
             bos_token: Beginning-of-sequence token, or None.
             eos_token: End-of-sequence token, or None.
             pad_token: Padding token, or None.
+            **kwargs: `padding_side`, `chat_template` (see the class).
 
         Returns:
             The tokenizer.
         """
-        try:
-            with fsspec.open(os.fspath(path), "rt", encoding="utf-8") as f:
-                content = f.read()
-        except FileNotFoundError as e:
-            raise FileNotFoundError(
-                f"No tokenizer file at {path}; give the path of a tokenizer.json, or use "
-                f"tokenizer.load(folder)."
-            ) from e
-        try:
-            backend = tokenizers.Tokenizer.from_str(content)
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files.
-            raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
-        return cls(backend, bos_token, eos_token, pad_token)
+        backend = _read_backend(path)
+        return cls(backend, bos_token, eos_token, pad_token, **kwargs)
 
     @property
     def vocab_size(self) -> int:
@@ -107,54 +129,81 @@ class Tokenizer:
         """Id of the pad token, or None."""
         return self._id(self.pad_token)
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Returns the token ids of `text`, with the bos id first if `add_bos`."""
-        return self.encode_many([text], add_bos=add_bos)[0]
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether `encode` puts the bos token first by default (the checkpoint's template)."""
+        return self.bos_id is not None and self.bos_id in _template(self.backend)[0]
 
-    def encode_many(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
+    @property
+    def add_eos_token(self) -> bool:
+        """Whether `encode` puts the eos token last by default (the checkpoint's template)."""
+        return self.eos_id is not None and self.eos_id in _template(self.backend)[1]
+
+    def encode(
+        self, text: str, add_bos: bool | None = None, *, add_eos: bool | None = None
+    ) -> list[int]:
+        """Returns the token ids of `text`, with special tokens as `encode_many` adds them."""
+        return self.encode_many([text], add_bos=add_bos, add_eos=add_eos)[0]
+
+    def encode_many(
+        self,
+        texts: Sequence[str],
+        add_bos: bool | None = None,
+        *,
+        add_eos: bool | None = None,
+    ) -> list[list[int]]:
         """Encodes several texts at once (in parallel in Rust), without padding.
+
+        By default each text gets the special tokens the checkpoint's post-processor adds
+        (what `transformers` gives with `add_special_tokens=True`).
 
         Args:
             texts: The texts.
-            add_bos: Put the bos id first in each.
+            add_bos: None: as the checkpoint does. True: the bos id first (added if the
+                template lacks it). False: the template's bos left out.
+            add_eos: The same for the eos id last.
 
         Returns:
             One list of ids per text.
         """
-        prefix = [self._require("bos")] if add_bos else []
+        prefix, suffix = self._special_ids(add_bos, add_eos)
         texts = _as_texts(texts)
         encodings = self.backend.encode_batch(texts, add_special_tokens=False)
-        return [prefix + encoding.ids for encoding in encodings]
+        return [prefix + encoding.ids + suffix for encoding in encodings]
 
     def encode_batch(
         self,
         texts: Sequence[str],
-        add_bos: bool = False,
+        add_bos: bool | None = None,
         max_length: int | None = None,
-        padding_side: str = "right",
+        padding_side: str | None = None,
+        *,
+        add_eos: bool | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Encodes and pads texts into one array, with a mask of the real tokens.
 
-        Padding uses `pad_id`, else `eos_id`, else 0; the mask is what tells them apart.
+        Padding uses `pad_id`, else `eos_id`, else 0; the mask is what tells them apart (a
+        pad id may also be a real token, e.g. pad == eos), so never rebuild it from the ids.
         With `max_length`, every row has exactly `max_length` tokens (fixed shapes for jit):
         longer texts keep their first `max_length` tokens (bos included). Without it, rows
         are as long as the longest text.
 
         Args:
             texts: B texts.
-            add_bos: Put the bos id first in each row's tokens.
+            add_bos: As for `encode_many` (None: the checkpoint's convention).
             max_length: Fixed row length T, or None for the longest text.
             padding_side: 'right' (pad after the tokens, for training and scoring) or 'left'
-                (pad before, so the last column is each text's last token, for generation).
+                (pad before, so the last column is each text's last token, for generation);
+                None: the tokenizer's `padding_side`.
+            add_eos: As for `encode_many`.
 
         Returns:
             (tokens, attention_mask), both int32 [B, T]; the mask is 1 at real tokens.
         """
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
+        padding_side = _check_padding_side(padding_side or self.padding_side)
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1 or None, got {max_length}.")
-        sequences = self.encode_many(texts, add_bos=add_bos)
+        sequences = self.encode_many(texts, add_bos=add_bos, add_eos=add_eos)
         if max_length is not None:
             sequences = [ids[:max_length] for ids in sequences]
             length = max_length
@@ -170,6 +219,65 @@ class Tokenizer:
             tokens[row, columns] = ids
             mask[row, columns] = 1
         return tokens, mask
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        chat_template: str | None = None,
+        **template_kwargs,
+    ) -> list[int] | str:
+        """Renders a conversation with the checkpoint's chat template, as transformers does.
+
+        The template is Jinja, rendered by `jinja2` in a sandbox with the settings and helpers
+        transformers gives it (`raise_exception`, `strftime_now`, a `tojson` that keeps
+        non-ASCII); special tokens the template writes (e.g. `{{ bos_token }}`) are in the
+        text, so tokenizing adds none.
+
+        Args:
+            messages: [{'role': ..., 'content': ...}, ...]; keys whose value is None are
+                dropped, as transformers does.
+            add_generation_prompt: End with the header of an assistant turn.
+            tokenize: Return ids (else the rendered text).
+            chat_template: A template to use instead of the tokenizer's.
+            **template_kwargs: More variables for the template (e.g. `tools`).
+
+        Returns:
+            The ids, or the text when `tokenize` is False.
+        """
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError(
+                "This tokenizer has no chat template (tokenizer_config.json 'chat_template' "
+                "or chat_template.jinja); pass chat_template=."
+            )
+        if not messages:
+            raise ValueError("Cannot apply a chat template to an empty conversation.")
+        variables = {
+            f"{role}_token": getattr(self, f"{role}_token")
+            for role in _ROLES
+            if getattr(self, f"{role}_token") is not None
+        }
+        variables.update(template_kwargs)
+        text = chat_template_lib.render(
+            template, messages, add_generation_prompt=add_generation_prompt, **variables
+        )
+        return self.encode(text, add_bos=False, add_eos=False) if tokenize else text
+
+    def _special_ids(self, add_bos: bool | None, add_eos: bool | None):
+        """(prefix, suffix) ids around each text: the template's, overridden where asked."""
+        prefix, suffix = _template(self.backend)  # Read each time: the backend may change.
+        if add_bos is not None:
+            bos = self._require("bos") if add_bos else self.bos_id
+            prefix = [i for i in prefix if i != bos]  # Bos may also be eos: prefix only.
+            prefix = [bos] + prefix if add_bos else prefix
+        if add_eos is not None:
+            eos = self._require("eos") if add_eos else self.eos_id
+            suffix = [i for i in suffix if i != eos]
+            suffix = suffix + [eos] if add_eos else suffix
+        return prefix, suffix
 
     def decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
         """Returns the text of a 1-D sequence of ids.
@@ -193,8 +301,8 @@ class Tokenizer:
 
         The folder loads back with `load(folder)`, and with Hugging Face
         `PreTrainedTokenizerFast.from_pretrained(folder)` / `AutoTokenizer.from_pretrained`
-        (same ids; bos is not added, matching `encode`'s default, unless the tokenizer.json
-        has a post-processor that adds it).
+        (same ids, padding side and chat template: the special tokens around a text come
+        from the tokenizer.json post-processor, for both).
 
         Args:
             folder: Local folder or fsspec URL; created if missing.
@@ -206,10 +314,14 @@ class Tokenizer:
             "tokenizer_class": "PreTrainedTokenizerFast",
             # Hugging Face's default clean-up would rewrite ' .' as '.' when decoding.
             "clean_up_tokenization_spaces": False,
-            "add_bos_token": False,
-            "add_eos_token": False,
+            # Informational (transformers 4 read them): the post-processor decides.
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
+            "padding_side": self.padding_side,
             "model_max_length": int(1e30),  # Hugging Face's value for "no limit".
         }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         for role in _ROLES:
             token = getattr(self, f"{role}_token")
             if token is not None:
@@ -240,15 +352,21 @@ class Tokenizer:
         )
 
 
-def load(folder: str | os.PathLike) -> Tokenizer | None:
+def load(folder: str | os.PathLike, **overrides) -> Tokenizer | None:
     """Loads the tokenizer of a Hugging Face style folder, or None if it has none.
 
     Reads `tokenizer.json`, and takes bos/eos/pad tokens from `tokenizer_config.json`, then
     `special_tokens_map.json` for any it did not name (either may be missing; a token may be
-    a string or an AddedToken dict `{"content": ...}`).
+    a string or an AddedToken dict `{"content": ...}`). As transformers does: the pad token
+    and padding side may also come from the padding `tokenizer.json` configures; the padding
+    side defaults to the tokenizer class's (left for Llama and Gemma, else right); the chat
+    template is `chat_template.jinja` if present, else the config's `chat_template` (a string,
+    or a list of named templates, of which 'default' is taken).
 
     Args:
         folder: Local folder or fsspec URL (e.g. `gs://bucket/model`).
+        **overrides: Tokenizer arguments that replace the folder's (`bos_token`,
+            `eos_token`, `pad_token`, `padding_side`, `chat_template`).
 
     Returns:
         The tokenizer, or None when the folder has no `tokenizer.json`.
@@ -258,19 +376,27 @@ def load(folder: str | os.PathLike) -> Tokenizer | None:
     if not fs.isfile(_join(root, TOKENIZER_FILE)):
         return None
     special: dict[str, str | None] = {f"{role}_token": None for role in _ROLES}
-    for name in (CONFIG_FILE, SPECIAL_TOKENS_FILE):
-        path = _join(root, name)
-        if not fs.isfile(path):
-            continue
-        with fs.open(path, "r", encoding="utf-8") as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{_join(folder, name)} is not valid JSON: {e}") from e
+    configs = [_read_json(fs, root, folder, name) for name in (CONFIG_FILE, SPECIAL_TOKENS_FILE)]
+    for config in configs:
         for key, value in special.items():
             if value is None:
                 special[key] = _token_content(config.get(key))
-    return Tokenizer.from_file(_join(folder, TOKENIZER_FILE), **special)
+    config = configs[0]
+    backend = _read_backend(_join(folder, TOKENIZER_FILE))
+    padding = backend.padding or {}  # Padding set in tokenizer.json, as transformers reads it.
+    if special["pad_token"] is None:
+        special["pad_token"] = padding.get("pad_token")
+    arguments = dict(
+        special,
+        padding_side=config.get("padding_side")
+        or str(padding.get("direction", "")).lower()
+        or ("left" if config.get("tokenizer_class") in _LEFT_PADDING_CLASSES else "right"),
+        chat_template=_chat_template(fs, root, config),
+    )
+    unknown = set(overrides) - set(arguments)
+    if unknown:
+        raise TypeError(f"load() got unexpected arguments {sorted(unknown)}.")
+    return Tokenizer(backend, **(arguments | overrides))
 
 
 def train_bpe(
@@ -315,6 +441,71 @@ def train_bpe(
     backend.train_from_iterator(texts, trainer)
     default = special_tokens[0] if special_tokens else None
     return Tokenizer(backend, bos_token=default, eos_token=default, pad_token=default)
+
+
+def _read_backend(path: str | os.PathLike) -> tokenizers.Tokenizer:
+    """The `tokenizers.Tokenizer` in a tokenizer.json file (local or fsspec URL)."""
+    try:
+        with fsspec.open(os.fspath(path), "rt", encoding="utf-8") as f:
+            content = f.read()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"No tokenizer file at {path}; give the path of a tokenizer.json, or use "
+            f"tokenizer.load(folder)."
+        ) from e
+    try:
+        return tokenizers.Tokenizer.from_str(content)
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files.
+        raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
+
+
+def _template(backend: tokenizers.Tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the post-processor puts before and after a single text: (prefix, suffix)."""
+    if backend.post_processor is None:
+        return [], []
+    # Templates are the same for every text; a probe that yields some token of its own
+    # (sequence id 0, where added special tokens have None) shows where the text goes.
+    for probe in ("a", "Hello", "the", "0", " ", "."):
+        try:
+            encoding = backend.encode(probe, add_special_tokens=True)
+        except Exception:  # E.g. a word-level model without an unknown token.
+            continue
+        inside = [i for i, s in enumerate(encoding.sequence_ids) if s is not None]
+        if inside:
+            return encoding.ids[: inside[0]], encoding.ids[inside[-1] + 1 :]
+    return backend.encode("", add_special_tokens=True).ids, []  # Nothing encodes: a prefix.
+
+
+def _check_padding_side(side: str) -> str:
+    """`side` if it is 'right' or 'left'."""
+    if side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {side!r}.")
+    return side
+
+
+def _read_json(fs, root: str, folder: str, name: str) -> dict[str, Any]:
+    """The JSON object in `root/name`, or {} if there is no such file."""
+    path = _join(root, name)
+    if not fs.isfile(path):
+        return {}
+    with fs.open(path, "r", encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{_join(folder, name)} is not valid JSON: {e}") from e
+
+
+def _chat_template(fs, root: str, config: Mapping[str, Any]) -> str | None:
+    """The folder's chat template: chat_template.jinja first, then the config's entry."""
+    path = _join(root, CHAT_TEMPLATE_FILE)
+    if fs.isfile(path):
+        with fs.open(path, "r", encoding="utf-8") as f:
+            return f.read()
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def _token_content(value: Any) -> str | None:

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import tokenizers
 
 from interp.data import text
 from interp.models import tokenizer as tokenizer_lib
@@ -234,3 +235,42 @@ def test_read_documents_from_gcs(gcs_bucket):
         "Second.",
     ]
     assert text.read_documents(f"{gcs_bucket}/docs/b.jsonl") == ["json"]
+
+
+def _template_tokenizer(template, bos, eos):
+    """A trained BPE whose post-processor puts special tokens around each text."""
+    documents = ["The quick brown fox.", "Jumps over the lazy dog!"] * 20
+    backend = tokenizer_lib.train_bpe(documents, 300, special_tokens=["<|eot|>", "<s>"]).backend
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single=template, special_tokens=[("<|eot|>", 0), ("<s>", 1)]
+    )
+    return tokenizer_lib.Tokenizer(backend, bos_token=bos, eos_token=eos)
+
+
+@pytest.mark.parametrize(
+    "template, bos, eos, pattern",
+    [
+        # Llama / Gemma: a bos starts every document; eos separates them.
+        ("<s> $A", "<s>", "<|eot|>", "<s> a <|eot|> <s> b <|eot|> <s> c"),
+        # A template that ends texts with eos needs no second one between documents.
+        ("<s> $A <|eot|>", "<s>", "<|eot|>", "<s> a <|eot|> <s> b <|eot|> <s> c <|eot|>"),
+        # GPT-2 style bos that is also the eos: it already separates the documents.
+        ("<|eot|> $A", "<|eot|>", "<|eot|>", "<|eot|> a <|eot|> b <|eot|> c"),
+        ("$A", "<s>", "<|eot|>", "a <|eot|> b <|eot|> c"),
+    ],
+)
+def test_pack_follows_the_tokenizers_conventions(template, bos, eos, pattern):
+    tok = _template_tokenizer(template, bos, eos)
+    documents = ["The quick brown fox.", "Jumps over", "the lazy dog!"]
+    pieces = {"a": documents[0], "b": documents[1], "c": documents[2]}
+    stream = []
+    for part in pattern.split():
+        if part in pieces:
+            stream += tok.encode(pieces[part], add_bos=False, add_eos=False)
+        else:
+            stream.append(tok.backend.token_to_id(part))
+    rows = text.pack(documents, tok, seq_len=1)
+    np.testing.assert_array_equal(rows[:, 0], stream)
+    # An explicit add_bos overrides the tokenizer: no bos at all.
+    bare = text.pack(documents, tok, seq_len=1, add_bos=False)[:, 0].tolist()
+    assert tok.bos_id not in bare or tok.bos_id == tok.eos_id

@@ -10,6 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import tokenizers
 import torch
 import transformers
 
@@ -135,6 +136,36 @@ def test_save_pretrained_writes_the_tokenizer_and_its_ids(tmp_path):
     special = (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id)
     assert special == (1, 2, 0)
     assert [[1] + hf_tokenizer.encode(text) for text in texts] == want
+
+
+def test_from_pretrained_tokenizer_keeps_the_checkpoints_conventions(tmp_path):
+    # Llama and Gemma ship a post-processor that adds <s>, left padding and a chat template:
+    # the tokenizer from_pretrained returns (and re-exports) encodes as transformers does.
+    trained = tokenizer_lib.train_bpe(
+        TOKENIZER_TEXT, vocab_size=300, special_tokens=("<pad>", "<s>", "</s>")
+    )
+    trained.backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)]
+    )
+    chat = "{% for m in messages %}{{ bos_token }}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    tokenizer = tokenizer_lib.Tokenizer(
+        trained.backend, "<s>", "</s>", "</s>", padding_side="left", chat_template=chat
+    )
+    config = LLAMA_LIKE.replace(vocab_size=tokenizer.vocab_size)
+    models.save_pretrained(tmp_path / "out", config, models.init_params(config), tokenizer)
+    loaded = models.from_pretrained(tmp_path / "out")[2]
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    texts = ["Alice was tired of the bank.", "naïve café"]
+    assert loaded.encode_many(texts) == hf_tokenizer(texts)["input_ids"]
+    assert all(ids[0] == 1 for ids in loaded.encode_many(texts))
+    tokens, mask = loaded.encode_batch(texts)
+    batch = hf_tokenizer(texts, padding=True)
+    assert (tokens.tolist(), mask.tolist()) == (batch["input_ids"], batch["attention_mask"])
+    assert loaded.padding_side == hf_tokenizer.padding_side == "left"
+    messages = [{"role": "user", "content": "Oh dear!"}]
+    assert loaded.apply_chat_template(messages, tokenize=False) == (
+        hf_tokenizer.apply_chat_template(messages, tokenize=False)
+    )
 
 
 def test_save_pretrained_replaces_an_export_atomically(llama_folder, tmp_path, monkeypatch):

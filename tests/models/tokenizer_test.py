@@ -251,3 +251,207 @@ def test_real_gpt2_vocabulary_matches_transformers(tmp_path):
         ids = ours.encode(text)
         assert ids == reference(text)["input_ids"]
         assert ours.decode(ids, skip_special_tokens=False) == text
+
+
+# ------------------------------------------------- conventions taken from the checkpoint
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+PARITY_TEXTS = ["", "the bank", "Alice was beginning to get very tired", f"a {BOS} b {EOS} c"]
+LLAMA_LIKE_CHAT = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['user', 'assistant'] %}"
+    "{{ raise_exception('Roles must be user or assistant') }}{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] | trim }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _metaspace_backend(template=None, padding=None):
+    """A small BPE in the style of Llama's (Metaspace, byte fallback), with <pad> <s> </s>."""
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    backend.decoder = tokenizers.decoders.Metaspace()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=120, special_tokens=[PAD, BOS, EOS, "<unk>"], show_progress=False
+    )
+    backend.train_from_iterator(TRAINING_TEXT, trainer)
+    if template is not None:
+        backend.post_processor = tokenizers.processors.TemplateProcessing(
+            single=template, special_tokens=[(BOS, 1), (EOS, 2)]
+        )
+    if padding is not None:
+        backend.enable_padding(direction=padding, pad_id=0, pad_token=PAD)
+    return backend
+
+
+def _checkpoint(folder, template=None, padding=None, chat_template_file=None, **config):
+    """A tokenizer folder as checkpoints ship them: tokenizer.json + tokenizer_config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _metaspace_backend(template, padding).save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS} | config
+    config.setdefault("eos_token", EOS)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    if chat_template_file is not None:
+        (folder / "chat_template.jinja").write_text(chat_template_file)
+    return folder
+
+
+def _hf(folder):
+    return transformers.AutoTokenizer.from_pretrained(str(folder))
+
+
+TEMPLATES = [None, f"{BOS} $A", f"{BOS} $A {EOS}", f"$A {EOS}"]
+# Legacy configs whose flags disagree with the post-processor: transformers 5 follows the
+# post-processor whenever tokenizer.json exists, and so must we.
+FLAGS = [
+    {},
+    {"add_bos_token": True},
+    {"add_bos_token": False},
+    {"add_eos_token": True, "add_bos_token": True},
+]
+
+
+@pytest.mark.parametrize("tokenizer_class", ["PreTrainedTokenizerFast", "LlamaTokenizerFast"])
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_special_tokens_follow_the_checkpoint(tmp_path, template, tokenizer_class):
+    # The issue's case: a post-processor adding <s> and add_bos_token: true gave [1, ...] in
+    # transformers but no bos in interp.
+    for i, flags in enumerate(FLAGS):
+        folder = _checkpoint(tmp_path / str(i), template, tokenizer_class=tokenizer_class, **flags)
+        ours, reference = tokenizer_lib.load(folder), _hf(folder)
+        for text in PARITY_TEXTS:
+            assert ours.encode(text) == reference(text)["input_ids"], (flags, text)
+            bare = reference(text, add_special_tokens=False)["input_ids"]
+            assert ours.encode(text, add_bos=False, add_eos=False) == bare
+        assert ours.encode_many(PARITY_TEXTS) == reference(PARITY_TEXTS)["input_ids"]
+        assert ours.add_bos_token == (template is not None and template.startswith(BOS))
+        assert ours.add_eos_token == (template is not None and template.endswith(EOS))
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_explicit_arguments_override_the_checkpoint(tmp_path, template):
+    ours = tokenizer_lib.load(_checkpoint(tmp_path, template))
+    bare = ours.encode("the bank", add_bos=False, add_eos=False)
+    assert bare == ours.backend.encode("the bank", add_special_tokens=False).ids
+    assert ours.encode("the bank", add_bos=True, add_eos=False) == [1] + bare
+    assert ours.encode("the bank", add_bos=False, add_eos=True) == bare + [2]
+    assert ours.encode("the bank", add_bos=True, add_eos=True) == [1] + bare + [2]
+    default = ours.encode("the bank")
+    assert ours.encode("the bank", add_bos=True)[1:] == [i for i in default if i != 1]
+    tokens, _ = ours.encode_batch(["the bank"], add_bos=True, add_eos=False)
+    assert tokens[0].tolist() == [1] + bare
+
+
+def test_bos_that_is_also_eos_keeps_its_roles_apart(tmp_path):
+    # GPT-2 style: one token is bos, eos and pad. Dropping the template's bos must not drop
+    # the eos, and the mask of a batch must not come from the ids.
+    backend = tokenizer_lib.train_bpe(TRAINING_TEXT, vocab_size=300).backend
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{EOT} $A {EOT}", special_tokens=[(EOT, 0)]
+    )
+    tok = tokenizer_lib.Tokenizer(backend, bos_token=EOT, eos_token=EOT, pad_token=EOT)
+    bare = tok.encode("the bank", add_bos=False, add_eos=False)
+    assert tok.encode("the bank") == [0] + bare + [0]
+    assert tok.encode("the bank", add_bos=False) == bare + [0]
+    assert tok.encode("the bank", add_eos=False) == [0] + bare
+    tokens, mask = tok.encode_batch(["the bank", "the bank was"])
+    np.testing.assert_array_equal(tokens[0], [0] + bare + [0, 0])  # eos, then a pad.
+    np.testing.assert_array_equal(mask[0], [1] * (len(bare) + 2) + [0])
+    tok.save(tmp_path)
+    reference = _hf(tmp_path)
+    assert reference(["the bank", "the bank was"], padding=True)["attention_mask"] == mask.tolist()
+
+
+@pytest.mark.parametrize(
+    "where, expected",
+    [
+        ({"padding_side": "left"}, "left"),
+        ({"padding_side": "right", "tokenizer_class": "LlamaTokenizerFast"}, "right"),
+        ({"tokenizer_class": "LlamaTokenizerFast"}, "left"),  # The class's default.
+        ({"tokenizer_class": "GemmaTokenizerFast"}, "left"),
+        ({"tokenizer_json_padding": "left"}, "left"),
+        ({}, "right"),
+    ],
+)
+def test_padding_side_and_pad_follow_the_checkpoint(tmp_path, where, expected):
+    padding = where.pop("tokenizer_json_padding", None)
+    # Pad with eos, as many checkpoints do; the template adds bos and eos, so a row's real
+    # eos and its padding share an id and only the mask tells them apart.
+    folder = _checkpoint(
+        tmp_path, f"{BOS} $A {EOS}", padding=padding, **({"pad_token": EOS} | where)
+    )
+    ours, reference = tokenizer_lib.load(folder), _hf(folder)
+    assert ours.padding_side == reference.padding_side == expected
+    if "Gemma" in where.get("tokenizer_class", ""):
+        return  # transformers rebuilds Gemma's normalizer, so its ids differ from the file's.
+    texts = ["the bank", "Alice was beginning to get very tired", ""]
+    tokens, mask = ours.encode_batch(texts)
+    batch = reference(texts, padding=True)
+    assert tokens.tolist() == batch["input_ids"]
+    assert mask.tolist() == batch["attention_mask"]
+    other = "left" if expected == "right" else "right"
+    tokens, mask = ours.encode_batch(texts, padding_side=other)  # An explicit override.
+    reference.padding_side = other
+    batch = reference(texts, padding=True)
+    assert (tokens.tolist(), mask.tolist()) == (batch["input_ids"], batch["attention_mask"])
+
+
+def _hf_chat_ids(reference, messages, **kwargs):
+    out = reference.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+MESSAGES = [
+    {"role": "user", "content": "Hello, Alice! ", "name": None},
+    {"role": "assistant", "content": "Oh dear! I shall be late!"},
+    {"role": "user", "content": "naïve café"},
+]
+
+
+@pytest.mark.parametrize("in_file", [False, True])
+def test_chat_template_renders_as_in_transformers(tmp_path, in_file):
+    chat = (
+        {"chat_template_file": LLAMA_LIKE_CHAT} if in_file else {"chat_template": LLAMA_LIKE_CHAT}
+    )
+    folder = _checkpoint(tmp_path / "ckpt", f"{BOS} $A", **chat)
+    ours, reference = tokenizer_lib.load(folder), _hf(folder)
+    for add_generation_prompt in (False, True):
+        kwargs = {"add_generation_prompt": add_generation_prompt}
+        text = ours.apply_chat_template(MESSAGES, tokenize=False, **kwargs)
+        assert text == reference.apply_chat_template(MESSAGES, tokenize=False, **kwargs)
+        assert text.startswith(BOS) and not text.startswith(BOS + BOS)
+        ids = ours.apply_chat_template(MESSAGES, **kwargs)
+        assert ids == _hf_chat_ids(reference, MESSAGES, **kwargs)
+        assert ids.count(1) == 1  # The template's bos only: tokenizing adds none.
+    with pytest.raises(Exception, match="Roles must be user or assistant"):
+        ours.apply_chat_template([{"role": "system", "content": "x"}])
+    # Saved and loaded again, by us and by transformers.
+    ours.save(tmp_path / "saved")
+    again, reference = tokenizer_lib.load(tmp_path / "saved"), _hf(tmp_path / "saved")
+    assert again.chat_template == LLAMA_LIKE_CHAT
+    assert again.apply_chat_template(MESSAGES) == _hf_chat_ids(reference, MESSAGES)
+    assert again.encode("the bank") == reference("the bank")["input_ids"]
+
+
+def test_chat_template_missing_is_a_clear_error(tmp_path):
+    ours = tokenizer_lib.load(_checkpoint(tmp_path, f"{BOS} $A"))
+    with pytest.raises(ValueError, match="no chat template"):
+        ours.apply_chat_template(MESSAGES)
+    assert ours.apply_chat_template(MESSAGES[:1], chat_template="{{ messages[0].content }}") == (
+        ours.encode("Hello, Alice! ", add_bos=False)
+    )
+
+
+def test_load_overrides_and_save_round_trip(tmp_path):
+    folder = _checkpoint(tmp_path / "ckpt", f"{BOS} $A", padding_side="left", pad_token=PAD)
+    ours = tokenizer_lib.load(folder, padding_side="right", pad_token=EOS)
+    assert (ours.padding_side, ours.pad_token) == ("right", EOS)
+    with pytest.raises(TypeError, match="unexpected"):
+        tokenizer_lib.load(folder, add_bos=True)
+    ours = tokenizer_lib.load(folder)
+    ours.save(tmp_path / "saved")
+    again, reference = tokenizer_lib.load(tmp_path / "saved"), _hf(tmp_path / "saved")
+    assert again.padding_side == reference.padding_side == "left"
+    assert again.encode_many(PARITY_TEXTS) == reference(PARITY_TEXTS)["input_ids"]
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert (config["add_bos_token"], config["add_eos_token"]) == (True, False)
