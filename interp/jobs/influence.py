@@ -33,7 +33,7 @@ from interp.data.documents import documents
 from interp.influence import io as influence_io
 from interp.influence import report as report_lib
 from interp.jobs import workdir as workdir_lib
-from interp.models import from_pretrained, hooks
+from interp.models import from_pretrained, hooks, sites
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,9 @@ def _batches(tokens: np.ndarray, size: int) -> list[dict[str, np.ndarray]]:
 
 
 def _query_batch(tokenizer, prompt: str, completion: str) -> dict[str, np.ndarray]:
-    prompt_ids, full = tokenizer.encode(prompt), tokenizer.encode(prompt + completion)
+    # The checkpoint's BOS, but no EOS a template may append: only the completion is scored.
+    prompt_ids = tokenizer.encode(prompt, add_eos=False)
+    full = tokenizer.encode(prompt + completion, add_eos=False)
     if len(full) <= len(prompt_ids):
         raise ValueError(f"The completion {completion!r} adds no token to {prompt!r}.")
     loss_mask = np.zeros((1, len(full)), np.float32)
@@ -121,14 +123,15 @@ def _factors(config, workdir, model, params, fit_batches, mesh, rules) -> influe
 def _feature_query(config, entry, workdir, model, params, tokenizer):
     folder = entry.get("sae") or _first_topk_sae(workdir)
     sae, sae_params = saes.load(folder)
-    hook = saes.io.read_metadata(folder).get("hook_name")
+    hook = sae.config.hook_name  # The folder's site, in our names.
     if not hook:
         raise ValueError(f"{folder} names no hook_name; the feature query needs the SAE's site.")
     batch = _query_batch(tokenizer, entry["prompt"], entry["completion"])
     feature = int(entry.get("feature", -1))
     if feature < 0:  # The feature most active on the completion.
         _, values = hooks.run_with_hooks(model, params, batch["tokens"], capture=[hook])
-        codes = sae.apply({"params": sae_params}, values[hook], method="encode")
+        rows = sites.to_rows(hook, values[hook], sae.config.hook_head_index)
+        codes = sae.apply({"params": sae_params}, rows, method="encode")
         feature = int(np.argmax((np.asarray(codes)[0] * batch["loss_mask"][0, :, None]).sum(0)))
     return influence.sae_feature(sae, sae_params, hook, feature), batch, f"{hook} feature {feature}"
 

@@ -185,7 +185,7 @@ def test_excluded_positions_are_the_same_in_harvest_and_evaluation(pipeline_run,
     config.sae.model_path = os.path.join(workdir, "lm", "export")
     config.sae.cache_path = str(tmp_path / "activations")
     _, _, tokenizer = models.from_pretrained(config.sae.model_path)
-    the = tokenizer.encode(" the")[0]
+    the = tokenizer.encode(" the", add_bos=False)[0]
     config.sae.exclude = {"first": True, "bos": True, "token_ids": (the,)}
     config.sae.train.steps = 4
     results = job.run(config, str(tmp_path / "sae"))
