@@ -131,13 +131,13 @@ class Tokenizer:
 
     @property
     def add_bos_token(self) -> bool:
-        """Whether `encode` puts the bos token first by default (the checkpoint's template)."""
-        return self.bos_id is not None and self.bos_id in _template(self.backend)[0]
+        """Whether `encode` puts a special token (the bos) first by default (the template)."""
+        return bool(_template(self.backend)[0])
 
     @property
     def add_eos_token(self) -> bool:
-        """Whether `encode` puts the eos token last by default (the checkpoint's template)."""
-        return self.eos_id is not None and self.eos_id in _template(self.backend)[1]
+        """Whether `encode` puts a special token (the eos) last by default (the template)."""
+        return bool(_template(self.backend)[1])
 
     def encode(
         self, text: str, add_bos: bool | None = None, *, add_eos: bool | None = None
@@ -160,8 +160,8 @@ class Tokenizer:
         Args:
             texts: The texts.
             add_bos: None: as the checkpoint does. True: the bos id first (added if the
-                template lacks it). False: the template's bos left out.
-            add_eos: The same for the eos id last.
+                template lacks it). False: no special token before the text.
+            add_eos: The same for the eos id last (False: none after the text).
 
         Returns:
             One list of ids per text.
@@ -269,14 +269,18 @@ class Tokenizer:
     def _special_ids(self, add_bos: bool | None, add_eos: bool | None):
         """(prefix, suffix) ids around each text: the template's, overridden where asked."""
         prefix, suffix = _template(self.backend)  # Read each time: the backend may change.
+        # False: nothing before (after) the text, whether or not the template's special
+        # tokens are named bos (eos) anywhere; True: the bos (eos) id there, once.
         if add_bos is not None:
-            bos = self._require("bos") if add_bos else self.bos_id
-            prefix = [i for i in prefix if i != bos]  # Bos may also be eos: prefix only.
-            prefix = [bos] + prefix if add_bos else prefix
+            if not add_bos:
+                prefix = []
+            elif self._require("bos") not in prefix:  # Bos may also be eos: prefix only.
+                prefix = [self.bos_id] + prefix
         if add_eos is not None:
-            eos = self._require("eos") if add_eos else self.eos_id
-            suffix = [i for i in suffix if i != eos]
-            suffix = suffix + [eos] if add_eos else suffix
+            if not add_eos:
+                suffix = []
+            elif self._require("eos") not in suffix:
+                suffix = suffix + [self.eos_id]
         return prefix, suffix
 
     def decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = True) -> str:

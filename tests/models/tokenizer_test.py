@@ -455,3 +455,24 @@ def test_load_overrides_and_save_round_trip(tmp_path):
     assert again.encode_many(PARITY_TEXTS) == reference(PARITY_TEXTS)["input_ids"]
     config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
     assert (config["add_bos_token"], config["add_eos_token"]) == (True, False)
+
+
+def test_add_bos_false_drops_the_templates_prefix_even_when_no_bos_is_named(tmp_path):
+    # A post-processor adding <s> while no config names a bos token: the flag still means
+    # "nothing before the text", and the default follows the template.
+    from tokenizers import models as tokenizer_models
+    from tokenizers import pre_tokenizers, processors
+
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3}
+    backend = tokenizers.Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="</s>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["<s>", "</s>"])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)]
+    )
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tok = tokenizer_lib.load(tmp_path)
+    assert tok.encode("a b") == [0, 2, 3, 1]
+    assert tok.add_bos_token and tok.add_eos_token
+    assert tok.encode("a b", add_bos=False) == [2, 3, 1]
+    assert tok.encode("a b", add_bos=False, add_eos=False) == [2, 3]
