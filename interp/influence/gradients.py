@@ -196,10 +196,13 @@ def inputs_and_grads(
     tokens, loss_mask = batch["tokens"], batch["loss_mask"]
     attention_mask = batch["attention_mask"]
     names = sorted({m.input_hook for m in modules} | {m.output_hook for m in modules})
-    names += sorted(set(extra_hooks) - set(names))
+    extra = {hook: _one_site(model, hook) for hook in extra_hooks}  # As spelled -> ours.
+    names += sorted(set(extra.values()) - set(names))
 
     def loss_fn(logits, values):
         if measurement is not None:
+            # The measurement reads its hooks as it spelled them (ours or TransformerLens's).
+            values = {**values, **{hook: values[name] for hook, name in extra.items()}}
             return -measurement(logits, batch, values).sum()
         targets = tokens if key is None else sampled_targets(logits, tokens, key)
         return sequence_nll(logits, targets, loss_mask).sum()
@@ -221,6 +224,16 @@ def inputs_and_grads(
         )
         for m in modules
     }
+
+
+def _one_site(model, hook: str) -> str:
+    names = hooks.resolve(model, [hook])
+    if len(names) != 1:
+        raise ValueError(
+            f"The measurement reads {hook!r}, which matches {len(names)} hook points "
+            f"({names[:4]}...); name one site."
+        )
+    return names[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,8 @@ class Measurement:
 
     Attributes:
       fn: (logits [B, T, V], batch {'tokens', 'loss_mask', 'attention_mask'}, {hook: value})
-        -> [B], one scalar per query sequence.
+        -> [B], one scalar per query sequence; the values are keyed by the names in `hooks`
+        as given (ours or TransformerLens's), each resolved to one site of the model.
       hooks: Hook sites whose values `fn` reads.
       name: For reports.
     """
@@ -94,7 +95,9 @@ def sae_feature(
       head_index: For a per-head SAE, its head; default the config's `hook_head_index`.
 
     Raises:
-      ValueError: when neither `hook` nor the SAE's config names a site.
+      ValueError: when neither `hook` nor the SAE's config names a site, `hook` is a
+        pattern, or `feature` is not one of the SAE's latents. A name that matches no site of
+        the model is refused when scoring.
     """
     config = getattr(sae, "config", None)
     hook = hook or getattr(config, "hook_name", None)
@@ -102,13 +105,20 @@ def sae_feature(
         raise ValueError(
             "sae_feature needs the SAE's site: pass hook=, e.g. 'blocks_2/resid_post'."
         )
-    hook = sites.from_transformer_lens(hook)
+    if any(c in hook for c in "*?["):
+        raise ValueError(f"sae_feature reads one site; {hook!r} is a pattern.")
+    layout = hook  # Only whether it holds patterns matters here; the model resolves the name.
+    if sites.is_transformer_lens_name(hook) and not sites.depends_on_model(hook):
+        layout = sites.from_transformer_lens(hook)  # Unknown TransformerLens names fail here.
+    num_latents = getattr(config, "num_latents", None)
+    if num_latents is not None and not 0 <= feature < num_latents:
+        raise ValueError(f"feature {feature} is outside 0..{num_latents - 1}, this SAE's latents.")
     if head_index is None:
         head_index = getattr(config, "hook_head_index", None)
 
     def fn(logits, batch, values):
         del logits
-        rows = sites.to_rows(hook, values[hook], head_index)  # [B, T, D]
+        rows = sites.to_rows(layout, values[hook], head_index)  # [B, T, D]
         codes = sae.apply({"params": sae_params}, rows, method="encode")  # [B, T, X]
         return (codes[..., feature].astype(jnp.float32) * batch["loss_mask"]).sum(axis=1)
 

@@ -123,9 +123,9 @@ def _factors(config, workdir, model, params, fit_batches, mesh, rules) -> influe
 def _feature_query(config, entry, workdir, model, params, tokenizer):
     folder = entry.get("sae") or _first_topk_sae(workdir)
     sae, sae_params = saes.load(folder)
-    hook = sae.config.hook_name  # The folder's site, in our names.
-    if not hook:
+    if not sae.config.hook_name:
         raise ValueError(f"{folder} names no hook_name; the feature query needs the SAE's site.")
+    (hook,) = hooks.resolve(model, [sae.config.hook_name])  # The folder's site, in our names.
     batch = _query_batch(tokenizer, entry["prompt"], entry["completion"])
     feature = int(entry.get("feature", -1))
     if feature < 0:  # The feature most active on the completion.

@@ -132,13 +132,20 @@ def _resolve_interventions(
     model: nn.Module, interventions: Mapping[str, Intervention] | None
 ) -> dict[str, Intervention]:
     out: dict[str, Intervention] = {}
+    given_as: dict[str, str] = {}
     for pattern, fn in (interventions or {}).items():
         if not callable(fn):
             raise TypeError(
                 f"Intervention for {pattern!r} must be a function value -> value, got {type(fn)}."
             )
         for name in resolve(model, [pattern]):
-            out[name] = fn
+            if name in out:
+                raise ValueError(
+                    f"Hook {name!r} is given two interventions, by {given_as[name]!r} and "
+                    f"{pattern!r} (a pattern, or a TransformerLens name for the same site); "
+                    "compose them into one function."
+                )
+            out[name], given_as[name] = fn, pattern
     return out
 
 

@@ -13,8 +13,9 @@ as an influence query:
 Layouts:
   [B, T, D] sites (resid_*, attn_out, mlp/*, final_norm, .../normalized): rows are the value.
   Head-shaped sites [B, T, N, H] (attn/q, attn/k [B, T, K, H], attn/v, attn/z): rows are the
-    heads concatenated, [B, T, N * H] (SAELens's hook_z layout); with `head_index` one
-    head's [B, T, H] (SAELens's hook_head_index), and writing rows back replaces that head only.
+    heads concatenated, [B, T, N * H] (SAELens's hook_z layout; `harvest` gives these); with
+    `head_index` one head's [B, T, H] (SAELens's hook_head_index; columns
+    head_index * H ... of the harvested rows), and writing rows back replaces that head only.
   attn/pattern [B, N, T, S]: rows are each query position's attention over keys, [B, T, N * S]
     (with `head_index`, [B, T, S]); the width depends on the sequence length S.
 
@@ -25,6 +26,7 @@ and `to_transformer_lens` gives the reverse for export.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -75,6 +77,14 @@ def is_transformer_lens_name(name: str) -> bool:
     return "hook_" in name and "/" not in name
 
 
+def depends_on_model(name: str) -> bool:
+    """Whether a TransformerLens name's site here depends on the model (rotary or not,
+    parallel residual or not): hook_q, hook_k, hook_mlp_in. Keep such names as written until
+    a model is at hand (`hooks.resolve` translates them with its config)."""
+    match = _TL_PATTERN.fullmatch(name)
+    return bool(match) and match.group(2) in _ROTARY_ONLY + ("hook_mlp_in",)
+
+
 def from_transformer_lens(name: str, config: Any = None) -> str:
     """interp's name for a TransformerLens hook name; names already ours pass through.
 
@@ -107,10 +117,14 @@ def from_transformer_lens(name: str, config: Any = None) -> str:
             ours = "resid_pre"
         return f"blocks_{match.group(1)}/{ours}"
     known = sorted(f"blocks.{{L}}.{k}" for k in _TL_BLOCK) + sorted(_TL_TOP)
+    layer = match.group(1) if match else "0"
+    spelled = [k.replace("{L}", layer) for k in known]
+    close = difflib.get_close_matches(name, spelled, n=3)
+    hint = f" Did you mean {close}?" if close else ""
     raise UnknownTransformerLensName(
         f"TransformerLens hook name {name!r} has no equal site in interp (hook_embed, "
-        f"hook_pos_embed, hook_attn_in, hook_scale and the like are not kept); "
-        f"the TransformerLens names accepted are: {', '.join(known)}."
+        f"hook_pos_embed, hook_attn_in, hook_scale and the like are not kept).{hint} "
+        f"The TransformerLens names accepted are: {', '.join(known)}."
     )
 
 

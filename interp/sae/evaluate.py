@@ -169,7 +169,7 @@ def _loss_sums(model, sae, site, params, sae_params, tokens, attention_mask, kee
         def on_rows(rows):
             return jnp.where(keep[..., None], fn(rows), rows)
 
-        return sites.row_intervention(site.output, on_rows, site.head_index)
+        return sites.row_intervention(site.output, on_rows, site.output_head_index)
 
     def run(interventions, capture=()):
         return hooks.run_with_hooks(
@@ -183,7 +183,7 @@ def _loss_sums(model, sae, site, params, sae_params, tokens, attention_mask, kee
 
     clean, captured = run(None, sorted({site.input, site.output}))
     inputs = sites.to_rows(site.input, captured[site.input], site.head_index)
-    targets = sites.to_rows(site.output, captured[site.output], site.head_index)
+    targets = sites.to_rows(site.output, captured[site.output], site.output_head_index)
     if site.input == site.output:
         splice = replaced(lambda rows: sae.apply({"params": sae_params}, rows)[0])
         spliced, _ = run({site.output: splice})
@@ -255,11 +255,13 @@ class LossAccumulator:
 @dataclasses.dataclass(frozen=True)
 class Site:
     """Where an SAE reads (`input`) and writes (`output`; the same site unless a
-    transcoder), and which head of a head-shaped site (None: all heads side by side)."""
+    transcoder), and which head of a head-shaped site each end uses (None: all heads side
+    by side)."""
 
     input: str
     output: str
     head_index: int | None = None
+    output_head_index: int | None = None
 
 
 def _one_site(model: nn.Module, name: str, what: str) -> str:
@@ -293,7 +295,7 @@ def resolve_site(model: nn.Module, sae: nn.Module, site: str | None = None, head
         )
     head_index = config.hook_head_index if head_index is None else head_index
     name = _one_site(model, site, "SAE site")
-    output = name
+    resolved = Site(name, name, head_index, head_index)
     if config.is_transcoder:
         if not config.output_hook_name:
             raise ValueError(
@@ -301,7 +303,13 @@ def resolve_site(model: nn.Module, sae: nn.Module, site: str | None = None, head
                 "hook_name_out); set it to the site its output replaces."
             )
         output = _one_site(model, config.output_hook_name, "Transcoder output site")
-    resolved = Site(name, output, head_index)
+        order = hooks.hook_names(model)
+        if order.index(output) <= order.index(name):
+            raise ValueError(
+                f"This transcoder writes {output!r}, which the forward pass reaches before "
+                f"(or at) its input {name!r}; a transcoder's output site comes after its input."
+            )
+        resolved = Site(name, output, head_index, None)  # It writes the whole output site.
     widths = _row_widths(model, resolved)
     wanted = {"input": config.d_in, "output": config.output_width}
     for end, width in widths.items():
@@ -327,7 +335,8 @@ def _row_widths(model: nn.Module, site: Site) -> dict[str, int]:
     def rows(tokens):
         params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
         _, acts = hooks.run_with_hooks(model, params, tokens, capture=sorted(set(ends.values())))
-        return {end: sites.to_rows(name, acts[name], site.head_index) for end, name in ends.items()}
+        heads = {"input": site.head_index, "output": site.output_head_index}
+        return {end: sites.to_rows(name, acts[name], heads[end]) for end, name in ends.items()}
 
     shapes = jax.eval_shape(rows, jax.ShapeDtypeStruct((1, 2), jnp.int32))
     return {end: value.shape[-1] for end, value in shapes.items()}

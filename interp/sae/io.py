@@ -160,6 +160,7 @@ def save(
         if value is not None:
             meta[key] = value
     meta.update(metadata or {})
+    site = meta.get("hook_name") if isinstance(meta.get("hook_name"), str) else None
     for key in ("hook_name", "hook_name_out"):  # SAELens and TransformerLens read TL names.
         if isinstance(meta.get(key), str):
             meta[key] = _transformer_lens_name(meta[key])
@@ -181,7 +182,9 @@ def save(
         "apply_b_dec_to_input": config.subtract_decoder_bias,
         # input_scale is folded into the weights; per-token normalisation is kept.
         "normalize_activations": config.normalize_activations,
-        "reshape_activations": "none",
+        # An SAE on all heads of attn/z reads them side by side, as SAELens's hook_z SAEs do
+        # once they flatten [..., N, H]: tell SAELens to.
+        "reshape_activations": "hook_z" if _reads_all_heads_of_z(config, site) else "none",
         "metadata": meta,
     }
     if config.is_transcoder:
@@ -239,8 +242,11 @@ def read_metadata(path: epath.PathLike) -> dict[str, Any]:
     `hook_name` (and a transcoder's `hook_name_out`) are given in interp's vocabulary, so
     `run_with_hooks(model, params, tokens, capture=[meta["hook_name"]])` works on what a
     published folder says; the name as written, when it was a TransformerLens name, is kept
-    as `transformer_lens_hook_name` (`transformer_lens_hook_name_out`). Pre-6.0 configs keep
-    these at the top level (hook_point is returned as hook_name).
+    as `transformer_lens_hook_name` (`transformer_lens_hook_name_out`). TransformerLens names
+    whose site depends on the model (hook_q, hook_k: before rotary; hook_mlp_in: resid_pre
+    in parallel-residual models) and names with no site here stay as written: `hooks.resolve`
+    translates (or refuses) them with the model. Pre-6.0 configs keep these at the top level
+    (hook_point is returned as hook_name, hook_point_head_index as hook_head_index).
     """
     _, raw = _read_folder(path)
     return _metadata(raw)
@@ -253,30 +259,36 @@ def _metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
             meta[key] = raw[key]
     if "hook_point" in raw and "hook_name" not in meta:
         meta["hook_name"] = raw["hook_point"]
+    if "hook_point_head_index" in raw and "hook_head_index" not in meta:  # Before 6.0.
+        meta["hook_head_index"] = raw["hook_point_head_index"]
     for key in ("hook_name", "hook_name_out"):
         name = meta.get(key)
-        if isinstance(name, str) and sites.is_transformer_lens_name(name):
-            try:
-                meta[key] = sites.from_transformer_lens(name)
-            except sites.UnknownTransformerLensName as error:
-                logging.warning("%s stays as written: %s", key, error)
-                continue
-            meta[f"transformer_lens_{key}"] = name
-            if name.endswith(("attn.hook_q", "attn.hook_k")):
-                logging.warning(
-                    "%s is TransformerLens's %s, taken before any rotary embedding; interp's "
-                    "%s is after it, so the two agree only for models without rotary "
-                    "embeddings.",
-                    key,
-                    name,
-                    meta[key],
-                )
+        if not (isinstance(name, str) and sites.is_transformer_lens_name(name)):
+            continue
+        meta[f"transformer_lens_{key}"] = name
+        if sites.depends_on_model(name):
+            continue  # Translated against the model where it is used (hooks.resolve).
+        try:
+            meta[key] = sites.from_transformer_lens(name)
+        except sites.UnknownTransformerLensName as error:
+            logging.warning("%s stays as written: %s", key, error)
     return meta
 
 
+def _reads_all_heads_of_z(config: SAEConfig, name: str | None) -> bool:
+    name = name or ""
+    if sites.is_transformer_lens_name(name) and not sites.depends_on_model(name):
+        name = sites.from_transformer_lens(name)
+    return name.endswith("attn/z") and config.hook_head_index is None and not config.is_transcoder
+
+
 def _transformer_lens_name(name: str) -> str:
-    """A site's TransformerLens name for export, or the name as given if it has none."""
-    if sites.is_transformer_lens_name(name):
+    """A site's TransformerLens name for export, or the name as given if it has none.
+
+    attn/q and attn/k stay ours: TransformerLens names them hook_rot_q in rotary models and
+    hook_q otherwise, which an SAE folder alone cannot tell.
+    """
+    if sites.is_transformer_lens_name(name) or name.endswith(("attn/q", "attn/k")):
         return name
     try:
         return sites.to_transformer_lens(name)
@@ -412,12 +424,8 @@ def _from_sae_lens(
 
 
 def _site(name: Any) -> str | None:
-    """A hook name from metadata (already in interp's vocabulary where it could be)."""
-    return (
-        name
-        if isinstance(name, str) and name and not sites.is_transformer_lens_name(name)
-        else None
-    )
+    """A hook name from metadata (in interp's vocabulary where that needs no model)."""
+    return name if isinstance(name, str) and name else None
 
 
 def _normalization(normalize, where: str) -> str:

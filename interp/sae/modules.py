@@ -115,9 +115,11 @@ class SAEConfig:
             )
         if self.is_transcoder and self.subtract_decoder_bias:
             raise ValueError(
-                "A transcoder (d_out or skip_connection set) reads its input as is: set "
-                "subtract_decoder_bias=False."
+                "A transcoder (d_out, skip_connection or output_hook_name set) reads its input "
+                "as is: set subtract_decoder_bias=False."
             )
+        if self.hook_head_index is not None and self.hook_head_index < 0:
+            raise ValueError(f"hook_head_index={self.hook_head_index} must be >= 0.")
         if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.num_latents:
             raise ValueError(f"k={self.k} must be in 1..num_latents={self.num_latents}.")
 
@@ -275,16 +277,24 @@ def init_params(config: SAEConfig, key: jax.Array, b_dec=None) -> dict[str, jax.
     Returns:
       The 'params' tree of `SAE(config)`.
     """
-    w_dec = jax.random.normal(key, (config.num_latents, config.d_in), jnp.float32)
+    w_dec = jax.random.normal(key, (config.num_latents, config.output_width), jnp.float32)
     w_dec = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
+    if config.output_width == config.d_in:
+        w_enc = w_dec.T
+    else:  # A transcoder: no decoder to tie to; unit-norm encoder columns.
+        enc_key = jax.random.fold_in(key, 1)
+        w_enc = jax.random.normal(enc_key, (config.d_in, config.num_latents), jnp.float32)
+        w_enc = w_enc / jnp.linalg.norm(w_enc, axis=0, keepdims=True)
     params = {
-        "W_enc": w_dec.T,
+        "W_enc": w_enc,
         "b_enc": jnp.zeros((config.num_latents,), jnp.float32),
         "W_dec": w_dec,
-        "b_dec": jnp.zeros((config.d_in,), jnp.float32)
+        "b_dec": jnp.zeros((config.output_width,), jnp.float32)
         if b_dec is None
         else jnp.asarray(b_dec, jnp.float32) * config.input_scale,
     }
+    if config.skip_connection:
+        params["W_skip"] = jnp.zeros((config.output_width, config.d_in), jnp.float32)
     if config.architecture in ("jumprelu", "batchtopk"):
         params["threshold"] = jnp.full(
             (config.num_latents,), config.jumprelu_init_threshold, jnp.float32

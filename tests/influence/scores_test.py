@@ -146,6 +146,11 @@ def test_feature_query_gradient_matches_a_finite_difference(setup, hook, head_in
         measurement = influence.sae_feature(sae, sae_params, hook, feature)
     else:
         measurement = influence.sae_feature(sae, sae_params, feature=feature)
+    # Bad queries fail when built: a latent the SAE lacks, a pattern for a site.
+    with pytest.raises(ValueError, match="feature 16 is outside 0..15"):
+        influence.sae_feature(sae, sae_params, hook, 16)
+    with pytest.raises(ValueError, match="is a pattern"):
+        influence.sae_feature(sae, sae_params, "blocks.*.attn.hook_z", 0)
     modules = gradients.tracked_modules(model, ["blocks_0/mlp/down"])
     batch = {k: jnp.asarray(v) for k, v in gradients.check_batch(queries, 16, "q").items()}
     stats = gradients.inputs_and_grads(
@@ -157,9 +162,11 @@ def test_feature_query_gradient_matches_a_finite_difference(setup, hook, head_in
     def total(kernel):
         changed = jax.tree.map(lambda x: x, params)
         changed["blocks_0"]["mlp"]["down_kernel"] = kernel
-        logits, acts = hooks.run_with_hooks(model, changed, batch["tokens"],
-                                            capture=[measurement.hooks[0]])  # fmt: skip
-        return float(measurement.fn(logits, batch, acts).sum())
+        (spelled,) = measurement.hooks
+        (site,) = hooks.resolve(model, [spelled])
+        logits, acts = hooks.run_with_hooks(model, changed, batch["tokens"], capture=[site])
+        # A measurement reads its hooks by the names it was given.
+        return float(measurement.fn(logits, batch, {spelled: acts[site]}).sum())
 
     kernel = np.asarray(params["blocks_0"]["mlp"]["down_kernel"], np.float64)
     direction = np.random.default_rng(0).normal(size=kernel.shape)

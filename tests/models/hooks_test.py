@@ -210,3 +210,13 @@ def test_intervention_with_wrong_shape_is_a_clear_error():
             tokens,
             interventions={"blocks_0/resid_post": lambda x: x[:, :1]},
         )
+
+
+def test_two_interventions_for_one_site_are_an_error_not_a_silent_choice():
+    model, params, tokens = _setup(LLAMA_LIKE)
+    for clash in (
+        {"blocks_1/resid_post": jnp.zeros_like, "blocks.1.hook_resid_post": jnp.ones_like},
+        {"blocks_*/resid_post": jnp.zeros_like, "blocks_1/resid_post": jnp.ones_like},
+    ):
+        with pytest.raises(ValueError, match="'blocks_1/resid_post' is given two interventions"):
+            hooks.run_with_hooks(model, params, tokens, interventions=clash)

@@ -7,7 +7,7 @@ import pytest
 
 from interp.models import hooks, sites
 from interp.models.transformer import Transformer, init_params
-from tests.models.testing import ALL, GEMMA2_LIKE, GPT2_LIKE, LLAMA_LIKE
+from tests.models.testing import ALL, GEMMA2_LIKE, GPT2_LIKE, LLAMA_LIKE, NEOX_LIKE
 
 
 def _acts(config, capture=("*",)):
@@ -106,6 +106,14 @@ def test_transformer_lens_names_that_differ_here_are_refused():
         hooks.resolve(rotary, ["hook_embed"])
     with pytest.raises(ValueError, match="has no TransformerLens hook name"):
         sites.to_transformer_lens("blocks_0/mlp/in")
+    # hook_mlp_in is the MLP's input before its norm: resid_mid, or resid_pre when parallel.
+    assert hooks.resolve(rotary, ["blocks.1.hook_mlp_in"]) == ["blocks_1/resid_mid"]
+    parallel = Transformer(NEOX_LIKE)
+    assert hooks.resolve(parallel, ["blocks.1.hook_mlp_in"]) == ["blocks_1/resid_pre"]
+    assert sites.depends_on_model("blocks.1.hook_mlp_in")
+    assert not sites.depends_on_model("blocks.1.hook_mlp_out")
+    with pytest.raises(ValueError, match=r"Did you mean \['blocks.0.hook_resid_post'"):
+        hooks.resolve(rotary, ["blocks.0.hook_resid_psot"])
     # Gemma's post-norm sites have their TransformerLens names.
     model = Transformer(GEMMA2_LIKE)
     assert hooks.resolve(model, ["blocks.1.ln2_post.hook_normalized"]) == [

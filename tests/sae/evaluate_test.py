@@ -324,6 +324,20 @@ def test_transcoder_is_scored_against_and_spliced_into_its_output_site():
     wrong = dict(transcoder, W_dec=jnp.concatenate([eye, -eye], axis=0))
     worse = evaluate.evaluate(model, params, SAE(config), wrong, [tokens])
     assert worse["fvu"] > 0.01 and worse["spliced_loss"] != pytest.approx(got["clean_loss"])
+    # An output site the forward pass reaches before the input is refused, by name.
+    backwards = SAE(config.replace(hook_name="blocks_1/resid_mid",
+                                   output_hook_name="blocks_0/mlp/out"))  # fmt: skip
+    with pytest.raises(ValueError, match="reaches before .* its input 'blocks_1/resid_mid'"):
+        evaluate.evaluate(model, params, backwards, transcoder, [tokens])
+    # A transcoder reading one head writes its whole output site.
+    one_head = SAEConfig(
+        architecture="relu", d_in=TINY.head_dim, num_latents=8, d_out=d,
+        subtract_decoder_bias=False, hook_name="blocks_1/attn/z", hook_head_index=1,
+        output_hook_name="blocks_1/mlp/out",
+    )  # fmt: skip
+    zero = jax.tree.map(jnp.zeros_like, sae_init_params(one_head, jax.random.key(0)))
+    ablated = evaluate.evaluate(model, params, SAE(one_head), zero, [tokens])
+    assert ablated["spliced_loss"] == pytest.approx(ablated["zero_ablation_loss"], abs=1e-6)
 
 
 def test_excluded_positions_keep_their_activations_and_are_not_scored(lm):

@@ -445,7 +445,8 @@ def test_sae_lens_variants_load_and_run_as_sae_lens_does(sae_lens, tmp_path):
         with torch.no_grad():
             np.testing.assert_allclose(again(x).numpy(), their_out, atol=1e-4, err_msg=name)
     assert io.read_metadata(tmp_path / "transcoder")["hook_name"] == "blocks_1/ln_2/normalized"
-    assert io.read_metadata(tmp_path / "skip_transcoder")["hook_name"] == "blocks_1/resid_mid"
+    # hook_mlp_in is resid_mid or resid_pre by model: kept as written, resolved with the model.
+    assert io.read_metadata(tmp_path / "skip_transcoder")["hook_name"] == "blocks.1.hook_mlp_in"
 
 
 def test_hook_z_and_per_head_folders_read_the_rows_of_their_site(sae_lens, tmp_path):
@@ -466,12 +467,14 @@ def test_hook_z_and_per_head_folders_read_the_rows_of_their_site(sae_lens, tmp_p
     with torch.no_grad():
         their_codes = reference.encode(torch.from_numpy(z)).numpy()
         their_z_hat = reference(torch.from_numpy(z)).numpy()  # [..., heads, head_dim]
-    codes, ours = _encode(sae, params, rows), None
-    np.testing.assert_allclose(codes, their_codes, atol=1e-5)
-    ours = sites.from_rows(
-        "blocks_0/attn/z", jnp.asarray(z), sae.apply({"params": params}, rows)[0]
-    )
-    np.testing.assert_allclose(ours, their_z_hat, atol=1e-5)
+    np.testing.assert_allclose(_encode(sae, params, rows), their_codes, atol=1e-5)
+    z_hat = sites.from_rows("blocks_0/attn/z", z, sae.apply({"params": params}, rows)[0])
+    np.testing.assert_allclose(z_hat, their_z_hat, atol=1e-5)
+    # Written back out it is still a hook_z SAE to SAELens: it takes [..., N, H] values.
+    io.save(tmp_path / "z_again", sae.config, params)
+    again = sae_lens.SAE.load_from_disk(tmp_path / "z_again")
+    with torch.no_grad():
+        np.testing.assert_allclose(again(torch.from_numpy(z)).numpy(), their_z_hat, atol=1e-5)
 
     head = _randomized(sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=head_dim, d_sae=X)))
     head.cfg.metadata.hook_name = "blocks.0.attn.hook_z"
@@ -481,3 +484,13 @@ def test_hook_z_and_per_head_folders_read_the_rows_of_their_site(sae_lens, tmp_p
     assert (sae.config.hook_name, sae.config.hook_head_index) == ("blocks_0/attn/z", 2)
     io.save(tmp_path / "head_again", sae.config, params)
     assert io.read_metadata(tmp_path / "head_again")["hook_head_index"] == 2
+    written = json.loads((tmp_path / "head_again" / "cfg.json").read_text())
+    assert written["reshape_activations"] == "none"  # One head's rows need no reshaping.
+    # Before SAELens 6.0 the head index was hook_point_head_index.
+    cfg = {"d_in": head_dim, "d_sae": X, "hook_point": "blocks.0.attn.hook_z",
+           "hook_point_head_index": 1, "sae_lens_version": "4.1.0"}  # fmt: skip
+    _write_sae_lens(tmp_path / "old_head", cfg, {k: np.asarray(v) for k, v in params.items()})
+    assert io.load(tmp_path / "old_head")[0].config.hook_head_index == 1
+    # attn/q is hook_rot_q or hook_q in TransformerLens by model: exported as ours.
+    io.save(tmp_path / "q", sae.config.replace(hook_name="blocks_0/attn/q"), params)
+    assert io.read_metadata(tmp_path / "q")["hook_name"] == "blocks_0/attn/q"
