@@ -48,7 +48,8 @@ def sae_name(entry, site: str) -> str:
         sparsity = f"-k{entry['k']}"
     else:
         sparsity = f"-l{entry.get('l1_coefficient', SAEConfig.l1_coefficient):g}"
-    return f"{site.replace('/', '.')}-{arch}{sparsity}-x{entry['num_latents']}"
+    head = "" if entry.get("hook_head_index") is None else f".h{entry['hook_head_index']}"
+    return f"{site.replace('/', '.')}{head}-{arch}{sparsity}-x{entry['num_latents']}"
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -80,6 +81,31 @@ def _entries(sae_config) -> list[dict[str, Any]]:
             )
         entries.append(entry)
     return entries
+
+
+def _columns(entry, width: int, model_config) -> slice:
+    """The columns of a site's cached rows an SAE reads: all, or one head's (a per-head SAE,
+    `hook_head_index`: columns head * head_dim ... of the heads-side-by-side rows)."""
+    head = entry.get("hook_head_index")
+    if head is None:
+        return slice(0, width)
+    head_dim = model_config.head_dim
+    heads = width // head_dim
+    if width % head_dim or heads < 2:
+        raise ValueError(
+            f"SAE {entry} reads head {head} of {entry['site']!r}, whose rows ({width} wide) are "
+            f"not heads of {head_dim}; hook_head_index applies to attn/q, k, v and z."
+        )
+    if not 0 <= head < heads:
+        raise ValueError(f"SAE {entry}: hook_head_index {head} outside 0..{heads - 1}.")
+    return slice(head * head_dim, (head + 1) * head_dim)
+
+
+def _input_scale(cache, entry, rows: np.ndarray) -> float:
+    """The cache's scale for a whole site; a per-head SAE's from its head's rows."""
+    if entry.get("hook_head_index") is None:
+        return cache.input_scale(entry["site"])
+    return activations.unit_norm_scale(activations.mean_squared_norm(rows))
 
 
 _EXCLUDE_DEFAULTS = {"first": True, "bos": True, "token_ids": ()}
@@ -232,19 +258,21 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
     )
 
     sites = [entry["site"] for entry in entries]
+    columns = [_columns(entry, cache.dims[entry["site"]], model.config) for entry in entries]
     sample = {site: cache.read(site, 0, min(cache.num_rows, 8192)) for site in set(sites)}
+    samples = [
+        np.asarray(sample[site][:, cols], np.float32)
+        for site, cols in zip(sites, columns, strict=True)
+    ]
     configs = tuple(
         SAEConfig.from_dict(
             {k: v for k, v in entry.items() if k != "site"}
-            | {"d_in": cache.dims[entry["site"]], "input_scale": cache.input_scale(entry["site"])}
-            | {"hook_name": entry["site"]}
+            | {"d_in": cols.stop - cols.start, "hook_name": entry["site"]}
+            | {"input_scale": _input_scale(cache, entry, rows)}
         )
-        for entry in entries
+        for entry, cols, rows in zip(entries, columns, samples, strict=True)
     )
-    b_dec_init = [
-        np.asarray(sae_train.geometric_median(np.asarray(sample[site], np.float32)))
-        for site in sites
-    ]
+    b_dec_init = [np.asarray(sae_train.geometric_median(rows)) for rows in samples]
     names = _unique([sae_name(entry, entry["site"]) for entry in entries])
 
     stream: dict[str, Any] = {}
@@ -257,7 +285,10 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
                 sorted(set(sites)), train_config.batch_size, seed=config.seed, start_step=step
             )
         batch = next(stream["iterator"])
-        return tuple(np.asarray(batch[site], np.float32) for site in sites)
+        return tuple(
+            np.asarray(batch[site][:, cols], np.float32)
+            for site, cols in zip(sites, columns, strict=True)
+        )
 
     key = jax.random.key(config.seed)
     task = loop.Task(

@@ -211,3 +211,34 @@ def test_excluded_positions_are_the_same_in_harvest_and_evaluation(pipeline_run,
     config.sae.exclude = {"firsts": True}
     with pytest.raises(ValueError, match="unknown keys \\['firsts'\\]"):
         job.run(config, str(tmp_path / "typo"))
+
+
+def test_per_head_and_all_heads_saes_train_on_attn_z(pipeline_run, tmp_path):
+    workdir, _ = pipeline_run
+    config = _config()
+    config.sae.model_path = os.path.join(workdir, "lm", "export")
+    config.sae.cache_path = str(tmp_path / "activations")
+    config.sae.sites = ("blocks.1.attn.hook_z",)  # TransformerLens's name for blocks_1/attn/z.
+    config.sae.saes = (
+        {"architecture": "topk", "k": 4, "num_latents": 64},
+        {"architecture": "topk", "k": 4, "num_latents": 64, "hook_head_index": 1},
+    )
+    config.sae.train.steps = 40
+    results = job.run(config, str(tmp_path / "sae"))
+    model, params, _ = models.from_pretrained(config.sae.model_path)
+    head_dim, heads = model.config.head_dim, model.config.num_heads
+    folders = sorted(os.listdir(tmp_path / "sae" / "saes"))
+    assert folders == [
+        "blocks_1.attn.z-topk-k4-x64",
+        "blocks_1.attn.z.h1-topk-k4-x64",
+    ]
+    for folder in folders:
+        sae, sae_params = interp_sae.load(tmp_path / "sae" / "saes" / folder)
+        per_head = folder.endswith(".h1-topk-k4-x64")
+        assert sae.config.hook_name == "blocks_1/attn/z"
+        assert sae.config.hook_head_index == (1 if per_head else None)
+        assert sae.config.d_in == (head_dim if per_head else heads * head_dim)
+        assert results[folder]["fvu"] < 1.0 and results[folder]["num_tokens"] > 0
+    config.sae.saes = ({"architecture": "topk", "k": 4, "hook_head_index": heads},)
+    with pytest.raises(ValueError, match=f"hook_head_index {heads} outside 0..{heads - 1}"):
+        job.run(config, str(tmp_path / "bad"))
