@@ -1,0 +1,155 @@
+"""Logit effects: the tokens each SAE feature's decoder direction most raises and lowers.
+
+Legend: X latents, D model width, V vocabulary, k tokens shown.
+
+A feature that writes direction d (its decoder row W_dec[f], divided by the SAE's input
+scale, as `decode` applies it) into the residual stream moves the logits, through the direct
+path, by
+
+    effect = norm_f(d) @ W_U                         # [V]
+
+where norm_f is the final norm's *linear part* as the model applies it:
+  * LayerNorm subtracts the mean over D (linear, so d - mean(d) is kept) and RMSNorm does not;
+  * the division by the token's RMS is left out: it is one positive number per token that
+    depends on the whole residual stream, not on d, so it rescales a feature's effects on
+    every token alike and leaves their order unchanged (effects are per unit of RMS);
+  * the learned scale multiplies d elementwise (Gemma's 1 + w: `norm_offset + scale`); the
+    norm's bias does not depend on d and is left out.
+W_U is the unembedding (the transposed token embedding when tied, else `lm_head`); the final
+soft-cap (Gemma 2) is monotone and left out. This is SAELens's / Neuronpedia's W_dec @ W_U
+after TransformerLens folds the norm's weights into W_U (and, for LayerNorm, centres the
+directions).
+
+Sites past the norm: at `final_norm` (what the unembedding reads) d goes straight to W_U; at
+`ln_f/normalized` (before the learned scale) only the scale applies. Other sites must be
+residual-stream wide (resid_*, attn_out, mlp/out); sites of another width (attn/z, MLP
+hidden units) are refused, since their direct effect passes through more weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+
+from interp.analysis.features import check_features
+from interp.models import hooks
+
+
+_CHUNK = 256  # Features per matmul with W_U: [256, V] float32 is 256 MB at V = 256k.
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitEffects:
+    """Per feature, best first.
+
+    Attributes:
+      features: [n] the features.
+      top_tokens, top_values: [n, k] the tokens most raised, with their logit change.
+      bottom_tokens, bottom_values: [n, k] the tokens most lowered (most negative first).
+    """
+
+    features: np.ndarray
+    top_tokens: np.ndarray
+    top_values: np.ndarray
+    bottom_tokens: np.ndarray
+    bottom_values: np.ndarray
+
+
+def _unembedding(config, params) -> np.ndarray:
+    """W_U [D, V] in float32."""
+    if config.tied_embeddings:
+        return np.asarray(params["embed"], np.float32).T
+    return np.asarray(params["lm_head"], np.float32)
+
+
+def directions_to_logits(config: Any, params, directions, site: str | None = None) -> np.ndarray:
+    """[n, V] logit effects of residual-stream directions [n, D] (see the module docstring).
+
+    Args:
+      config: The model's `ModelConfig`.
+      params: Its parameters.
+      directions: [n, D] vectors written at `site`.
+      site: A resolved hook name; None means the residual stream.
+    """
+    d = np.asarray(directions, np.float32)
+    if site == "final_norm":
+        return d @ _unembedding(config, params)
+    if site != "ln_f/normalized" and config.norm == "layernorm":
+        d = d - d.mean(-1, keepdims=True)
+    scale = config.norm_offset + np.asarray(params["ln_f"]["scale"], np.float32)
+    return (d * scale) @ _unembedding(config, params)
+
+
+def _residual_site(site: str | None) -> bool:
+    if site is None or site in ("final_norm", "ln_f/normalized"):
+        return True
+    tail = site.split("/", 1)[-1]
+    return tail in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp/out")
+
+
+def logit_effects(
+    model: nn.Module,
+    params,
+    sae_params,
+    features=None,
+    k: int = 10,
+    *,
+    sae: nn.Module | None = None,
+    site: str | None = None,
+) -> LogitEffects:
+    """The k tokens each feature's decoder direction most raises and most lowers.
+
+    Args:
+      model: A `Transformer` (its config gives the final norm and unembedding).
+      params: Its parameters.
+      sae_params: The SAE's 'params' (W_dec [X, D]).
+      features: Feature indices (default all).
+      k: Tokens per side.
+      sae: The SAE module, optional: its config's input_scale scales the directions as
+        `decode` does, and its hook_name is the default `site`.
+      site: The hook site the SAE writes (ours or TransformerLens's); None: the residual
+        stream.
+
+    Returns:
+      `LogitEffects`.
+
+    Raises:
+      ValueError: for a feature outside the SAE, a decoder not as wide as the residual
+        stream, or a site whose direct effect on the logits is not the final norm and W_U.
+    """
+    config = model.config
+    w_dec = np.asarray(sae_params["W_dec"], np.float32)
+    num_latents = w_dec.shape[0]
+    features = np.arange(num_latents) if features is None else features
+    features = check_features(np.atleast_1d(features), num_latents)
+    scale = 1.0
+    if sae is not None:
+        scale = float(sae.config.input_scale)
+        site = site or sae.config.hook_name
+    if site is not None:
+        (site,) = hooks.resolve(model, [site])
+    if not _residual_site(site):
+        raise ValueError(
+            f"Logit effects read the residual stream; site {site!r} reaches the logits "
+            "through other weights first (attention's output projection, the MLP's down "
+            "projection). Use an SAE at resid_*, attn_out or mlp/out."
+        )
+    if w_dec.shape[1] != config.d_model:
+        raise ValueError(
+            f"This SAE's decoder writes {w_dec.shape[1]}-wide vectors but the model's residual "
+            f"stream is {config.d_model} wide; logit effects need a residual-stream SAE."
+        )
+    k = min(k, config.vocab_size)
+    parts = []
+    for start in range(0, len(features), _CHUNK):  # [chunk, V] at a time, not [X, V].
+        chunk = features[start : start + _CHUNK]
+        effects = directions_to_logits(config, params, w_dec[chunk] / scale, site)
+        top = np.argsort(-effects, axis=1, kind="stable")[:, :k]
+        bottom = np.argsort(effects, axis=1, kind="stable")[:, :k]
+        parts.append((top, np.take_along_axis(effects, top, 1),
+                      bottom, np.take_along_axis(effects, bottom, 1)))  # fmt: skip
+    top, top_values, bottom, bottom_values = (np.concatenate(p) for p in zip(*parts, strict=True))
+    return LogitEffects(features, top, top_values, bottom, bottom_values)
