@@ -219,14 +219,15 @@ def _step(model, sae, site, s, state, params, sae_params, tokens, mask, keep, ro
     feature = jnp.broadcast_to(jnp.arange(x)[:, None, None], where.shape)
     window_acts = jnp.where(shown & keep[row_index, clipped],
                             codes[row_index, clipped, feature], 0.0)  # fmt: skip
-    valid = values > -jnp.inf
-    merged = {
-        "top_values": jnp.concatenate([state["top_values"], values], 1),
-        "top_rows": jnp.concatenate([state["top_rows"], jnp.where(valid, rows + row_offset, -1)], 1),
-        "top_positions": jnp.concatenate([state["top_positions"], jnp.where(valid, positions, -1)], 1),
-        "top_tokens": jnp.concatenate([state["top_tokens"], window_tokens], 1),
-        "top_acts": jnp.concatenate([state["top_acts"], window_acts], 1),
-    }  # fmt: skip
+    unused = ~(values > -jnp.inf)
+    batch_best = {
+        "top_values": values,
+        "top_rows": jnp.where(unused, -1, rows + row_offset),
+        "top_positions": jnp.where(unused, -1, positions),
+        "top_tokens": window_tokens,
+        "top_acts": window_acts,
+    }
+    merged = {name: jnp.concatenate([state[name], batch_best[name]], 1) for name in batch_best}
     best_values, best = jax.lax.top_k(merged["top_values"], s.top_k)  # [X, K]
     new_state = {"max": jnp.maximum(state["max"], batch_max), "hist": hist}
     new_state["top_values"] = best_values

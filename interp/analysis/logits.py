@@ -37,7 +37,6 @@ import numpy as np
 from interp.analysis.features import check_features
 from interp.models import hooks
 
-
 _CHUNK = 256  # Features per matmul with W_U: [256, V] float32 is 256 MB at V = 256k.
 
 
