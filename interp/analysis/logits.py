@@ -108,7 +108,9 @@ def logit_effects(
       features: Feature indices (default all).
       k: Tokens per side.
       sae: The SAE module, optional: its config's input_scale scales the directions as
-        `decode` does, and its hook_name is the default `site`.
+        `decode` does, and the site it writes (hook_name, a transcoder's output_hook_name)
+        is the default `site`. (An SAE that normalises each token rescales its output by a
+        per-token positive factor, which leaves the order of effects unchanged.)
       site: The hook site the SAE writes (ours or TransformerLens's); None: the residual
         stream.
 
@@ -124,10 +126,13 @@ def logit_effects(
     num_latents = w_dec.shape[0]
     features = np.arange(num_latents) if features is None else features
     features = check_features(np.atleast_1d(features), num_latents)
+    if not features.size:
+        raise ValueError("logit_effects got no features.")
     scale = 1.0
     if sae is not None:
         scale = float(sae.config.input_scale)
-        site = site or sae.config.hook_name
+        # A transcoder writes its output site.
+        site = site or sae.config.output_hook_name or sae.config.hook_name
     if site is not None:
         (site,) = hooks.resolve(model, [site])
     if not _residual_site(site):
