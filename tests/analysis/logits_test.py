@@ -103,8 +103,9 @@ def test_sites_and_bad_input():
     effect = w_dec[0] @ np.asarray(params["embed"]).T
     np.testing.assert_allclose(got.top_values[0], np.sort(effect)[::-1][:3], rtol=1e-5)
     # The SAE's input scale divides its decoder rows, as `decode` does.
-    sae = SAE(SAEConfig(architecture="relu", d_in=config.d_model, num_latents=NUM_LATENTS, input_scale=4.0,
-                        hook_name="blocks.1.hook_resid_post"))  # fmt: skip
+    sae_config = SAEConfig(architecture="relu", d_in=config.d_model, num_latents=NUM_LATENTS,
+                           input_scale=4.0, hook_name="blocks.1.hook_resid_post")  # fmt: skip
+    sae = SAE(sae_config)
     scaled = analysis.logit_effects(model, params, {"W_dec": w_dec}, 2, sae=sae)
     plain = analysis.logit_effects(model, params, {"W_dec": w_dec}, 2)
     np.testing.assert_allclose(scaled.top_values, plain.top_values / 4, rtol=1e-6)
