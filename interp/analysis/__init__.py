@@ -1,6 +1,7 @@
 """Feature analysis of SAEs: statistics over a token stream, top contexts, logit effects,
 feature search, plots and HTML dashboards."""
 
+from interp.analysis.dashboard import write_dashboard
 from interp.analysis.features import (
     FeatureStats,
     SearchResult,
@@ -9,6 +10,11 @@ from interp.analysis.features import (
     search_features,
 )
 from interp.analysis.logits import LogitEffects, logit_effects
+from interp.analysis.plots import (
+    plot_activation_histogram,
+    plot_density_histogram,
+    plot_frontier,
+)
 
 __all__ = [
     "FeatureStats",
@@ -16,6 +22,10 @@ __all__ = [
     "SearchResult",
     "feature_stats",
     "logit_effects",
+    "plot_activation_histogram",
+    "plot_density_histogram",
+    "plot_frontier",
     "resolve_site",
     "search_features",
+    "write_dashboard",
 ]
