@@ -177,7 +177,7 @@ svg.hist rect { fill: #d0603a; } svg.hist text { font-size: 10px; fill: #555; }
 .context { margin: 0.3em 0; line-height: 1.8; }
 .ctxval { font-family: monospace; color: #555; display: inline-block; width: 5em; }
 .tok { border-radius: 2px; } .tok.top { outline: 1px solid #b45309; }
-.empty { color: #888; }
+.empty { color: #888; } #count { padding: 0 0.8em; }
 """
 
 _SCRIPT = """

@@ -39,6 +39,7 @@ with fewer than K such tokens has entries with row -1 at the end.
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from interp import paths
 from interp.data import activations
 from interp.models import hooks, sites
 
@@ -295,6 +297,25 @@ class FeatureStats:
         """[X] mean activation over the tokens where the feature fires (nan if never)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.fires > 0, self.sum / self.fires, np.nan)
+
+    def save(self, path: paths.PathLike) -> None:
+        """Writes the stats as one .npz file (local or gs://)."""
+        arrays = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        arrays["head_index"] = -1 if self.head_index is None else self.head_index
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+        paths.write_bytes(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: paths.PathLike) -> FeatureStats:
+        """Reads what `save` wrote."""
+        with np.load(io.BytesIO(paths.read_bytes(path))) as data:
+            values = {name: data[name] for name in data.files}
+        for name in ("num_tokens", "context_before", "head_index"):
+            values[name] = int(values[name])
+        values["site"] = str(values["site"])
+        values["head_index"] = None if values["head_index"] < 0 else values["head_index"]
+        return cls(**values)
 
     def contexts(self, feature: int) -> list[dict[str, Any]]:
         """A feature's top contexts, best first: {'value', 'row', 'position', 'tokens',

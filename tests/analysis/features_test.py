@@ -116,6 +116,22 @@ def test_stats_and_top_contexts_equal_brute_force(lm, site, head_index, d_in):
             assert c["tokens"][c["index"]] == tokens[r, p]
 
 
+def test_stats_save_and_load(lm, tmp_path):
+    model, params = lm
+    sae, sae_params = _sae(8, "blocks_0/attn/z", head_index=0)
+    stats = analysis.feature_stats(model, params, sae, sae_params, _batches()[:1], top_k=2)
+    stats.save(tmp_path / "stats.npz")
+    loaded = analysis.FeatureStats.load(tmp_path / "stats.npz")
+    assert (loaded.site, loaded.head_index, loaded.num_tokens) == (
+        "blocks_0/attn/z",
+        0,
+        45,
+    )  # 3 padded
+    for field in ("fires", "max", "quantiles", "top_values", "top_tokens", "top_acts"):
+        np.testing.assert_array_equal(getattr(loaded, field), getattr(stats, field))
+    assert loaded.contexts(3) == stats.contexts(3)
+
+
 def test_bad_input_is_named(lm):
     model, params = lm
     sae, sae_params = _sae(12, "blocks_1/resid_post")
@@ -148,3 +164,16 @@ def test_search_finds_the_features_firing_most_on_a_text(lm):
     at = analysis.search_features(model, params, sae, sae_params, text, positions=[5], k=3)
     np.testing.assert_array_equal(at.features, np.argsort(-codes[0, 5])[:3])
     assert (at.positions == 5).all()
+    # Relative to each feature's max over a dataset (a text not in it, so no ties at 1).
+    stats = analysis.feature_stats(model, params, sae, sae_params, _batches(), bos_id=BOS)
+    other = np.random.default_rng(7).integers(2, TINY.vocab_size, 12)
+    other[0] = BOS
+    relative = analysis.search_features(model, params, sae, sae_params, other, k=4, bos_id=BOS,
+                                        relative_to=stats)  # fmt: skip
+    codes, *_ = _brute_force(lm, sae, sae_params, [{"tokens": other[None],
+                                                    "attention_mask": np.ones((1, 12))}],
+                             "blocks_1/resid_post")  # fmt: skip
+    best = codes[0, 1:].max(0)
+    ratio = np.where(stats.max > 0, best / np.where(stats.max > 0, stats.max, 1), 0)
+    np.testing.assert_array_equal(relative.features, np.argsort(-ratio)[:4])
+    np.testing.assert_allclose(relative.scores, np.sort(ratio)[::-1][:4], rtol=1e-5)
