@@ -52,10 +52,24 @@ def _token_text(tokenizer: Any) -> Callable[[int], str]:
                     value = tokenizer.decode([token])
             else:
                 value = tokenizer(token)
-            cache[token] = str(value).replace("\n", "\u21b5")  # A visible newline.
+            cache[token] = _visible(str(value))
         return cache[token]
 
     return text
+
+
+def _visible(text: str) -> str:
+    """Control characters made visible (a newline as U+21B5, others as \\xNN): byte-level
+    tokens decode to them, and a NUL or form feed has no place in an HTML page."""
+    out = []
+    for char in text:
+        if char == "\n":
+            out.append("\u21b5")
+        elif ord(char) < 32 or 0x7F <= ord(char) < 0xA0:
+            out.append(f"\\x{ord(char):02x}")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def _fmt(value: float) -> str:
@@ -94,7 +108,7 @@ def _context_html(context: dict[str, Any], scale: float, text) -> str:
     spans = []
     for i, (token, act) in enumerate(zip(context["tokens"], context["acts"], strict=True)):
         alpha = 0.0 if scale <= 0 else min(1.0, max(act, 0.0) / scale) * 0.9
-        cls = "tok top" if i == context["index"] else "tok"
+        cls = "tok peak" if i == context["index"] else "tok"
         spans.append(
             f'<span class="{cls}" style="background:rgba(255, 120, 0, {alpha:.3f})" '
             f'title="{act:.4g}" data-act="{act:.6g}">{html.escape(text(token))}</span>'
@@ -120,7 +134,7 @@ def _logits_html(effects: LogitEffects | None, row: int | None, text) -> str:
             for t, v in zip(tokens, values, strict=True)
         )
         sides.append(f'<div class="side"><h4>{name}</h4><ol>{items}</ol></div>')
-    return f'<div class="logits"><h3>Logit effects</h3>{"".join(sides)}</div>'
+    return f'<h3>Logit effects</h3><div class="logits">{"".join(sides)}</div>'
 
 
 def _panel(stats, feature, effects, row, text) -> tuple[str, str]:
@@ -149,7 +163,7 @@ def _panel(stats, feature, effects, row, text) -> tuple[str, str]:
         words += [text(t) for t in effects.bottom_tokens[row]]
     panel = (
         f'<section class="feature" id="feature-{feature}" data-feature="{feature}" hidden>'
-        f'<h2>Feature {feature}</h2><div class="top"><table class="stats">{table}</table>'
+        f'<h2>Feature {feature}</h2><div class="head"><table class="stats">{table}</table>'
         f"<div><h3>Activations when firing</h3>{_histogram_svg(stats, feature)}</div></div>"
         f"{_logits_html(effects, row, text)}"
         f'<h3>Top contexts</h3><div class="contexts">{shown}</div></section>'
@@ -166,17 +180,17 @@ nav ul { list-style: none; margin: 0; padding: 0; overflow-y: auto; flex: 1; }
 .feature-item:hover { background: #eef; } .feature-item.selected { background: #dde6ff; }
 .feature-item .density { color: #777; float: right; font-family: monospace; }
 main { flex: 1; overflow-y: auto; padding: 1em 2em; }
-.top { display: flex; gap: 2em; align-items: flex-start; }
+.head { display: flex; gap: 2em; align-items: flex-start; }
 table.stats th { text-align: left; padding-right: 1em; font-weight: normal; color: #555; }
 table.stats td { font-family: monospace; }
 svg.hist rect { fill: #d0603a; } svg.hist text { font-size: 10px; fill: #555; }
-.logits { display: flex; gap: 2em; flex-wrap: wrap; } .logits h3 { width: 100%; margin: 0.5em 0 0; }
-.side ol { margin: 0; padding-left: 1.5em; font-size: 0.9em; }
+.logits { display: flex; gap: 2em; }
+.side h4 { margin: 0.2em 0; } .side ol { margin: 0; padding-left: 1.5em; font-size: 0.9em; }
 .logit.pos .lval { color: #1a7f37; } .logit.neg .lval { color: #b42318; }
 .ltok, .tok { white-space: pre; font-family: monospace; }
 .context { margin: 0.3em 0; line-height: 1.8; }
 .ctxval { font-family: monospace; color: #555; display: inline-block; width: 5em; }
-.tok { border-radius: 2px; } .tok.top { outline: 1px solid #b45309; }
+.tok { border-radius: 2px; } .tok.peak { outline: 1px solid #b45309; }
 .empty { color: #888; } #count { padding: 0 0.8em; }
 """
 

@@ -484,6 +484,7 @@ def search_features(
     site: str | None = None,
     head_index: int | None = None,
     relative_to: FeatureStats | None = None,
+    attention_mask=None,
     bos_id: int | None = None,
     skip_first: bool = False,
     exclude_ids: Sequence[int] = (),
@@ -503,6 +504,7 @@ def search_features(
         `FeatureStats`), favouring features this text drives near their peak, as
         Neuronpedia's activation-density-aware search does; features that never fired in
         that dataset are left out.
+      attention_mask: Optional [T] (or [1, T]), 1 for real tokens (a padded row).
       bos_id, skip_first, exclude_ids: Positions left out, as in `feature_stats`.
 
     Returns:
@@ -518,7 +520,8 @@ def search_features(
     if tokens.ndim != 2 or tokens.shape[0] != 1:
         raise ValueError(f"search_features takes one text, [T] or [1, T]; got {tokens.shape}.")
     length = tokens.shape[1]
-    keep = activations.keep_mask(tokens, None, bos_id=bos_id, skip_first=skip_first,
+    mask = None if attention_mask is None else np.asarray(attention_mask).reshape(1, length)
+    keep = activations.keep_mask(tokens, mask, bos_id=bos_id, skip_first=skip_first,
                                  exclude_ids=tuple(exclude_ids))[0]  # fmt: skip
     if positions is not None:
         chosen = np.asarray(positions, np.int64).reshape(-1)
@@ -527,8 +530,9 @@ def search_features(
         only = np.zeros(length, bool)
         only[chosen] = True
         keep = keep & only
-    codes = np.asarray(_jit_codes(model, sae, resolved, params, sae_params,
-                                  jnp.asarray(tokens), None))[0]  # fmt: skip
+    codes = _jit_codes(model, sae, resolved, params, sae_params, jnp.asarray(tokens),
+                       None if mask is None else jnp.asarray(mask))  # fmt: skip
+    codes = np.asarray(codes)[0]  # [T, X]
     per_token = np.where(keep[:, None], codes, 0.0).T  # [X, T]
     best = per_token.max(1) if length else np.zeros(per_token.shape[0])
     scores = best.copy()

@@ -55,6 +55,10 @@ def test_page_content_is_escaped_and_complete(analysed, tmp_path):
     alive = np.nonzero(stats.fires)[0]
     assert page.count('class="feature-item"') == len(alive) == NUM_LATENTS - 1
     assert "http" not in page.replace("http-equiv", "")  # Nothing fetched from elsewhere.
+    # Control characters (byte-level tokens decode to them) are shown, not written raw.
+    path = dashboard.write_dashboard(tmp_path / "c.html", stats, tokenizer=lambda t: "a\x00b\n")
+    page = open(path, encoding="utf-8").read()
+    assert not any(ord(c) < 32 and c != "\n" for c in page) and "a\\x00b\u21b5" in page
     with pytest.raises(ValueError, match="Feature 12 is outside"):
         dashboard.write_dashboard(tmp_path / "e.html", stats, features=[1, 12])
 
@@ -147,6 +151,9 @@ def test_dashboard_in_chromium(analysed, browser, tmp_path):
     want = stats.contexts(feature)
     assert len(contexts) == len(want) == 4
     first = contexts[0].find_elements(By.CSS_SELECTOR, ".tok")
+    peak = contexts[0].find_element(By.CSS_SELECTOR, ".tok.peak")  # The top token, inline.
+    assert peak.value_of_css_property("display") == "inline"
+    assert peak.text == _token(want[0]["tokens"][want[0]["index"]])
     assert [t.text for t in first] == [_token(t) for t in want[0]["tokens"]]  # Spaces kept.
     assert [float(t.get_attribute("title")) for t in first] == pytest.approx(
         want[0]["acts"], rel=1e-3, abs=1e-6
