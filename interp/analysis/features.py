@@ -14,9 +14,10 @@ gives and SAEs are trained on, at the positions `interp.data.activations.keep_ma
 room does not import `interp.sae`.
 
 Streaming: one jitted step per batch updates on-device accumulators; nothing keeps all
-activations. Per batch the step holds the codes [N, X] float32 a few times over (codes, their
-transpose for the top-k, histogram bin indices), so N * X * 12 bytes: pick the batch size for
-the SAE (4096 tokens x 32768 latents: about 1.6 GB). The accumulators themselves take
+activations. Per batch the step holds [N, X] arrays a few times over (the codes, their
+transpose for the top-k, histogram bin indices and increments, masks): budget about
+N * X * 20 bytes and pick the batch size for the SAE (4096 tokens x 32768 latents: about
+2.7 GB). The accumulators themselves take
     X * (4 + 4 * M + 12 * K + 8 * K * W) bytes
 (max; histogram int32; top values, rows, positions; window tokens and activations): with
 X = 32768, M = 256, K = 20, W = 13, about 110 MB. Counts and sums of activations come back to
@@ -258,7 +259,9 @@ class FeatureStats:
       quantiles: [X, Q] activation quantiles where the feature fires (nan where it never does;
         see the module docstring for the binning error).
       top_values: [X, K] the K largest activations, descending (-inf where fewer fired).
-      top_rows, top_positions: [X, K] where they are (row in the stream, position); -1 unused.
+      top_rows, top_positions: [X, K] where they are (row in the stream, counted from 0 over
+        all batches; column in that row, so under left padding it counts the padding); -1
+        where unused.
       top_tokens: [X, K, W] token ids of each context window (-1 outside the row or padding).
       top_acts: [X, K, W] the feature's activation on each window token (0 where excluded).
       context_before: Tokens of each window before the top token (the top token is at this

@@ -29,15 +29,18 @@ hidden units) are refused, since their direct effect passes through more weights
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from interp.analysis.features import check_features
 from interp.models import hooks
 
-_CHUNK = 256  # Features per matmul with W_U: [256, V] float32 is 256 MB at V = 256k.
+_CHUNK = 256  # Features per matmul with W_U (on device): [256, V] float32 is 256 MB at V = 256k.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +60,38 @@ class LogitEffects:
     bottom_values: np.ndarray
 
 
-def _unembedding(config, params) -> np.ndarray:
+def _unembedding(config, params) -> jax.Array:
     """W_U [D, V] in float32."""
     if config.tied_embeddings:
-        return np.asarray(params["embed"], np.float32).T
-    return np.asarray(params["lm_head"], np.float32)
+        return jnp.asarray(params["embed"], jnp.float32).T
+    return jnp.asarray(params["lm_head"], jnp.float32)
+
+
+def _norm_part(config, params, site: str | None) -> tuple[bool, jax.Array | None]:
+    """(centre the directions?, the scale they are multiplied by, or None) at `site`."""
+    if site == "final_norm":
+        return False, None
+    centre = site != "ln_f/normalized" and config.norm == "layernorm"
+    return centre, config.norm_offset + jnp.asarray(params["ln_f"]["scale"], jnp.float32)
+
+
+def _effects(directions, scale, unembed, centre: bool):
+    """[n, V] float32; the matmul at full precision (TPUs default to bfloat16 passes)."""
+    d = directions.astype(jnp.float32)
+    if centre:
+        d = d - d.mean(-1, keepdims=True)
+    if scale is not None:
+        d = d * scale
+    return jnp.dot(d, unembed, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _extremes(directions, scale, unembed, centre: bool, k: int):
+    """The k largest and k smallest effects per direction (ties: lower token id first)."""
+    effects = _effects(directions, scale, unembed, centre)
+    top_values, top = jax.lax.top_k(effects, k)
+    bottom_values, bottom = jax.lax.top_k(-effects, k)
+    return top, top_values, bottom, -bottom_values
 
 
 def directions_to_logits(config: Any, params, directions, site: str | None = None) -> np.ndarray:
@@ -73,13 +103,9 @@ def directions_to_logits(config: Any, params, directions, site: str | None = Non
       directions: [n, D] vectors written at `site`.
       site: A resolved hook name; None means the residual stream.
     """
-    d = np.asarray(directions, np.float32)
-    if site == "final_norm":
-        return d @ _unembedding(config, params)
-    if site != "ln_f/normalized" and config.norm == "layernorm":
-        d = d - d.mean(-1, keepdims=True)
-    scale = config.norm_offset + np.asarray(params["ln_f"]["scale"], np.float32)
-    return (d * scale) @ _unembedding(config, params)
+    centre, scale = _norm_part(config, params, site)
+    unembed = _unembedding(config, params)
+    return np.asarray(_effects(jnp.asarray(directions), scale, unembed, centre))
 
 
 def _residual_site(site: str | None) -> bool:
@@ -147,13 +173,14 @@ def logit_effects(
             f"stream is {config.d_model} wide; logit effects need a residual-stream SAE."
         )
     k = min(k, config.vocab_size)
+    centre, norm_scale = _norm_part(config, params, site)
+    unembed = _unembedding(config, params)
     parts = []
     for start in range(0, len(features), _CHUNK):  # [chunk, V] at a time, not [X, V].
-        chunk = features[start : start + _CHUNK]
-        effects = directions_to_logits(config, params, w_dec[chunk] / scale, site)
-        top = np.argsort(-effects, axis=1, kind="stable")[:, :k]
-        bottom = np.argsort(effects, axis=1, kind="stable")[:, :k]
-        parts.append((top, np.take_along_axis(effects, top, 1),
-                      bottom, np.take_along_axis(effects, bottom, 1)))  # fmt: skip
+        chunk = w_dec[features[start : start + _CHUNK]] / scale
+        if len(chunk) < _CHUNK and len(features) > _CHUNK:  # One compiled shape.
+            chunk = np.pad(chunk, ((0, _CHUNK - len(chunk)), (0, 0)))
+        found = _extremes(jnp.asarray(chunk), norm_scale, unembed, centre, k)
+        parts.append([np.asarray(a)[: len(features) - start] for a in found])
     top, top_values, bottom, bottom_values = (np.concatenate(p) for p in zip(*parts, strict=True))
     return LogitEffects(features, top, top_values, bottom, bottom_values)

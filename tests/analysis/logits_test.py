@@ -109,6 +109,13 @@ def test_sites_and_bad_input():
     scaled = analysis.logit_effects(model, params, {"W_dec": w_dec}, 2, sae=sae)
     plain = analysis.logit_effects(model, params, {"W_dec": w_dec}, 2)
     np.testing.assert_allclose(scaled.top_values, plain.top_values / 4, rtol=1e-6)
+    # More features than one chunk (256): the last chunk is padded and cut back.
+    many = np.random.default_rng(4).normal(size=(300, config.d_model)).astype(np.float32)
+    got = analysis.logit_effects(model, params, {"W_dec": many}, k=2)
+    want = np.stack([_by_hand(config, params, many[f]) for f in (0, 299)])
+    np.testing.assert_array_equal(got.top_tokens[[0, 299]], np.argsort(-want, 1)[:, :2])
+    np.testing.assert_array_equal(got.bottom_tokens[[0, 299]], np.argsort(want, 1)[:, :2])
+    assert got.top_tokens.shape == (300, 2)
     with pytest.raises(ValueError, match="Feature 6 is outside this SAE.*0..5"):
         analysis.logit_effects(model, params, {"W_dec": w_dec}, [0, 6])
     with pytest.raises(ValueError, match="Feature -1 is outside"):
