@@ -15,8 +15,10 @@ from interp.analysis.plots import (
     plot_density_histogram,
     plot_frontier,
 )
+from interp.analysis.report import analyse
 
 __all__ = [
+    "analyse",
     "FeatureStats",
     "LogitEffects",
     "SearchResult",

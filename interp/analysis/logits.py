@@ -115,6 +115,35 @@ def _residual_site(site: str | None) -> bool:
     return tail in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp/out")
 
 
+def _written_site(model, sae, site):
+    """The resolved site the SAE writes (a transcoder: its output site), or None."""
+    if sae is not None:
+        site = site or sae.config.output_hook_name or sae.config.hook_name
+    return None if site is None else hooks.resolve(model, [site])[0]
+
+
+def why_no_direct_effect(model: nn.Module, sae_params, *, sae=None, site=None) -> str | None:
+    """Why an SAE's decoder has no logit effects here (a sentence), or None when it has.
+
+    Its directions must be written to the residual stream (or past the final norm) and be
+    `d_model` wide; see `logit_effects` for the arguments.
+    """
+    site = _written_site(model, sae, site)
+    width = np.shape(sae_params["W_dec"])[1]
+    if not _residual_site(site):
+        return (
+            f"Logit effects read the residual stream; site {site!r} reaches the logits "
+            "through other weights first (attention's output projection, the MLP's down "
+            "projection). Use an SAE at resid_*, attn_out or mlp/out."
+        )
+    if width != model.config.d_model:
+        return (
+            f"This SAE's decoder writes {width}-wide vectors but the model's residual "
+            f"stream is {model.config.d_model} wide; logit effects need a residual-stream SAE."
+        )
+    return None
+
+
 def logit_effects(
     model: nn.Module,
     params,
@@ -154,24 +183,11 @@ def logit_effects(
     features = check_features(np.atleast_1d(features), num_latents)
     if not features.size:
         raise ValueError("logit_effects got no features.")
-    scale = 1.0
-    if sae is not None:
-        scale = float(sae.config.input_scale)
-        # A transcoder writes its output site.
-        site = site or sae.config.output_hook_name or sae.config.hook_name
-    if site is not None:
-        (site,) = hooks.resolve(model, [site])
-    if not _residual_site(site):
-        raise ValueError(
-            f"Logit effects read the residual stream; site {site!r} reaches the logits "
-            "through other weights first (attention's output projection, the MLP's down "
-            "projection). Use an SAE at resid_*, attn_out or mlp/out."
-        )
-    if w_dec.shape[1] != config.d_model:
-        raise ValueError(
-            f"This SAE's decoder writes {w_dec.shape[1]}-wide vectors but the model's residual "
-            f"stream is {config.d_model} wide; logit effects need a residual-stream SAE."
-        )
+    scale = 1.0 if sae is None else float(sae.config.input_scale)
+    why = why_no_direct_effect(model, sae_params, sae=sae, site=site)
+    if why:
+        raise ValueError(why)
+    site = _written_site(model, sae, site)
     k = min(k, config.vocab_size)
     centre, norm_scale = _norm_part(config, params, site)
     unembed = _unembedding(config, params)
