@@ -20,8 +20,9 @@ N * X * 20 bytes and pick the batch size for the SAE (4096 tokens x 32768 latent
 2.7 GB). The accumulators themselves take
     X * (4 + 4 * M + 12 * K + 8 * K * W) bytes
 (max; histogram int32; top values, rows, positions; window tokens and activations): with
-X = 32768, M = 256, K = 20, W = 13, about 110 MB. Counts and sums of activations come back to
-the host each batch (X int32 + X float32) and are summed there in 64 bits.
+X = 32768, M = 256, K = 20, W = 13, about 110 MB. Histogram counts are int32 on device (exact
+up to 2**31 tokens in one bin); fire counts and sums of activations come back to the host each
+batch (X int32 + X float32) and are summed there in 64 bits.
 
 Quantiles come from a histogram with fixed, log-spaced bins over `histogram_range`: a quantile
 is reported as the geometric centre of the bin it falls in (clipped to the feature's max), so
