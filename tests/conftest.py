@@ -166,3 +166,38 @@ def gcs_bucket(gcs_emulator, request):
     """A fresh, empty bucket on the emulator, as `gs://<name>`; the test gets a time limit."""
     with deadline(GCS_TEST_TIMEOUT_S, request.node.nodeid):
         yield f"gs://{gcs_emulator.create_bucket()}"
+
+
+# --- A real headless Chromium for pages (Debian's chromium + chromium-driver) ---------------
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A selenium-driven headless Chromium, shared by the page tests of one process.
+
+    Missing Chromium or selenium skips, and fails under CI=true (`.ci/run` installs both).
+    """
+    import shutil
+
+    from tests import references
+
+    webdriver = references.require_module("selenium.webdriver", "pip install -e '.[test]'")
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        references.skip_or_fail(
+            "Chromium is not installed: apt-get install -y chromium chromium-driver (.ci/run does)"
+        )
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,900",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"):  # fmt: skip
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()

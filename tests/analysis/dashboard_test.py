@@ -2,7 +2,6 @@
 
 import io
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +14,7 @@ from interp.models.config import ModelConfig
 from interp.models.transformer import Transformer, init_params
 from interp.sae.modules import SAE, SAEConfig
 from interp.sae.modules import init_params as sae_init_params
-from tests import references
 
-CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 TINY = ModelConfig(
     vocab_size=61, d_model=16, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8,
     mlp_dim=32, max_len=16,
@@ -94,28 +91,6 @@ def test_plots_are_pngs(analysed, tmp_path):
         plots.plot_activation_histogram(stats, 99)
     with pytest.raises(ValueError, match="lacks \\['fvu'\\]"):
         plots.plot_frontier([{"l0": 3}])
-
-
-@pytest.fixture(scope="module")
-def browser():
-    webdriver = references.require_module("selenium.webdriver", "pip install -e '.[test]'")
-    if not (shutil.which(CHROMIUM) and shutil.which(DRIVER)):
-        references.skip_or_fail(
-            "Chromium is not installed: apt-get install -y chromium chromium-driver (.ci/run does)"
-        )
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,900",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"):  # fmt: skip
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    yield driver
-    driver.quit()
 
 
 def test_dashboard_in_chromium(analysed, browser, tmp_path):

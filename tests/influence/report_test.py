@@ -1,16 +1,10 @@
 """The influence report, loaded in a real headless Chromium (Debian's chromium + driver)."""
 
 import os
-import shutil
 
 import numpy as np
-import pytest
 
 from interp.influence import report
-from tests import references
-
-CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-webdriver = references.require_module("selenium.webdriver", "pip install -e '.[test]' (selenium)")
 
 
 def _results(queries=2, rows=3, tokens=6):
@@ -40,32 +34,12 @@ def _results(queries=2, rows=3, tokens=6):
     ]
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not (shutil.which(CHROMIUM) and shutil.which(DRIVER)):
-        references.skip_or_fail(
-            "Chromium is not installed: apt-get install -y chromium chromium-driver (.ci/run does)"
-        )
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,900",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"):  # fmt: skip
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    yield driver
-    driver.quit()
-
-
 def test_the_report_renders_in_chromium_with_every_token_and_heatmap(browser, tmp_path):
     results = _results()
     written = report.write_report(tmp_path, results)
     browser.get(f"file://{written['html']}")
-    by = webdriver.common.by.By
+    from selenium.webdriver.common.by import By as by
+
     assert browser.title == "Influence"
     queries = browser.find_elements(by.CSS_SELECTOR, ".query")
     assert len(queries) == 2 and all(q.is_displayed() for q in queries)
