@@ -26,7 +26,17 @@ if needed.
 The intervention is a pytree (`FeatureIntervention`): the SAE module, site and head are
 static; the SAE's parameters, feature indices and coefficients are array leaves. Passed as
 an argument to a jitted function, or to `generate` (which splits interventions into static
-structure and traced leaves), a sweep over clamp values or features compiles once.
+structure and traced leaves), a sweep over clamp values or features compiles once:
+
+    def logits(params, tokens, steer):
+        return hooks.run_with_hooks(model, params, tokens, interventions={site: steer})[0]
+    run = parallel.sharded_jit(logits, mesh, params_sharding=parallel.param_shardings(
+        model, mesh))                                  # Or jax.jit(logits), unsharded.
+    for value in values:                               # One compilation.
+        run(params, tokens, steering.feature_intervention(sae, sae_params, [Clamp(7, value)]))
+
+(Closed over instead, as in `hooks.sharded_run_with_hooks(..., interventions=...)`, each
+intervention is a constant of its own program.)
 """
 
 from __future__ import annotations

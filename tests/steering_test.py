@@ -80,6 +80,27 @@ def test_identity_with_sharded_params_over_a_mesh():
     np.testing.assert_allclose(plain, _logits(), atol=1e-4)
 
 
+def test_a_sweep_compiles_once_with_sharded_params():
+    # The intervention is an argument of the sharded, jitted call (replicated: its leading
+    # sizes are not the batch's), so the sweep's values are traced.
+    mesh = parallel.make_mesh(data=2, model=4)
+    traces = []
+
+    def run(params, tokens, steer):
+        traces.append(1)
+        return hooks.run_with_hooks(MODEL, params, tokens, interventions={SITE: steer})[0]
+
+    sharded_run = parallel.sharded_jit(
+        run, mesh, params_sharding=parallel.param_shardings(MODEL, mesh)
+    )
+    sharded = parallel.shard_params(PARAMS, MODEL, mesh)
+    for value in (1.0, 5.0, 20.0):
+        steer = feature_intervention(SAE_, SAE_PARAMS, [Clamp(3, value)])
+        got = sharded_run(sharded, TOKENS, steer)
+        np.testing.assert_allclose(got, _logits({SITE: steer}), atol=1e-4)
+    assert len(traces) == 1
+
+
 def test_identity_in_cached_generation():
     prompt = TOKENS[:, :4]
     steer = feature_intervention(SAE_, SAE_PARAMS, IDENTITIES["neutral"])
