@@ -157,6 +157,28 @@ def test_site_value_is_x_minus_decode_f_plus_decode_f_edited(name, keep_error):
     np.testing.assert_allclose(got[SITE], want, atol=1e-4, rtol=1e-5)
 
 
+def test_a_per_token_normalised_sae_scales_the_edit_by_each_token_s_std():
+    # layer_norm SAEs decode to y * std + mean of each token's own row (SAELens), so the edit
+    # x - decode(f, x) + decode(f', x) is (f' - f) W_dec * std.
+    sae, sae_params = _sae(normalize_activations="layer_norm")
+    edits = [Clamp(3, 2.0), Add(8, -1.0)]
+    _, clean = hooks.run_with_hooks(MODEL, PARAMS, TOKENS, capture=[SITE])
+    steer = feature_intervention(sae, sae_params, edits)
+    _, got = hooks.run_with_hooks(MODEL, PARAMS, TOKENS, capture=[SITE],
+                                  interventions={SITE: steer})  # fmt: skip
+    x = np.asarray(clean[SITE], np.float64)
+    f = np.asarray(sae.apply({"params": sae_params}, clean[SITE], method="encode"), np.float64)
+    edited = f.copy()
+    edited[..., 3] = 2.0
+    edited[..., 8] -= 1.0
+    centred = x - x.mean(-1, keepdims=True)
+    std = np.sqrt((centred**2).sum(-1, keepdims=True) / (x.shape[-1] - 1))
+    want = x + (edited - f) @ np.asarray(sae_params["W_dec"], np.float64) * std
+    np.testing.assert_allclose(got[SITE], want, atol=1e-4, rtol=1e-5)
+    identity = feature_intervention(sae, sae_params, [])
+    np.testing.assert_array_equal(_logits({SITE: identity}), _logits())
+
+
 def test_keep_error_false_without_edits_is_the_reconstruction():
     steer = feature_intervention(SAE_, SAE_PARAMS, [], keep_error=False)
     _, clean = hooks.run_with_hooks(MODEL, PARAMS, TOKENS, capture=[SITE])
