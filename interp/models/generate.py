@@ -99,7 +99,7 @@ def takes_positions(fn: Intervention) -> bool:
 
 
 def _is_array(leaf) -> bool:
-    return isinstance(leaf, jax.Array | np.ndarray)
+    return isinstance(leaf, jax.Array | np.ndarray | np.generic)
 
 
 def _split(interventions):
@@ -244,10 +244,10 @@ def generate(
         a cached step S is 1 and positions[:, 0] is the new token's position. See the module
         docstring for what each path shows an intervention. An intervention may be a pytree
         (`jax.tree_util.Partial`, a `flax.struct.dataclass` with `__call__`, such as
-        `interp.steering.feature_intervention`'s): its array leaves (jax or NumPy arrays) are
-        traced arguments, the rest (functions, Python numbers, strings) is static. Compiled
-        programs are cached per static structure, functions compared by identity: reuse the
-        same functions and pass changing coefficients as arrays (e.g.
+        `interp.steering.feature_intervention`'s): its array leaves (jax or NumPy arrays and
+        NumPy scalars) are traced arguments, the rest (functions, Python numbers, strings)
+        is static. Compiled programs are cached per static structure, functions compared by
+        identity: reuse the same functions and pass changing coefficients as arrays (e.g.
         `Partial(add, jnp.float32(s))`) to avoid recompiling.
       use_cache: False runs a full forward pass over the current sequence at every step (a
         slow reference, compiled once per sequence length); interventions then see exactly
