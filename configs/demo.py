@@ -146,6 +146,20 @@ def get_config(arg=None):
         ),
     )
 
+    # Stage 4: steering (experiments/steer.py): greedy completions of a prompt with one SAE
+    # feature clamped to multiples of its maximum activation, beside the unsteered one.
+    c.steering = dict(
+        model_path="",  # '' = the LM of this pipeline; or an HF folder.
+        sae="",  # '' = the pipeline's first TopK SAE; or an SAE folder.
+        prompt="Alice was beginning to",
+        feature=-1,  # -1 = the feature most active on `concept` (relative to its max).
+        concept=" whale",
+        strengths=(0.0, 2.0, 5.0, 10.0),  # Clamp values, x the feature's max activation.
+        max_new_tokens=20,
+        max_rows=256,  # Held-out rows the maxima are taken over.
+        batch_size=16,
+    )
+
     if arg.tiny:
         c.data.max_documents = 300
         c.data.seq_len = 32
@@ -178,4 +192,5 @@ def get_config(arg=None):
         c.influence.feature_queries = (
             dict(sae="", feature=-1, prompt="The whale rose from the", completion=" sea."),
         )
+        c.steering.update(max_new_tokens=6, max_rows=16, batch_size=8)
     return c

@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from interp.models import hooks
 from interp.models.transformer import init_cache
@@ -97,6 +98,29 @@ def takes_positions(fn: Intervention) -> bool:
     return len(required) >= 2
 
 
+def _is_array(leaf) -> bool:
+    return isinstance(leaf, jax.Array | np.ndarray | np.generic)
+
+
+def _split(interventions):
+    """(hashable structure, array leaves) of {name: fn}; see `generate`'s interventions."""
+    if not interventions:
+        return None, ()
+    leaves, treedef = jax.tree.flatten(tuple(sorted(interventions.items())))
+    # None never is a leaf of a flattened tree, so it marks the traced slots.
+    static = tuple(None if _is_array(leaf) else leaf for leaf in leaves)
+    return (treedef, static), tuple(leaf for leaf in leaves if _is_array(leaf))
+
+
+def _join(structure, arrays):
+    """The ((name, fn), ...) that `_split` took apart, with `arrays` (traced) in place."""
+    if structure is None:
+        return None
+    treedef, static = structure
+    arrays = iter(arrays)
+    return jax.tree.unflatten(treedef, [next(arrays) if s is None else s for s in static])
+
+
 def _bind(interventions, positions):
     """{name: fn(value)}: two-argument interventions get `positions` [B, T]."""
     if not interventions:
@@ -128,9 +152,10 @@ _SAMPLING = ("temperature", "top_k", "top_p", "eos_id", "pad_id")
     jax.jit, static_argnames=("model", "max_new_tokens", "interventions", *_SAMPLING)
 )
 def _generate_cached(
-    model, params, prompt, mask, keys, *, max_new_tokens, interventions, **sampling
+    model, params, prompt, mask, keys, arrays, *, max_new_tokens, interventions, **sampling
 ):
     b, t = prompt.shape
+    interventions = _join(interventions, arrays)
     pick = functools.partial(
         sample_logits, **{k: sampling[k] for k in ("temperature", "top_k", "top_p")}
     )
@@ -157,8 +182,9 @@ def _generate_cached(
 
 
 @functools.partial(jax.jit, static_argnames=("model", "interventions", *_SAMPLING))
-def _full_pass_step(model, params, sequence, mask, done, key, *, interventions, **sampling):
+def _full_pass_step(model, params, sequence, mask, done, key, arrays, *, interventions, **sampling):
     """One uncached step: a full forward pass over `sequence` [B, S]; returns (token, done)."""
+    interventions = _join(interventions, arrays)
     with hooks.hooked(model, interventions=_bind(interventions, token_positions(mask))):
         logits = model.apply({"params": params}, sequence, attention_mask=mask)
     last = logits[jnp.arange(sequence.shape[0]), _last_real(mask)]
@@ -166,12 +192,14 @@ def _full_pass_step(model, params, sequence, mask, done, key, *, interventions, 
     return _finish(token, done, eos_id=sampling["eos_id"], pad_id=sampling["pad_id"])
 
 
-def _generate_uncached(model, params, prompt, mask, keys, *, max_new_tokens, **kwargs):
+def _generate_uncached(model, params, prompt, mask, keys, arrays, *, max_new_tokens, **kwargs):
     # A plain loop over the growing sequence: every step is exactly the forward pass a user
     # would run on it (compiled once per sequence length, then reused across calls).
     sequence, done, new = prompt, jnp.zeros(prompt.shape[0], bool), []
     for i in range(max_new_tokens):
-        token, done = _full_pass_step(model, params, sequence, mask, done, keys[i], **kwargs)
+        token, done = _full_pass_step(
+            model, params, sequence, mask, done, keys[i], arrays, **kwargs
+        )
         new.append(token)
         sequence = jnp.concatenate([sequence, token[:, None].astype(sequence.dtype)], axis=1)
         mask = jnp.concatenate([mask, jnp.ones_like(mask[:, :1])], axis=1)
@@ -214,8 +242,13 @@ def generate(
         required arguments: `positions` is int32 [B, S] for a value [B, S, ...], each column's
         position in its row counting real tokens only, -1 at padding (`token_positions`). At
         a cached step S is 1 and positions[:, 0] is the new token's position. See the module
-        docstring for what each path shows an intervention. Compiled programs are cached per
-        set of function objects: reuse the same functions across calls to avoid recompiling.
+        docstring for what each path shows an intervention. An intervention may be a pytree
+        (`jax.tree_util.Partial`, a `flax.struct.dataclass` with `__call__`, such as
+        `interp.steering.feature_intervention`'s): its array leaves (jax or NumPy arrays and
+        NumPy scalars) are traced arguments, the rest (functions, Python numbers, strings)
+        is static. Compiled programs are cached per static structure, functions compared by
+        identity: reuse the same functions and pass changing coefficients as arrays (e.g.
+        `Partial(add, jnp.float32(s))`) to avoid recompiling.
       use_cache: False runs a full forward pass over the current sequence at every step (a
         slow reference, compiled once per sequence length); interventions then see exactly
         what `run_with_hooks` on that sequence would.
@@ -245,15 +278,17 @@ def generate(
         hooks.resolve(model, list(interventions))  # Fail early, outside the trace.
     keys = jax.random.split(jax.random.key(0) if rng is None else rng, max_new_tokens)
     run = _generate_cached if use_cache else _generate_uncached
+    # Static structure (functions compare by identity) and traced array leaves.
+    structure, arrays = _split(interventions)
     new = run(
         model,
         params,
         prompt,
         mask,
         keys,
+        arrays,
         max_new_tokens=max_new_tokens,
-        # A hashable static argument; functions compare by identity.
-        interventions=tuple(sorted(interventions.items())) if interventions else None,
+        interventions=structure,
         temperature=float(temperature),
         top_k=top_k,
         top_p=top_p,

@@ -146,6 +146,9 @@ def _resolve_interventions(
                     "compose them into one function."
                 )
             out[name], given_as[name] = fn, pattern
+            check_site = getattr(fn, "check_site", None)  # E.g. steering's: the SAE's site.
+            if callable(check_site):
+                check_site(model, name)
     return out
 
 
@@ -219,7 +222,9 @@ def run_with_hooks(
       params: Its parameters (the 'params' collection, not wrapped).
       tokens: [B, T] int token ids.
       capture: Hook names or patterns whose values to return (after any intervention).
-      interventions: {hook name or pattern: fn(value) -> value of the same shape}.
+      interventions: {hook name or pattern: fn(value) -> value of the same shape}. An
+        intervention with a `check_site(model, name)` method is told where it is placed
+        (steering warns when an SAE is used at another site than its own).
       **model_kwargs: Passed to the model (attention_mask, positions, cache).
 
     Returns:

@@ -281,3 +281,24 @@ def test_each_shape_compiles_once():
             generate_lib._generate_cached._cache_size(),
             generate_lib._full_pass_step._cache_size(),
         )
+
+
+def _add_scaled(direction, scale, x):
+    return x + scale * direction
+
+
+def test_array_leaves_of_pytree_interventions_are_traced():
+    # A Partial's array arguments are traced: new coefficients reuse the compiled program;
+    # its Python function and Python numbers stay static, and plain functions work as before.
+    model, params = _model(GPT2_LIKE)
+    prompt, mask = _padded_batch("left")
+    run = functools.partial(generate, model, params, prompt, 3, attention_mask=mask)
+    steer = lambda s: {SITE: jax.tree_util.Partial(_add_scaled, _V, jnp.float32(s))}  # noqa: E731
+    first = run(interventions=steer(0.0))
+    size = generate_lib._generate_cached._cache_size()
+    outputs = [run(interventions=steer(s)) for s in (STEER, 2 * STEER)]
+    assert generate_lib._generate_cached._cache_size() == size
+    np.testing.assert_array_equal(first, run())
+    plain = lambda x: x + STEER * _V  # noqa: E731
+    np.testing.assert_array_equal(outputs[0], run(interventions={SITE: plain}))
+    assert not np.array_equal(outputs[0], first)

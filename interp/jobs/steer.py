@@ -1,0 +1,167 @@
+"""The steering job: a prompt's completions with an SAE feature clamped to several multiples
+of its maximum activation, side by side with the unsteered completion.
+
+`run(config, workdir)` reads `config.steering` (see `configs/demo.py`):
+
+1. the model (`model_path`, by default the pipeline's LM) and the SAE (`sae`, by default the
+   pipeline's first TopK SAE), steered at the SAE's own site;
+2. each feature's maximum activation over `max_rows` held-out rows of `config.data`, with
+   the positions `config.sae.exclude` leaves out of SAE training left out here too
+   (`interp.steering.max_activations`; saved as `<workdir>/max_activations.npy`);
+3. the feature: `feature`, or (-1) the one most active on `concept`'s tokens relative to its
+   maximum;
+4. greedy completions of `prompt` with the feature clamped to strength x maximum at every
+   position, for each strength (the error term kept), one compiled program for all of them;
+5. `<workdir>/steering.json` with the completions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from interp import records, steering
+from interp import sae as saes
+from interp.data import text
+from interp.data.documents import documents
+from interp.jobs import sae as sae_job
+from interp.jobs import workdir as workdir_lib
+from interp.models import from_pretrained, hooks, sites
+from interp.models.generate import generate
+
+RESULTS_FILE = "steering.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class SteeringConfig:
+    """`config.steering`; unknown fields are an error.
+
+    Attributes:
+      model_path: Hugging Face folder; '' = the pipeline's LM (`<workdir>/../lm/export`).
+      sae: SAE folder; '' = the pipeline's first TopK SAE (`<workdir>/../sae/saes/*-topk-*`).
+      prompt: The text continued.
+      feature: The latent steered; -1 = the one most active on `concept`.
+      concept: Text whose tokens pick the feature when `feature` is -1.
+      strengths: Clamp values as multiples of the feature's maximum activation.
+      max_new_tokens: Tokens generated per completion.
+      max_rows: Held-out rows the maxima are taken over.
+      batch_size: Rows per forward pass when taking maxima.
+    """
+
+    model_path: str = ""
+    sae: str = ""
+    prompt: str = "Alice was beginning to"
+    feature: int = -1
+    concept: str = " whale"
+    strengths: tuple = (0.0, 2.0, 5.0, 10.0)
+    max_new_tokens: int = 20
+    max_rows: int = 256
+    batch_size: int = 16
+
+
+def _first_topk_sae(workdir) -> str:
+    root = workdir.parent / "sae" / "saes"
+    names = sorted(p.name for p in root.iterdir()) if root.exists() else []
+    topk = [n for n in names if "-topk-" in n]
+    if not topk:
+        raise FileNotFoundError(f"No TopK SAE under {root}; set config.steering.sae.")
+    return str(root / topk[0])
+
+
+def _concept_feature(model, params, sae, sae_params, hook, head_index, ids, maxima) -> int:
+    """The latent with the largest mean code on `ids` relative to its maximum, among those
+    that fired on the data the maxima came from (a multiple of a zero maximum is zero)."""
+    _, values = hooks.run_with_hooks(model, params, jnp.asarray([ids]), capture=[hook])
+    rows = sites.to_rows(hook, values[hook], head_index)[0]  # [T, D]
+    codes = np.asarray(sae.apply({"params": sae_params}, rows, method="encode"))  # [T, X]
+    mean = codes.mean(0)
+    fired = maxima > 0
+    if not np.any(fired & (mean > 0)):
+        raise ValueError(
+            "No SAE feature that fires on the held-out rows fires on the concept; set "
+            "config.steering.feature, or another concept."
+        )
+    return int(np.argmax(np.where(fired, mean / np.where(fired, maxima, 1.0), -np.inf)))
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+    """Runs the steering job; returns {'feature', 'hook', 'max_activation', 'prompt',
+    'completions': [{'strength', 'value', 'text'}, ...]} (strength None: unsteered).
+
+    Raises:
+      ValueError: for unknown fields, a feature outside the SAE, NaN strengths (see
+        `interp.steering.feature_intervention`).
+    """
+    steer_config = records.from_dict(SteeringConfig, config.steering, where="config.steering")
+    stage = workdir_lib.subconfig(config, keep=("seed", "data", "sae", "steering"))
+    workdir = workdir_lib.prepare_workdir(stage, workdir, overwrite_config=True)
+    model_path = steer_config.model_path or str(workdir.parent / "lm" / "export")
+    model, params, tokenizer = from_pretrained(model_path)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{model_path} has no tokenizer.json; the steering job needs it.")
+    sae, sae_params = saes.load(steer_config.sae or _first_topk_sae(workdir))
+    if not sae.config.hook_name:
+        raise ValueError("The SAE names no hook site (hook_name); steering needs it.")
+    (hook,) = hooks.resolve(model, [sae.config.hook_name])
+    head_index = sae.config.hook_head_index
+
+    _, heldout = documents(config.data)
+    rows = text.pack(heldout, tokenizer, config.data.seq_len)[: steer_config.max_rows]
+    size = steer_config.batch_size
+    batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+    exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer)
+    maxima = steering.max_activations(model, params, sae, sae_params, batches, **exclusions)
+    np.save(workdir / "max_activations.npy", maxima)
+
+    feature = steer_config.feature
+    if feature < 0:
+        ids = tokenizer.encode(steer_config.concept, add_bos=False, add_eos=False)
+        feature = _concept_feature(model, params, sae, sae_params, hook, head_index, ids, maxima)
+    prompt_ids = tokenizer.encode(steer_config.prompt, add_eos=False)
+    prompt = jnp.asarray([prompt_ids], jnp.int32)
+    length = steer_config.max_new_tokens
+    if model.config.positions == "learned":
+        length = min(length, model.config.max_len - len(prompt_ids))
+
+    def complete(interventions=None):
+        tokens = generate(model, params, prompt, length, interventions=interventions)
+        return tokenizer.decode([int(t) for t in np.asarray(tokens[0, len(prompt_ids) :])])
+
+    completions = [{"strength": None, "value": None, "text": complete()}]
+    for strength in steer_config.strengths:
+        clamp = steering.Clamp.to_max(feature, float(strength), maxima)
+        fn = steering.feature_intervention(sae, sae_params, [clamp], hook=hook)
+        completions.append(
+            {"strength": float(strength), "value": float(clamp.value), "text": complete({hook: fn})}
+        )
+        logging.info("Strength %g: %r", strength, completions[-1]["text"])
+    results = {
+        "hook": hook,
+        "feature": int(feature),
+        "max_activation": float(maxima[feature]),
+        "prompt": steer_config.prompt,
+        "completions": completions,
+    }
+    if jax.process_index() == 0:
+        (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    return results
+
+
+def format_side_by_side(results: dict[str, Any], width: int = 100) -> str:
+    """The completions, one line per strength, after the prompt and the feature."""
+    lines = [
+        f"Steering feature {results['feature']} at {results['hook']} (max activation "
+        f"{results['max_activation']:.3g}); prompt: {results['prompt']!r}",
+    ]
+    for entry in results["completions"]:
+        label = "unsteered" if entry["strength"] is None else f"{entry['strength']:g} x max"
+        body = json.dumps(entry["text"], ensure_ascii=False)[1:-1]  # One line.
+        line = f"{label:>12} | {body}"
+        lines.append(line if len(line) <= width else line[: width - 3] + "...")
+    return "\n".join(lines)

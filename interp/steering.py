@@ -1,0 +1,369 @@
+"""Steering with SAE features: clamp, add, scale or ablate latents at the SAE's hook site.
+
+Legend: B batch, T positions, D the site's row width (the SAE's d_in), X latents, E edits.
+
+    maxima = steering.max_activations(model, params, sae, sae_params, batches, bos_id=bos)
+    steer = steering.feature_intervention(
+        sae, sae_params, [steering.Clamp.to_max(123, 10.0, maxima), steering.Ablate(7)])
+    logits, _ = hooks.run_with_hooks(model, params, tokens,
+                                     interventions={sae.config.hook_name: steer})
+    tokens = generate(model, params, prompt, 20, interventions={sae.config.hook_name: steer})
+
+At each token the SAE reads the site's row x (`interp.models.sites.to_rows`, so head-shaped
+sites and per-head SAEs work as in harvesting and evaluation), f = encode(x), the edits give
+f', and the row becomes
+
+    x - decode(f) + decode(f')      (keep_error=True: the SAE's error x - decode(f) is kept)
+    decode(f')                      (keep_error=False: the reconstruction itself)
+
+computed as x + (decode(f') - decode(f)), so with no edit (or edits that change nothing) the
+site, and the model's output, are exactly unchanged. Every edit is f'_i = m f_i + a on one
+latent i: Clamp (m=0, a=value), Add (m=1, a=scale: the decoder direction W_dec[i] times
+scale, in the SAE's input scale), Scale (m=factor, a=0), Ablate (m=0, a=0); edits apply in
+order. Positions are all edited alike (BOS included): restrict with a position-aware wrapper
+if needed.
+
+The intervention is a pytree (`FeatureIntervention`): the SAE module, site and head are
+static; the SAE's parameters, feature indices and coefficients are array leaves. Passed as
+an argument to a jitted function, or to `generate` (which splits interventions into static
+structure and traced leaves), a sweep over clamp values or features compiles once:
+
+    def logits(params, tokens, steer):
+        return hooks.run_with_hooks(model, params, tokens, interventions={site: steer})[0]
+    run = parallel.sharded_jit(logits, mesh, params_sharding=parallel.param_shardings(
+        model, mesh))                                  # Or jax.jit(logits), unsharded.
+    for value in values:                               # One compilation.
+        run(params, tokens, steering.feature_intervention(sae, sae_params, [Clamp(7, value)]))
+
+(Closed over instead, as in `hooks.sharded_run_with_hooks(..., interventions=...)`, each
+intervention is a constant of its own program.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from interp.data import activations
+from interp.models import hooks, sites
+
+# ------------------------------------------------------------------------------- edits
+
+
+def _is_concrete(value) -> bool:
+    return not isinstance(value, jax.core.Tracer)
+
+
+def _check_number(value, what: str) -> None:
+    if _is_concrete(value) and np.any(np.isnan(np.asarray(value, np.float64))):
+        raise ValueError(f"{what} is NaN; steering needs a finite number.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Clamp:
+    """Sets latent `feature` to `value` at every position (m=0, a=value)."""
+
+    feature: Any
+    value: Any
+
+    def __post_init__(self):
+        _check_number(self.value, f"Clamp value for feature {self.feature}")
+
+    @classmethod
+    def to_max(cls, feature: int, multiple: float, maxima) -> Clamp:
+        """Clamps to `multiple` times the feature's observed maximum (`max_activations`)."""
+        maxima = np.asarray(maxima)
+        _check_feature(feature, maxima.shape[-1])
+        return cls(feature, multiple * float(maxima[feature]))
+
+    def coefficients(self):
+        return 0.0, self.value
+
+
+@dataclasses.dataclass(frozen=True)
+class Add:
+    """Adds `scale` times the feature's decoder direction (its code + scale; negative
+    subtracts)."""
+
+    feature: Any
+    scale: Any
+
+    def __post_init__(self):
+        _check_number(self.scale, f"Add scale for feature {self.feature}")
+
+    def coefficients(self):
+        return 1.0, self.scale
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Multiplies the feature's code by `factor`."""
+
+    feature: Any
+    factor: Any
+
+    def __post_init__(self):
+        _check_number(self.factor, f"Scale factor for feature {self.feature}")
+
+    def coefficients(self):
+        return self.factor, 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Ablate:
+    """Sets the feature's code to zero."""
+
+    feature: Any
+
+    def coefficients(self):
+        return 0.0, 0.0
+
+
+Edit = Clamp | Add | Scale | Ablate
+
+
+def _check_feature(feature, num_latents: int) -> None:
+    if not _is_concrete(feature):
+        return
+    values = np.asarray(feature)
+    if values.dtype.kind not in "iu":
+        raise TypeError(f"Feature index {feature!r} must be an integer.")
+    if np.any((values < 0) | (values >= num_latents)):
+        raise ValueError(
+            f"Feature index {feature} is outside 0..{num_latents - 1}, this SAE's latents."
+        )
+
+
+# ------------------------------------------------------------------------ intervention
+
+
+@flax.struct.dataclass
+class FeatureIntervention:
+    """An intervention for `interventions={hook: fn}`; build it with `feature_intervention`.
+
+    A pytree: `sae_params`, `features` int32 [E], `multiply` and `add` float32 [E] are
+    leaves (traced under jit), the rest is static.
+    """
+
+    sae_params: Any
+    features: jax.Array
+    multiply: jax.Array
+    add: jax.Array
+    sae: nn.Module = flax.struct.field(pytree_node=False)
+    hook: str | None = flax.struct.field(pytree_node=False, default=None)
+    head_index: int | None = flax.struct.field(pytree_node=False, default=None)
+    keep_error: bool = flax.struct.field(pytree_node=False, default=True)
+
+    def edit_rows(self, x):
+        """The edited rows [..., D] (float32) of rows x [..., D]."""
+        x = x.astype(jnp.float32)
+        codes = self.sae.apply({"params": self.sae_params}, x, method="encode")  # [..., X]
+        edited = codes
+        for i in range(self.features.shape[0]):  # E is static; edits apply in order.
+            feature = self.features[i]
+            current = jnp.take(edited, feature, axis=-1)
+            new = self.multiply[i] * current + self.add[i]
+            edited = edited.at[..., feature].set(new.astype(edited.dtype))
+        decode = self.sae.apply({"params": self.sae_params}, edited, x, method="decode")
+        if not self.keep_error:
+            return decode
+        # x - decode(f) + decode(f'), arranged so that f' == f gives x exactly.
+        return x + (decode - self.sae.apply({"params": self.sae_params}, codes, x, method="decode"))
+
+    def __call__(self, value):
+        """The site's new value (its own shape and dtype) for its value."""
+        layout = self.hook or ""
+        rows = sites.to_rows(layout, value, self.head_index)  # [B, T, D]
+        d_in = self.sae.config.d_in
+        if rows.shape[-1] != d_in:
+            hint = ""
+            if self.head_index is None and value.ndim == 4:
+                hint = " (a per-head SAE needs head_index / SAELens's hook_head_index)"
+            raise ValueError(
+                f"This SAE reads {d_in}-wide rows, but the site it steers (SAE site "
+                f"{self.hook!r}) gives rows of width {rows.shape[-1]} (head_index="
+                f"{self.head_index}){hint}; is it the site the SAE was trained on?"
+            )
+        return sites.from_rows(layout, value, self.edit_rows(rows), self.head_index)
+
+    def check_site(self, model: nn.Module, name: str) -> None:
+        """Warns when placed at a site other than the SAE's (called by `hooks`)."""
+        if not self.hook:
+            return
+        try:
+            (own,) = hooks.resolve(model, [self.hook])
+        except ValueError:
+            own = self.hook
+        if own != name:
+            warnings.warn(
+                f"Steering with an SAE trained on {self.hook!r} at hook {name!r}; its "
+                "features mean nothing there unless the two sites hold the same activations.",
+                stacklevel=2,
+            )
+
+
+def feature_intervention(
+    sae: nn.Module,
+    sae_params: Any,
+    edits: Sequence[Edit],
+    *,
+    keep_error: bool = True,
+    hook: str | None = None,
+    head_index: int | None = None,
+) -> FeatureIntervention:
+    """An intervention that edits SAE features at the SAE's site.
+
+    Args:
+      sae: The SAE module (`interp.sae.load(path)[0]`); used only through `apply(...,
+        method='encode'/'decode')` and its config.
+      sae_params: Its parameters.
+      edits: `Clamp`, `Add`, `Scale`, `Ablate`, applied in order. Indices and coefficients
+        may be Python numbers, arrays, or tracers (inside a jitted function).
+      keep_error: Keep the SAE's reconstruction error (x - decode(f) + decode(f')); False
+        writes the reconstruction decode(f') itself.
+      hook: The site the SAE reads (ours or TransformerLens's name); default the SAE
+        config's `hook_name`. Only its layout (attention patterns or not) matters here; a
+        different site than the config's is warned about.
+      head_index: For a per-head SAE, its head; default the config's `hook_head_index`.
+
+    Returns:
+      A `FeatureIntervention`, for `interventions={hook: fn}` of `hooks.run_with_hooks` and
+      `generate`, eager or jitted.
+
+    Raises:
+      ValueError: for a transcoder, a feature index outside the SAE's latents, or a NaN
+        coefficient (checked here when concrete); a site whose rows are not d_in wide is
+        refused when the model runs.
+    """
+    config = sae.config
+    if config.is_transcoder:
+        raise ValueError(
+            "Steering edits one site's features in place; this is a transcoder (its output "
+            "is another site), which steering does not support."
+        )
+    own = config.hook_name
+    if hook and own:
+        if sites.from_transformer_lens(hook) != sites.from_transformer_lens(own):
+            warnings.warn(
+                f"Steering with an SAE trained on {own!r} at hook {hook!r}; its features "
+                "mean nothing there unless the two sites hold the same activations.",
+                stacklevel=2,
+            )
+    hook = hook or own
+    if hook and sites.is_transformer_lens_name(hook) and not sites.depends_on_model(hook):
+        hook = sites.from_transformer_lens(hook)
+    head_index = config.hook_head_index if head_index is None else head_index
+    multiply, add, features = [], [], []
+    for edit in edits:
+        if not isinstance(edit, Clamp | Add | Scale | Ablate):
+            raise TypeError(f"Edits are Clamp, Add, Scale or Ablate; got {edit!r}.")
+        _check_feature(edit.feature, config.num_latents)
+        m, a = edit.coefficients()
+        features.append(edit.feature)
+        multiply.append(m)
+        add.append(a)
+
+    def stack(values, dtype):
+        if not values:
+            return jnp.zeros((0,), dtype)
+        return jnp.stack([jnp.asarray(v, dtype).reshape(()) for v in values])
+
+    return FeatureIntervention(
+        sae_params=sae_params,
+        features=stack(features, jnp.int32),
+        multiply=stack(multiply, jnp.float32),
+        add=stack(add, jnp.float32),
+        sae=sae,
+        hook=hook,
+        head_index=head_index,
+        keep_error=keep_error,
+    )
+
+
+# ------------------------------------------------------------------------------ maxima
+
+
+def _unpack(batch) -> tuple[np.ndarray, np.ndarray | None]:
+    """(tokens, attention_mask or None) from an array, a (tokens, mask) tuple or a dict."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask", batch.get("mask"))
+        tokens = batch["tokens"]
+    elif isinstance(batch, tuple):
+        tokens, mask = batch
+    else:
+        tokens, mask = batch, None
+    return np.asarray(tokens), None if mask is None else np.asarray(mask)
+
+
+def max_activations(
+    model: nn.Module,
+    params: Any,
+    sae: nn.Module,
+    sae_params: Any,
+    batches: Iterable[Any],
+    *,
+    hook: str | None = None,
+    head_index: int | None = None,
+    bos_id: int | None = None,
+    skip_first: bool = False,
+    exclude_ids: Sequence[int] = (),
+    max_batches: int | None = None,
+) -> np.ndarray:
+    """Each feature's largest activation over the tokens of `batches` (the "max" of "10x max").
+
+    Args:
+      model, params: The model and its parameters.
+      sae, sae_params: The SAE and its parameters.
+      batches: [B, T] token arrays, (tokens, attention_mask) tuples or dicts with 'tokens'
+        (and optionally 'attention_mask').
+      hook: The SAE's site; default its config's `hook_name`.
+      head_index: For a per-head SAE; default the config's `hook_head_index`.
+      bos_id, skip_first, exclude_ids: Positions left out, as in harvesting and SAE
+        evaluation (`interp.data.activations.keep_mask`); padding is always left out.
+      max_batches: Stop after this many batches.
+
+    Returns:
+      float32 [X]: the maximum of each latent's code over the kept positions (a latent that
+      never fires has its largest code, 0 for the ReLU-like architectures).
+
+    Raises:
+      ValueError: with no site, or no kept positions.
+    """
+    hook = hook or sae.config.hook_name
+    if not hook:
+        raise ValueError("max_activations needs the SAE's site: pass hook=, or set hook_name.")
+    (name,) = hooks.resolve(model, [hook])
+    head_index = sae.config.hook_head_index if head_index is None else head_index
+    exclusions = dict(bos_id=bos_id, skip_first=skip_first, exclude_ids=tuple(exclude_ids))
+    best = None
+    for count, batch in enumerate(batches):
+        if max_batches is not None and count >= max_batches:
+            break
+        tokens, mask = _unpack(batch)
+        keep = activations.keep_mask(tokens, mask, **exclusions)
+        batch_max = _jit_batch_max(model, sae, name, head_index, params, sae_params,
+                                   tokens, mask, keep)  # fmt: skip
+        best = batch_max if best is None else jnp.maximum(best, batch_max)
+    if best is None or not np.all(np.isfinite(np.asarray(best))):
+        raise ValueError("max_activations saw no kept positions (all padding or excluded).")
+    return np.asarray(best, np.float32)
+
+
+def _batch_max(model, sae, name, head_index, params, sae_params, tokens, mask, keep):
+    """[X]: each latent's max code over the kept rows of one batch (-inf if none)."""
+    _, values = hooks.run_with_hooks(model, params, tokens, capture=[name], attention_mask=mask)
+    rows = sites.to_rows(name, values[name], head_index).astype(jnp.float32)  # [B, T, D]
+    codes = sae.apply({"params": sae_params}, rows, method="encode")  # [B, T, X]
+    return jnp.max(jnp.where(keep[..., None], codes, -math.inf), axis=(0, 1))
+
+
+_jit_batch_max = jax.jit(_batch_max, static_argnums=(0, 1, 2, 3))
