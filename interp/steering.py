@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -292,18 +292,6 @@ def feature_intervention(
 # ------------------------------------------------------------------------------ maxima
 
 
-def _unpack(batch) -> tuple[np.ndarray, np.ndarray | None]:
-    """(tokens, attention_mask or None) from an array, a (tokens, mask) tuple or a dict."""
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask", batch.get("mask"))
-        tokens = batch["tokens"]
-    elif isinstance(batch, tuple):
-        tokens, mask = batch
-    else:
-        tokens, mask = batch, None
-    return np.asarray(tokens), None if mask is None else np.asarray(mask)
-
-
 def max_activations(
     model: nn.Module,
     params: Any,
@@ -336,19 +324,17 @@ def max_activations(
       never fires has its largest code, 0 for the ReLU-like architectures).
 
     Raises:
-      ValueError: with no site, or no kept positions.
+      ValueError: with no site or one of another width (`activations.resolve_sae_site`), or
+        no kept positions.
     """
-    hook = hook or sae.config.hook_name
-    if not hook:
-        raise ValueError("max_activations needs the SAE's site: pass hook=, or set hook_name.")
-    (name,) = hooks.resolve(model, [hook])
-    head_index = sae.config.hook_head_index if head_index is None else head_index
+    site = activations.resolve_sae_site(model, sae, hook, head_index)  # Widths checked too.
+    name, head_index = site.input, site.head_index
     exclusions = dict(bos_id=bos_id, skip_first=skip_first, exclude_ids=tuple(exclude_ids))
     best = None
     for count, batch in enumerate(batches):
         if max_batches is not None and count >= max_batches:
             break
-        tokens, mask = _unpack(batch)
+        tokens, mask = activations.split_batch(batch)
         keep = activations.keep_mask(tokens, mask, **exclusions)
         batch_max = _jit_batch_max(model, sae, name, head_index, params, sae_params,
                                    tokens, mask, keep)  # fmt: skip

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -59,60 +59,9 @@ HISTOGRAM_RANGE = (1e-3, 1e4)
 NUM_BINS = 256
 
 
-@dataclasses.dataclass(frozen=True)
-class Site:
-    """Where an SAE reads: a resolved hook name and, for a per-head SAE, its head."""
-
-    name: str
-    head_index: int | None = None
-
-
-def resolve_site(
-    model: nn.Module, sae: nn.Module, site: str | None = None, head_index: int | None = None
-) -> Site:
-    """The site an SAE reads (default its config's hook_name / hook_head_index), checked.
-
-    Args:
-      model: A `Transformer`.
-      sae: An SAE module with a `config` (hook_name, hook_head_index, d_in).
-      site: A hook name, ours or TransformerLens's, overriding the config's.
-      head_index: A head overriding the config's.
-
-    Raises:
-      ValueError: when no site is known, the name matches no or several hook points, or the
-        site's rows are not `d_in` wide.
-    """
-    config = sae.config
-    site = site or getattr(config, "hook_name", None)
-    if site is None:
-        raise ValueError(
-            "This SAE's config names no hook site (hook_name); pass site=, e.g. "
-            "'blocks_1/resid_post'."
-        )
-    if head_index is None:
-        head_index = getattr(config, "hook_head_index", None)
-    names = hooks.resolve(model, [site])
-    if len(names) != 1:
-        raise ValueError(f"SAE site {site!r} matches {len(names)} hook points {names}; name one.")
-    resolved = Site(names[0], head_index)
-    if not sites.is_pattern(resolved.name):  # Pattern rows are as wide as the sequence.
-
-        def rows(tokens):
-            params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
-            _, acts = hooks.run_with_hooks(model, params, tokens, capture=[resolved.name])
-            return sites.to_rows(resolved.name, acts[resolved.name], head_index)
-
-        width = jax.eval_shape(rows, jax.ShapeDtypeStruct((1, 2), jnp.int32)).shape[-1]
-        if width != config.d_in:
-            hint = ""
-            if head_index is None and "attn/" in resolved.name:
-                hint = " (a per-head SAE needs head_index / SAELens's hook_head_index)"
-            raise ValueError(
-                f"This SAE reads {config.d_in}-wide rows, but site {resolved.name!r} gives rows "
-                f"of width {width} (head_index={head_index}){hint}; is it the site the SAE was "
-                "trained on?"
-            )
-    return resolved
+# Where an SAE reads, resolved and checked: one definition shared with SAE evaluation.
+Site = activations.SaeSite
+resolve_site = activations.resolve_sae_site
 
 
 def check_features(features, num_latents: int) -> np.ndarray:
@@ -144,17 +93,6 @@ def _codes(model, sae, site, params, sae_params, tokens, mask):
 
 
 _jit_codes = jax.jit(_codes, static_argnums=(0, 1, 2))
-
-
-def _unpack(batch) -> tuple[Any, Any]:
-    """(tokens, attention_mask or None) from an array, a (tokens, mask) tuple or a dict."""
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask", batch.get("mask"))
-        return np.asarray(batch["tokens"]), None if mask is None else np.asarray(mask)
-    if isinstance(batch, tuple):
-        tokens, mask = batch
-        return np.asarray(tokens), None if mask is None else np.asarray(mask)
-    return np.asarray(batch), None
 
 
 # --- Accumulation -----------------------------------------------------------------------------
@@ -413,7 +351,7 @@ def feature_stats(
     for batch in batches:
         if max_batches is not None and num_batches >= max_batches:
             break
-        tokens, mask = _unpack(batch)
+        tokens, mask = activations.split_batch(batch)
         keep = activations.keep_mask(tokens, mask, bos_id=bos_id, skip_first=skip_first,
                                      exclude_ids=tuple(exclude_ids))  # fmt: skip
         state, counts, batch_sums = _jit_step(

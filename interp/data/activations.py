@@ -29,6 +29,7 @@ The on-disk cache (`write_cache`, `ActivationCache`) is in `interp/data/cache.py
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -102,8 +103,16 @@ def padding_from_ids(tokens: np.ndarray, pad_id: int) -> np.ndarray:
     return (~(leading | trailing)).astype(np.int32)
 
 
-def _split_item(item, pad_id):
-    """A stream item (tokens, (tokens, mask) or {'tokens', 'attention_mask'}) -> (tokens, mask)."""
+def split_batch(item, pad_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [B, T], attention_mask int32 [B, T]) of a batch given as a [B, T] array,
+    a (tokens, mask) tuple or a {'tokens', 'attention_mask' (or 'mask')} dict.
+
+    Without a mask, every position is real, or with `pad_id` the leading and trailing runs of
+    it are padding (`padding_from_ids`).
+
+    Raises:
+      ValueError: for tokens that are not [B, T], or a mask of another shape.
+    """
     if isinstance(item, Mapping):
         tokens = item["tokens"]
         mask = item.get("attention_mask", item.get("mask"))
@@ -189,7 +198,7 @@ def harvest(
 
     pending = None  # The previous batch: its transfer waits until the next one is dispatched.
     for item in token_batches:
-        tokens, mask = _split_item(item, pad_id)
+        tokens, mask = split_batch(item, pad_id)
         keep = keep_mask(
             tokens, mask, bos_id=bos_id, skip_first=skip_first, exclude_ids=exclude_ids
         )
@@ -339,3 +348,103 @@ class ShuffleBuffer:
                 yield self.get(batch_size)
             except StopIteration:
                 return
+
+
+# ----------------------------------------------------------------------------- SAE sites
+
+
+@dataclasses.dataclass(frozen=True)
+class SaeSite:
+    """Where an SAE reads (`input`) and writes (`output`; the same site unless a
+    transcoder), and which head of a head-shaped site each end uses (None: all heads side
+    by side). Names are resolved hook names (ours)."""
+
+    input: str
+    output: str
+    head_index: int | None = None
+    output_head_index: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The site the SAE reads (`input`)."""
+        return self.input
+
+
+def _one_site(model: nn.Module, name: str, what: str) -> str:
+    names = hooks.resolve(model, [name])
+    if len(names) != 1:
+        raise ValueError(f"{what} {name!r} matches {len(names)} hook points {names}; name one.")
+    return names[0]
+
+
+def resolve_sae_site(
+    model: nn.Module, sae: nn.Module, site: str | None = None, head_index: int | None = None
+) -> SaeSite:
+    """The site an SAE reads and writes, checked against the model: the one definition for
+    evaluation, feature analysis and steering.
+
+    Args:
+      model: A `Transformer`.
+      sae: An SAE module with a `config` (hook_name, hook_head_index, output_hook_name,
+        d_in, output_width); used only through its config, so this layer needs no SAE code.
+      site: A hook name (ours or TransformerLens's) overriding the config's.
+      head_index: A head overriding the config's.
+
+    Raises:
+      ValueError: when no site is known, a name matches no or several hook points, a
+        transcoder's output comes before its input, or the SAE's widths do not match the
+        sites' rows (naming both, and the head-index hint for head-shaped sites).
+    """
+    config = sae.config
+    site = site or getattr(config, "hook_name", None)
+    if site is None:
+        raise ValueError(
+            "This SAE's config names no hook site (hook_name); pass site=, e.g. "
+            "'blocks_1/resid_post'."
+        )
+    head_index = getattr(config, "hook_head_index", None) if head_index is None else head_index
+    name = _one_site(model, site, "SAE site")
+    resolved = SaeSite(name, name, head_index, head_index)
+    if getattr(config, "is_transcoder", False):
+        if not config.output_hook_name:
+            raise ValueError(
+                "This transcoder's config names no output site (output_hook_name, SAELens's "
+                "hook_name_out); set it to the site its output replaces."
+            )
+        output = _one_site(model, config.output_hook_name, "Transcoder output site")
+        order = hooks.hook_names(model)
+        if order.index(output) <= order.index(name):
+            raise ValueError(
+                f"This transcoder writes {output!r}, which the forward pass reaches before "
+                f"(or at) its input {name!r}; a transcoder's output site comes after its input."
+            )
+        resolved = SaeSite(name, output, head_index, None)  # It writes the whole output site.
+    wanted = {"input": config.d_in, "output": getattr(config, "output_width", config.d_in)}
+    for end, width in _row_widths(model, resolved).items():
+        if width != wanted[end]:
+            where = getattr(resolved, end)
+            hint = ""
+            if head_index is None and "attn/" in where:
+                hint = " (a per-head SAE needs head_index / SAELens's hook_head_index)"
+            raise ValueError(
+                f"This SAE's {end} is {wanted[end]} wide, but site {where!r} gives rows of "
+                f"width {width} (head_index={head_index}){hint}; is it the site the SAE was "
+                "trained on?"
+            )
+    return resolved
+
+
+def _row_widths(model: nn.Module, site: SaeSite) -> dict[str, int]:
+    """{'input': width, 'output': width} of the site's rows, from shapes alone."""
+    if sites_lib.is_pattern(site.input) or sites_lib.is_pattern(site.output):
+        return {}  # Pattern rows are as wide as the sequence is long: checked when run.
+    ends = {"input": site.input, "output": site.output}
+    heads = {"input": site.head_index, "output": site.output_head_index}
+
+    def rows(tokens):
+        params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+        _, acts = hooks.run_with_hooks(model, params, tokens, capture=sorted(set(ends.values())))
+        return {end: sites_lib.to_rows(name, acts[name], heads[end]) for end, name in ends.items()}
+
+    shapes = jax.eval_shape(rows, jax.ShapeDtypeStruct((1, 2), jnp.int32))
+    return {end: value.shape[-1] for end, value in shapes.items()}

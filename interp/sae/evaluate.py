@@ -21,7 +21,6 @@ Language-model loss (next-token cross-entropy, nats, over the predicted position
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -252,99 +251,14 @@ class LossAccumulator:
         }
 
 
-@dataclasses.dataclass(frozen=True)
-class Site:
-    """Where an SAE reads (`input`) and writes (`output`; the same site unless a
-    transcoder), and which head of a head-shaped site each end uses (None: all heads side
-    by side)."""
-
-    input: str
-    output: str
-    head_index: int | None = None
-    output_head_index: int | None = None
-
-
-def _one_site(model: nn.Module, name: str, what: str) -> str:
-    names = hooks.resolve(model, [name])
-    if len(names) != 1:
-        raise ValueError(f"{what} {name!r} matches {len(names)} hook points {names}; name one.")
-    return names[0]
-
-
-def resolve_site(model: nn.Module, sae: nn.Module, site: str | None = None, head_index=None):
-    """The `Site` an SAE is evaluated and spliced at, checked against the model.
-
-    Args:
-      model: A `Transformer`.
-      sae: The SAE (its config's hook_name, hook_head_index and output_hook_name are the
-        defaults).
-      site: A hook name (ours or TransformerLens's) overriding the config's.
-      head_index: A head overriding the config's.
-
-    Raises:
-      ValueError: when no site is known, a name matches no or several hook points, or the
-        SAE's width does not match the site's rows (naming both, and the head-index hint
-        for head-shaped sites).
-    """
-    config = sae.config
-    site = site or config.hook_name
-    if site is None:
-        raise ValueError(
-            "This SAE's config names no hook site (hook_name); pass site=, e.g. "
-            "'blocks_1/resid_post'."
-        )
-    head_index = config.hook_head_index if head_index is None else head_index
-    name = _one_site(model, site, "SAE site")
-    resolved = Site(name, name, head_index, head_index)
-    if config.is_transcoder:
-        if not config.output_hook_name:
-            raise ValueError(
-                "This transcoder's config names no output site (output_hook_name, SAELens's "
-                "hook_name_out); set it to the site its output replaces."
-            )
-        output = _one_site(model, config.output_hook_name, "Transcoder output site")
-        order = hooks.hook_names(model)
-        if order.index(output) <= order.index(name):
-            raise ValueError(
-                f"This transcoder writes {output!r}, which the forward pass reaches before "
-                f"(or at) its input {name!r}; a transcoder's output site comes after its input."
-            )
-        resolved = Site(name, output, head_index, None)  # It writes the whole output site.
-    widths = _row_widths(model, resolved)
-    wanted = {"input": config.d_in, "output": config.output_width}
-    for end, width in widths.items():
-        if width != wanted[end]:
-            where = getattr(resolved, end)
-            hint = ""
-            if head_index is None and "attn/" in where:
-                hint = " (a per-head SAE needs head_index / SAELens's hook_head_index)"
-            raise ValueError(
-                f"This SAE's {end} is {wanted[end]} wide, but site {where!r} gives rows of "
-                f"width {width} (head_index={head_index}){hint}; is it the site the SAE was "
-                "trained on?"
-            )
-    return resolved
-
-
-def _row_widths(model: nn.Module, site: Site) -> dict[str, int]:
-    """{'input': width, 'output': width} of the site's rows, from shapes alone."""
-    if sites.is_pattern(site.input) or sites.is_pattern(site.output):
-        return {}  # Pattern rows are as wide as the sequence is long: checked when run.
-    ends = {"input": site.input, "output": site.output}
-
-    def rows(tokens):
-        params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
-        _, acts = hooks.run_with_hooks(model, params, tokens, capture=sorted(set(ends.values())))
-        heads = {"input": site.head_index, "output": site.output_head_index}
-        return {end: sites.to_rows(name, acts[name], heads[end]) for end, name in ends.items()}
-
-    shapes = jax.eval_shape(rows, jax.ShapeDtypeStruct((1, 2), jnp.int32))
-    return {end: value.shape[-1] for end, value in shapes.items()}
+# The site an SAE reads and writes: one definition in the data layer (analysis and steering
+# use it too).
+Site = activations.SaeSite
+resolve_site = activations.resolve_sae_site
 
 
 def _keep(tokens, mask, exclusions) -> jax.Array:
-    keep = activations.keep_mask(np.asarray(tokens), None if mask is None else np.asarray(mask),
-                                 **exclusions)  # fmt: skip
+    keep = activations.keep_mask(tokens, mask, **exclusions)
     return jnp.asarray(keep)
 
 
@@ -392,17 +306,6 @@ def spliced_loss(
         model, sae, resolved, params, sae_params, tokens, attention_mask, keep
     )
     return LossAccumulator().add(sums).result()
-
-
-def _unpack(batch) -> tuple[Any, Any]:
-    """(tokens, attention_mask or None) from an array, a (tokens, mask) tuple or a dict."""
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask", batch.get("mask"))
-        return jnp.asarray(batch["tokens"]), None if mask is None else jnp.asarray(mask)
-    if isinstance(batch, tuple):
-        tokens, mask = batch
-        return jnp.asarray(tokens), None if mask is None else jnp.asarray(mask)
-    return jnp.asarray(batch), None
 
 
 def evaluate(
@@ -455,7 +358,7 @@ def evaluate(
     for batch in batches:
         if max_batches is not None and num_batches >= max_batches:
             break
-        tokens, mask = _unpack(batch)
+        tokens, mask = activations.split_batch(batch)
         keep = _keep(tokens, mask, exclusions)
         loss_sums, recon_sums = _jit_batch_sums(
             model, sae, resolved, params, sae_params, tokens, mask, keep

@@ -135,7 +135,7 @@ def test_stats_save_and_load(lm, tmp_path):
 def test_bad_input_is_named(lm):
     model, params = lm
     sae, sae_params = _sae(12, "blocks_1/resid_post")
-    with pytest.raises(ValueError, match="12-wide rows.*width 16"):
+    with pytest.raises(ValueError, match="input is 12 wide.*width 16"):
         analysis.feature_stats(model, params, sae, sae_params, _batches())
     sae, sae_params = _sae(8, "blocks_0/attn/z")  # Per-head SAE without its head.
     with pytest.raises(ValueError, match="head_index"):
