@@ -32,6 +32,7 @@ from interp.data import text
 from interp.data.documents import documents
 from interp.influence import io as influence_io
 from interp.influence import report as report_lib
+from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained, hooks, sites
 
@@ -121,7 +122,9 @@ def _factors(config, workdir, model, params, fit_batches, mesh, rules) -> influe
 
 
 def _feature_query(config, entry, workdir, model, params, tokenizer):
-    folder = entry.get("sae") or _first_topk_sae(workdir)
+    folder = entry.get("sae") or sae_job.pipeline_topk_sae(
+        workdir, "influence.feature_queries' sae"
+    )
     sae, sae_params = saes.load(folder)
     if not sae.config.hook_name:
         raise ValueError(f"{folder} names no hook_name; the feature query needs the SAE's site.")
@@ -134,15 +137,6 @@ def _feature_query(config, entry, workdir, model, params, tokenizer):
         codes = sae.apply({"params": sae_params}, rows, method="encode")
         feature = int(np.argmax((np.asarray(codes)[0] * batch["loss_mask"][0, :, None]).sum(0)))
     return influence.sae_feature(sae, sae_params, hook, feature), batch, f"{hook} feature {feature}"
-
-
-def _first_topk_sae(workdir) -> str:
-    root = workdir.parent / "sae" / "saes"
-    names = sorted(p.name for p in root.iterdir()) if root.exists() else []
-    topk = [n for n in names if "-topk-" in n]
-    if not topk:
-        raise FileNotFoundError(f"No TopK SAE under {root}; set influence.feature_queries' sae.")
-    return str(root / topk[0])
 
 
 def _setup(config, workdir: str, need_queries: bool):

@@ -52,6 +52,21 @@ def sae_name(entry, site: str) -> str:
     return f"{site.replace('/', '.')}{head}-{arch}{sparsity}-x{entry['num_latents']}"
 
 
+def pipeline_topk_sae(stage_workdir, setting: str) -> str:
+    """The first TopK SAE the pipeline's SAE stage exported (`<stage>/../sae/saes/...`), for
+    a later stage (influence, steering) that names none.
+
+    Raises:
+      FileNotFoundError: when there is none, naming the config `setting` to set instead.
+    """
+    root = paths.resolve(stage_workdir).parent / "sae" / "saes"
+    names = sorted(p.name for p in root.iterdir()) if root.exists() else []
+    topk = [n for n in names if "-topk-" in n]
+    if not topk:
+        raise FileNotFoundError(f"No TopK SAE under {root}; set {setting}.")
+    return str(root / topk[0])
+
+
 def _unique(names: list[str]) -> list[str]:
     """Appends -2, -3, ... to repeated names (two SAEs differing only in, say, a learning rate)."""
     seen: dict[str, int] = {}

@@ -65,15 +65,6 @@ class SteeringConfig:
     batch_size: int = 16
 
 
-def _first_topk_sae(workdir) -> str:
-    root = workdir.parent / "sae" / "saes"
-    names = sorted(p.name for p in root.iterdir()) if root.exists() else []
-    topk = [n for n in names if "-topk-" in n]
-    if not topk:
-        raise FileNotFoundError(f"No TopK SAE under {root}; set config.steering.sae.")
-    return str(root / topk[0])
-
-
 def _concept_feature(model, params, sae, sae_params, hook, head_index, ids, maxima) -> int:
     """The latent with the largest mean code on `ids` relative to its maximum, among those
     that fired on the data the maxima came from (a multiple of a zero maximum is zero)."""
@@ -105,7 +96,9 @@ def run(config, workdir: str) -> dict[str, Any]:
     model, params, tokenizer = from_pretrained(model_path)
     if tokenizer is None:
         raise FileNotFoundError(f"{model_path} has no tokenizer.json; the steering job needs it.")
-    sae, sae_params = saes.load(steer_config.sae or _first_topk_sae(workdir))
+    sae, sae_params = saes.load(
+        steer_config.sae or sae_job.pipeline_topk_sae(workdir, "config.steering.sae")
+    )
     if not sae.config.hook_name:
         raise ValueError("The SAE names no hook site (hook_name); steering needs it.")
     (hook,) = hooks.resolve(model, [sae.config.hook_name])

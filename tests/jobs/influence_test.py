@@ -105,23 +105,32 @@ def test_bad_influence_configs_are_clear_errors(pipeline_run, tmp_path):
         job.run(config, str(tmp_path / "c"))
 
 
-def test_readme_influence_example_runs_on_the_pipeline_output(pipeline_run, tmp_path):
+def test_readme_examples_run_in_order_on_the_pipeline_output(pipeline_run, tmp_path):
+    # Every python block of the README, in order (each builds on the ones before): the
+    # library, SAEs, feature analysis, influence and steering, against the tiny pipeline.
     workdir, _ = pipeline_run
     with open(os.path.join(runs.ROOT, "README.md")) as f:
         blocks = [b.split("```", 1)[0] for b in f.read().split("```python\n")[1:]]
-    assert "influence.fit_factors" in blocks[2]
+    assert any("influence.fit_factors" in b for b in blocks)
+    assert any("steering.feature_intervention" in b for b in blocks)
     topk = next(n for n in os.listdir(os.path.join(workdir, "sae", "saes")) if "-topk-" in n)
-    code = "\n".join(blocks[:3])
+    code = "\n".join(blocks)
     code = code.replace("workdir/demo/lm/export", os.path.join(workdir, "lm", "export"))
     code = code.replace(
         "workdir/demo/sae/saes/blocks_2.resid_post-topk-k16-x1024",
         os.path.join(workdir, "sae", "saes", topk),
     ).replace("blocks_2/resid_post", "blocks_1/resid_post")
     code = code.replace('"workdir/factors"', repr(str(tmp_path / "factors")))
+    code = code.replace('"workdir/demo/dashboard.html"', repr(str(tmp_path / "dashboard.html")))
+    code = code.replace('"frontier.png"', repr(str(tmp_path / "frontier.png")))
+    assert "workdir/" not in code.replace(workdir, "")  # Nothing written into the checkout.
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
     assert namespace["scores"].shape == (1, 2)
     detail = namespace["detail"]
     np.testing.assert_allclose(detail.per_layer.sum(-1), namespace["scores"], rtol=1e-4, atol=1e-6)
+    assert (tmp_path / "dashboard.html").exists() and (tmp_path / "frontier.png").exists()
+    steered, tokens = namespace["steered"], namespace["tokens"]
+    assert steered.shape == (tokens.shape[0], tokens.shape[1] + 20)
     assert np.all(np.isfinite(namespace["by_feature"]))
     assert os.path.exists(tmp_path / "factors" / "factors.json")
