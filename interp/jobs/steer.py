@@ -65,7 +65,8 @@ class SteeringConfig:
     batch_size: int = 16
 
 
-def _first_topk_sae(workdir) -> str:
+def first_topk_sae(workdir) -> str:
+    """The pipeline's first TopK SAE (`<workdir>/../sae/saes/*-topk-*`), by name."""
     root = workdir.parent / "sae" / "saes"
     names = sorted(p.name for p in root.iterdir()) if root.exists() else []
     topk = [n for n in names if "-topk-" in n]
@@ -105,7 +106,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     model, params, tokenizer = from_pretrained(model_path)
     if tokenizer is None:
         raise FileNotFoundError(f"{model_path} has no tokenizer.json; the steering job needs it.")
-    sae, sae_params = saes.load(steer_config.sae or _first_topk_sae(workdir))
+    sae, sae_params = saes.load(steer_config.sae or first_topk_sae(workdir))
     if not sae.config.hook_name:
         raise ValueError("The SAE names no hook site (hook_name); steering needs it.")
     (hook,) = hooks.resolve(model, [sae.config.hook_name])
