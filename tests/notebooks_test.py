@@ -17,10 +17,8 @@ NOTEBOOKS = ("features.ipynb", "steering.ipynb", "influence.ipynb")
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("pipeline"))
-    runs.run_main("experiments.pipeline", "configs/demo.py:tiny=True", workdir)
-    return workdir
+def workdir(tiny_pipeline):
+    return tiny_pipeline[0]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
