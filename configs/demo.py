@@ -146,13 +146,27 @@ def get_config(arg=None):
         ),
     )
 
-    # Stage 4: steering (experiments/steer.py): greedy completions of a prompt with one SAE
+    # Stage 4: analysis (interp/jobs/analyse.py): an SAE's feature statistics and dashboard,
+    # and a feature search for a concept; the steering stage clamps the feature it finds.
+    c.analysis = dict(
+        model_path="",  # '' = the LM of this pipeline; or an HF folder.
+        sae="",  # '' = the pipeline's first TopK SAE; or an SAE folder.
+        concept=" whale",  # Searched token by token, relative to each feature's max.
+        top=5,  # Features kept from the search (and shown on concept.html).
+        max_rows=256,  # Held-out rows the statistics (and maxima) are taken over.
+        batch_size=16,
+    )
+
+    # Stage 5: steering (experiments/steer.py): greedy completions of a prompt with one SAE
     # feature clamped to multiples of its maximum activation, beside the unsteered one.
     c.steering = dict(
         model_path="",  # '' = the LM of this pipeline; or an HF folder.
         sae="",  # '' = the pipeline's first TopK SAE; or an SAE folder.
-        prompt="Alice was beginning to",
-        feature=-1,  # -1 = the feature most active on `concept` (relative to its max).
+        # Austen-style: nothing about the sea, so a whale feature has nothing to ride on.
+        prompt="Elizabeth walked into the drawing room, and Mr. Darcy said that",
+        # -1 = the feature most active on `concept` (relative to its max); the pipeline sets
+        # the one its analysis stage found by feature search.
+        feature=-1,
         concept=" whale",
         strengths=(0.0, 2.0, 5.0, 10.0),  # Clamp values, x the feature's max activation.
         max_new_tokens=20,
@@ -192,5 +206,6 @@ def get_config(arg=None):
         c.influence.feature_queries = (
             dict(sae="", feature=-1, prompt="The whale rose from the", completion=" sea."),
         )
+        c.analysis.update(max_rows=16, batch_size=8, top=3)
         c.steering.update(max_new_tokens=6, max_rows=16, batch_size=8)
     return c

@@ -201,3 +201,17 @@ def browser():
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
+
+
+# --- One tiny pipeline run (configs/demo.py:tiny=True, every stage) --------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """(workdir, completed process) of `experiments.pipeline` on the tiny config: about a
+    minute, so the tests of its later stages and the notebooks share it (read-only)."""
+    from tests import runs
+
+    workdir = str(tmp_path_factory.mktemp("pipeline"))
+    result = runs.run_main("experiments.pipeline", "configs/demo.py:tiny=True", workdir)
+    return workdir, result

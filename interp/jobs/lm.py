@@ -198,7 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         fix="Use a local workdir.",
     )
     # The LM stage's workdir checks only the LM's settings, not later pipeline stages'.
-    stage_config = workdir_lib.subconfig(config, drop=("sae", "steering"))
+    stage_config = workdir_lib.subconfig(config, drop=("sae", "analysis", "steering"))
     workdir = workdir_lib.prepare_workdir(
         workdir_lib.pin_schedule(stage_config, "train", train_config.schedule_length), workdir
     )

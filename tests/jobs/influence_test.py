@@ -14,10 +14,8 @@ from tests import runs
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("pipeline"))
-    result = runs.run_main("experiments.pipeline", "configs/demo.py:tiny=True", workdir)
-    return workdir, result
+def pipeline_run(tiny_pipeline):
+    return tiny_pipeline
 
 
 class _Spans(html.parser.HTMLParser):

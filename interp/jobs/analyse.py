@@ -1,0 +1,136 @@
+"""The analysis job: one SAE's feature statistics and dashboard, and a feature search for a
+concept (the feature the pipeline's steering stage then clamps).
+
+`run(config, workdir)` reads `config.analysis` (see `configs/demo.py`):
+
+1. the model (`model_path`, by default the pipeline's LM) and the SAE (`sae`, by default the
+   pipeline's first TopK SAE);
+2. `interp.analysis.analyse` over `max_rows` held-out rows of `config.data`, leaving out the
+   positions `config.sae.exclude` leaves out of SAE training: `<workdir>/feature_stats.npz`,
+   `dashboard.html` (every feature that fired), `density.png`;
+3. `search_features` on `concept`'s tokens, ranked by activation relative to each feature's
+   held-out maximum (features driven near their peak, not merely dense ones);
+4. `<workdir>/search.json` and `<workdir>/concept.html`, the dashboard of the features found,
+   best first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import numpy as np
+
+from interp import analysis, records
+from interp import sae as saes
+from interp.data import text
+from interp.data.documents import documents
+from interp.jobs import sae as sae_job
+from interp.jobs import workdir as workdir_lib
+from interp.models import from_pretrained
+
+SEARCH_FILE = "search.json"
+CONCEPT_DASHBOARD = "concept.html"
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig:
+    """`config.analysis`; unknown fields are an error.
+
+    Attributes:
+      model_path: Hugging Face folder; '' = the pipeline's LM (`<workdir>/../lm/export`).
+      sae: SAE folder; '' = the pipeline's first TopK SAE (`<workdir>/../sae/saes/*-topk-*`).
+      concept: Text whose tokens the feature search runs on.
+      top: Features kept from the search (and shown on `concept.html`).
+      max_rows: Held-out rows the statistics are taken over.
+      batch_size: Rows per forward pass.
+    """
+
+    model_path: str = ""
+    sae: str = ""
+    concept: str = " whale"
+    top: int = 5
+    max_rows: int = 256
+    batch_size: int = 16
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+    """Runs the analysis job; returns {'sae', 'hook', 'concept', 'feature' (the best found),
+    'search': [{'feature', 'score', 'activation', 'max_activation'}, ...], 'dashboard',
+    'concept_dashboard'}.
+
+    Raises:
+      ValueError: for unknown fields; when no feature that fired on the held-out rows fires on
+        the concept.
+    """
+    analysis_config = records.from_dict(AnalysisConfig, config.analysis, where="config.analysis")
+    stage = workdir_lib.subconfig(config, keep=("seed", "data", "sae", "analysis"))
+    workdir = workdir_lib.prepare_workdir(stage, workdir, overwrite_config=True)
+    model_path = analysis_config.model_path or str(workdir.parent / "lm" / "export")
+    model, params, tokenizer = from_pretrained(model_path)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{model_path} has no tokenizer.json; the analysis job needs it.")
+    sae_path = analysis_config.sae or sae_job.pipeline_topk_sae(workdir, "config.analysis.sae")
+    sae, sae_params = saes.load(sae_path)
+
+    _, heldout = documents(config.data)
+    rows = text.pack(heldout, tokenizer, config.data.seq_len)[: analysis_config.max_rows]
+    size = analysis_config.batch_size
+    batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+    exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer)
+    written = analysis.analyse(model, params, sae, sae_params, batches, workdir,
+                               tokenizer=tokenizer, **exclusions)  # fmt: skip
+    stats = written["stats"]
+
+    # The concept alone, without BOS: every token of it is searched (no first-position skip,
+    # which would leave a one-token concept nothing).
+    ids = tokenizer.encode(analysis_config.concept, add_bos=False, add_eos=False)
+    found = analysis.search_features(model, params, sae, sae_params, np.asarray(ids),
+                                     k=analysis_config.top, relative_to=stats)  # fmt: skip
+    if not len(found.features):
+        raise ValueError(
+            f"No SAE feature that fires on the held-out rows fires on {analysis_config.concept!r}; "
+            "set another config.analysis.concept."
+        )
+    search = [
+        {
+            "feature": int(f),
+            "score": float(s),
+            "activation": float(a),
+            "max_activation": float(stats.max[f]),
+        }
+        for f, s, a in zip(found.features, found.scores, found.activations, strict=True)
+    ]
+    concept_page = analysis.write_dashboard(
+        workdir / CONCEPT_DASHBOARD,
+        stats,
+        logit_effects=written["logit_effects"],
+        tokenizer=tokenizer,
+        features=[entry["feature"] for entry in search],
+        title=f"Features for {analysis_config.concept!r} at {stats.site}",
+    )
+    results = {
+        "sae": sae_path,
+        "hook": stats.site,
+        "concept": analysis_config.concept,
+        "feature": search[0]["feature"],
+        "search": search,
+        "dashboard": written["dashboard"],
+        "concept_dashboard": concept_page,
+    }
+    if jax.process_index() == 0:
+        (workdir / SEARCH_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    return results
+
+
+def format_search(results: dict[str, Any]) -> str:
+    """The features found, one line each, best first."""
+    lines = [f"Features for {results['concept']!r} at {results['hook']} (activation / its max):"]
+    for entry in results["search"]:
+        lines.append(
+            f"  feature {entry['feature']:>5}: {entry['activation']:.3g} / "
+            f"{entry['max_activation']:.3g} = {entry['score']:.2f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""The pipeline's analysis and steering stages: the feature search's feature is the one steered,
+its dashboard is written, the completions are side by side; bad configs are clear errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import demo
+from interp import analysis
+from interp.jobs import analyse as job
+from interp.jobs import steer
+
+
+def test_pipeline_steers_the_feature_its_search_found(tiny_pipeline):
+    workdir, result = tiny_pipeline
+    config = demo.get_config("tiny=True")
+    with open(os.path.join(workdir, "analysis", job.SEARCH_FILE)) as f:
+        searched = json.load(f)
+    with open(os.path.join(workdir, "steer", steer.RESULTS_FILE)) as f:
+        steered = json.load(f)
+    assert "-topk-" in os.path.basename(searched["sae"])
+    assert searched["concept"] == config.analysis.concept
+    assert 1 <= len(searched["search"]) <= config.analysis.top
+    scores = [entry["score"] for entry in searched["search"]]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0
+    for entry in searched["search"]:
+        assert entry["score"] == pytest.approx(entry["activation"] / entry["max_activation"])
+    assert steered["feature"] == searched["feature"] == searched["search"][0]["feature"]
+    assert steered["prompt"] == config.steering.prompt
+    strengths = [entry["strength"] for entry in steered["completions"]]
+    assert strengths == [None, *config.steering.strengths] and 10.0 in strengths
+    # Both stages take maxima over the same held-out rows with the same exclusions.
+    stats = analysis.FeatureStats.load(os.path.join(workdir, "analysis", "feature_stats.npz"))
+    maxima = np.load(os.path.join(workdir, "steer", "max_activations.npy"))
+    np.testing.assert_allclose(maxima, np.nan_to_num(stats.max), rtol=1e-5, atol=1e-6)
+    for name in ("dashboard.html", job.CONCEPT_DASHBOARD, "density.png"):
+        assert os.path.getsize(os.path.join(workdir, "analysis", name)) > 1000
+    with open(os.path.join(workdir, "analysis", job.CONCEPT_DASHBOARD)) as f:
+        assert config.analysis.concept.strip() in f.read()
+    assert "Features for ' whale'" in result.stdout
+    assert "10 x max" in result.stdout and "unsteered" in result.stdout
+
+
+def test_the_lm_stage_config_leaves_out_the_later_stages(tiny_pipeline):
+    workdir, _ = tiny_pipeline
+    with open(os.path.join(workdir, "lm", "config.json")) as f:
+        saved = json.load(f)
+    assert "analysis" not in saved and "steering" not in saved and "sae" not in saved
+    with open(os.path.join(workdir, "analysis", "config.json")) as f:
+        assert "steering" not in json.load(f)
+
+
+def test_bad_analysis_configs_are_clear_errors(tiny_pipeline, tmp_path):
+    workdir, _ = tiny_pipeline
+    config = demo.get_config("tiny=True")
+    config.analysis.model_path = os.path.join(workdir, "lm", "export")
+    config.analysis.topp = 3
+    with pytest.raises(ValueError, match="topp"):
+        job.run(config, str(tmp_path / "a"))
+    config = demo.get_config("tiny=True")
+    config.analysis.model_path = os.path.join(workdir, "lm", "export")
+    with pytest.raises(FileNotFoundError, match="No TopK SAE"):
+        job.run(config, str(tmp_path / "b"))  # No sae/ beside this workdir.
