@@ -151,7 +151,8 @@ def get_config(arg=None):
     c.analysis = dict(
         model_path="",  # '' = the LM of this pipeline; or an HF folder.
         sae="",  # '' = the pipeline's first TopK SAE; or an SAE folder.
-        concept=" whale",  # Searched token by token, relative to each feature's max.
+        concept=" whale",  # Searched token by token, relative to each feature's max,
+        context="The whale rose from the sea, and the whale spouted.",  # ...in this sentence.
         top=5,  # Features kept from the search (and shown on concept.html).
         max_rows=256,  # Held-out rows the statistics (and maxima) are taken over.
         batch_size=16,

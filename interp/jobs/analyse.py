@@ -8,8 +8,9 @@ concept (the feature the pipeline's steering stage then clamps).
 2. `interp.analysis.analyse` over `max_rows` held-out rows of `config.data`, leaving out the
    positions `config.sae.exclude` leaves out of SAE training: `<workdir>/feature_stats.npz`,
    `dashboard.html` (every feature that fired), `density.png`;
-3. `search_features` on `concept`'s tokens, ranked by activation relative to each feature's
-   held-out maximum (features driven near their peak, not merely dense ones);
+3. `search_features` on `concept`'s tokens inside the `context` sentence, ranked by
+   activation relative to each feature's held-out maximum (features driven near their peak,
+   not merely dense ones);
 4. `<workdir>/search.json` and `<workdir>/concept.html`, the dashboard of the features found,
    best first.
 """
@@ -42,7 +43,10 @@ class AnalysisConfig:
     Attributes:
       model_path: Hugging Face folder; '' = the pipeline's LM (`<workdir>/../lm/export`).
       sae: SAE folder; '' = the pipeline's first TopK SAE (`<workdir>/../sae/saes/*-topk-*`).
-      concept: Text whose tokens the feature search runs on.
+      concept: Text whose tokens the feature search looks at.
+      context: A sentence holding `concept`, read as the model reads text (with the
+        checkpoint's BOS): the search looks at the concept's tokens there, in context, not
+        at a lone token in position 0 (which SAE training leaves out).
       top: Features kept from the search (and shown on `concept.html`).
       max_rows: Held-out rows the statistics are taken over.
       batch_size: Rows per forward pass.
@@ -51,9 +55,17 @@ class AnalysisConfig:
     model_path: str = ""
     sae: str = ""
     concept: str = " whale"
+    context: str = "The whale rose from the sea, and the whale spouted."
     top: int = 5
     max_rows: int = 256
     batch_size: int = 16
+
+
+def concept_positions(ids: list[int], concept: list[int]) -> list[int]:
+    """Positions in `ids` of every token of each occurrence of the token run `concept`."""
+    n = len(concept)
+    starts = [i for i in range(len(ids) - n + 1) if n and ids[i : i + n] == concept]
+    return sorted({i + j for i in starts for j in range(n)})
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -84,11 +96,18 @@ def run(config, workdir: str) -> dict[str, Any]:
                                tokenizer=tokenizer, **exclusions)  # fmt: skip
     stats = written["stats"]
 
-    # The concept alone, without BOS: every token of it is searched (no first-position skip,
-    # which would leave a one-token concept nothing).
-    ids = tokenizer.encode(analysis_config.concept, add_bos=False, add_eos=False)
+    # The concept's tokens inside its context sentence, as the model reads text.
+    ids = tokenizer.encode(analysis_config.context, add_eos=False)
+    positions = concept_positions(ids, tokenizer.encode(analysis_config.concept, add_bos=False,
+                                                        add_eos=False))  # fmt: skip
+    if not positions:
+        raise ValueError(
+            f"config.analysis.context {analysis_config.context!r} does not hold the concept "
+            f"{analysis_config.concept!r} as the tokenizer splits it; write one that does."
+        )
     found = analysis.search_features(model, params, sae, sae_params, np.asarray(ids),
-                                     k=analysis_config.top, relative_to=stats)  # fmt: skip
+                                     positions=positions, k=analysis_config.top,
+                                     relative_to=stats)  # fmt: skip
     if not len(found.features):
         raise ValueError(
             f"No SAE feature that fires on the held-out rows fires on {analysis_config.concept!r}; "

@@ -63,3 +63,20 @@ def test_bad_analysis_configs_are_clear_errors(tiny_pipeline, tmp_path):
     config.analysis.model_path = os.path.join(workdir, "lm", "export")
     with pytest.raises(FileNotFoundError, match="No TopK SAE"):
         job.run(config, str(tmp_path / "b"))  # No sae/ beside this workdir.
+
+
+def test_the_concept_is_searched_inside_its_context(tiny_pipeline, tmp_path):
+    # Each token of each occurrence, not a lone token at position 0 (which SAE training and
+    # evaluation leave out).
+    assert job.concept_positions([5, 7, 9, 7, 9, 7], [7, 9]) == [1, 2, 3, 4]
+    assert job.concept_positions([5, 7], [8]) == []
+    workdir, _ = tiny_pipeline
+    config = demo.get_config("tiny=True")
+    config.analysis.model_path = os.path.join(workdir, "lm", "export")
+    config.analysis.sae = os.path.join(
+        workdir, "sae", "saes", next(n for n in os.listdir(os.path.join(workdir, "sae", "saes"))
+                                     if "-topk-" in n)
+    )  # fmt: skip
+    config.analysis.context = "Nothing about it here."
+    with pytest.raises(ValueError, match="does not hold the concept"):
+        job.run(config, str(tmp_path / "c"))
