@@ -11,9 +11,8 @@ nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
 
-# Notebooks that read a pipeline workdir (INTERP_WORKDIR); quickstart.ipynb runs in
-# tests/jobs/lm_test.py on the LM stage alone.
-NOTEBOOKS = ("features.ipynb", "steering.ipynb", "influence.ipynb")
+# Every notebook; each reads a pipeline workdir (INTERP_WORKDIR).
+NOTEBOOKS = ("quickstart.ipynb", "features.ipynb", "steering.ipynb", "influence.ipynb")
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +41,5 @@ def test_notebook_runs_top_to_bottom(workdir, name, tmp_path, monkeypatch):
         assert "10 x max" in text and "unsteered" in text
     if name == "influence.ipynb":
         assert "Call me Ishmael" in text
+    if name == "quickstart.ipynb":
+        assert "layers" in text and "blocks_0/attn/pattern" in text
