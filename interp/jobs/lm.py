@@ -109,8 +109,7 @@ def _tokenizer(config, workdir: epath.Path, train_documents) -> tokenizer_lib.To
         return tokenizer_lib.load(saved)
     start = time.time()
     tok = tokenizer_lib.train_bpe(train_documents, vocab_size=config.tokenizer.vocab_size)
-    if jax.process_index() == 0:
-        tok.save(saved)
+    parallel.on_main_process(tok.save, saved)
     logging.info("Trained a %d-token byte-level BPE in %.1fs.", tok.vocab_size, time.time() - start)
     return tok
 
@@ -285,11 +284,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     finally:
         writer.close()
 
-    params = jax.device_get(state["params"])
+    params = parallel.process_allgather(state["params"])  # On every process (a collective).
     export_dir = workdir / EXPORT_DIR
-    if jax.process_index() == 0:
-        save_pretrained(export_dir, model_config, params, tokenizer=tok)
-        logging.info("Exported to %s (interp.models.from_pretrained loads it).", export_dir)
+    parallel.on_main_process(save_pretrained, export_dir, model_config, params, tokenizer=tok)
+    logging.info("Exported to %s (interp.models.from_pretrained loads it).", export_dir)
     prompt = tok.encode(config.sample_prompt)
     sample = generate.generate(
         model,
@@ -309,8 +307,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "unigram_loss": baseline,
         "export_dir": str(export_dir),
     }
-    if jax.process_index() == 0:
-        paths.write_text(workdir / "summary.json", workdir_lib.config_to_json(summary))
+    parallel.on_main_process(
+        paths.write_text, workdir / "summary.json", workdir_lib.config_to_json(summary)
+    )
     return summary
 
 

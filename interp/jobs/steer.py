@@ -21,12 +21,11 @@ import dataclasses
 import json
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from interp import records, steering
+from interp import parallel, records, steering
 from interp import sae as saes
 from interp.data import text
 from interp.data.documents import documents
@@ -110,7 +109,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     batches = [rows[i : i + size] for i in range(0, len(rows), size)]
     exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer)
     maxima = steering.max_activations(model, params, sae, sae_params, batches, **exclusions)
-    np.save(workdir / "max_activations.npy", maxima)
+    parallel.on_main_process(np.save, workdir / "max_activations.npy", maxima)
 
     feature = steer_config.feature
     if feature < 0:
@@ -141,8 +140,8 @@ def run(config, workdir: str) -> dict[str, Any]:
         "prompt": steer_config.prompt,
         "completions": completions,
     }
-    if jax.process_index() == 0:
-        (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    written = json.dumps(results, indent=2, ensure_ascii=False)
+    parallel.on_main_process((workdir / RESULTS_FILE).write_text, written)
     return results
 
 

@@ -22,12 +22,11 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import jax
 import ml_collections
 from absl import logging
 from etils import epath
 
-from interp import paths
+from interp import parallel, paths
 
 CONFIG_FILE = "config.json"
 
@@ -185,8 +184,8 @@ def prepare_workdir(
         if not differences:
             return workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        paths.write_text(path, text)  # Atomic: a temporary file and a rename locally.
+    # Atomic: a temporary file and a rename locally.
+    parallel.on_main_process(paths.write_text, path, text)
     logging.info("Config (%s):\n%s", path, text)
     return workdir
 

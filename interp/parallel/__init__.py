@@ -32,10 +32,17 @@ and a warning is logged once. Nothing fails, the layout is just less split than 
 Multi-host: call `initialize_distributed` first thing; build the mesh from all (global)
 devices; feed every process the same global batch (or see `jax.make_array_from_process_local_data`
 for per-process shards); read results with `process_allgather`, which needs `tiled=True` for
-arrays spread over processes (it passes it).
+arrays spread over processes (it passes it); write files that are not sharded arrays with
+`on_main_process` (process 0 writes, every process waits for it).
 """
 
-from interp.parallel.distributed import initialize_distributed, process_allgather
+from interp.parallel.distributed import (
+    DistributedInitError,
+    initialize_distributed,
+    is_main_process,
+    on_main_process,
+    process_allgather,
+)
 from interp.parallel.jit import sharded_apply, sharded_jit
 from interp.parallel.mesh import (
     DEFAULT_RULES,
@@ -58,15 +65,18 @@ from interp.parallel.placement import (
 
 __all__ = [
     "DEFAULT_RULES",
+    "DistributedInitError",
     "MESH_AXES",
     "Rules",
     "abstract_params",
     "batch_sharding",
     "init_sharded",
     "initialize_distributed",
+    "is_main_process",
     "logical_to_sharding",
     "make_mesh",
     "mesh_from_config",
+    "on_main_process",
     "optimizer_state_shardings",
     "param_shardings",
     "process_allgather",
