@@ -105,13 +105,20 @@ def _tokenizer(config, workdir: epath.Path, train_documents) -> tokenizer_lib.To
                 f"No tokenizer.json in config.tokenizer.path={config.tokenizer.path!r}."
             )
         return tok
-    if (saved / "tokenizer.json").exists():
-        return tokenizer_lib.load(saved)
-    start = time.time()
-    tok = tokenizer_lib.train_bpe(train_documents, vocab_size=config.tokenizer.vocab_size)
-    parallel.on_main_process(tok.save, saved)
-    logging.info("Trained a %d-token byte-level BPE in %.1fs.", tok.vocab_size, time.time() - start)
-    return tok
+
+    def train_and_save():
+        # On process 0 alone, the others waiting: one that looked for the file after
+        # process 0 saved it would go another way (and miss the wait).
+        if (saved / "tokenizer.json").exists():
+            return
+        start = time.time()
+        tok = tokenizer_lib.train_bpe(train_documents, vocab_size=config.tokenizer.vocab_size)
+        tok.save(saved)
+        seconds = time.time() - start
+        logging.info("Trained a %d-token byte-level BPE in %.1fs.", tok.vocab_size, seconds)
+
+    parallel.on_main_process(train_and_save)
+    return tokenizer_lib.load(saved)
 
 
 def model_config_from(config, vocab_size: int) -> ModelConfig:

@@ -128,8 +128,10 @@ def prepare_workdir(
     that is refused unless only `resumable_fields` changed (then the new config replaces the
     saved one), or `overwrite_config` is set.
 
-    In multi-process runs every process checks, only process 0 writes; the check gives the
-    same answer everywhere because the file is replaced atomically and only when it passes.
+    In multi-process runs process 0 checks and writes while the others wait for it
+    (`parallel.on_main_process`): a process that looked after process 0 wrote would see
+    another workdir than it did. A refused config is raised on process 0 as
+    `ConfigMismatchError`, on the others as a `RuntimeError` pointing to process 0's log.
 
     Args:
       config: The run's config (an `ml_collections.ConfigDict` or a plain mapping).
@@ -147,9 +149,18 @@ def prepare_workdir(
       ValueError: If the saved `config.json` is not valid JSON.
     """
     workdir = paths.resolve(workdir)  # Local paths absolute: orbax refuses relative ones.
-    path = workdir / CONFIG_FILE
     text = config_to_json(config)
-    resumable_fields = tuple(resumable_fields)
+    parallel.on_main_process(
+        _check_and_save_config, workdir, text, overwrite_config, tuple(resumable_fields)
+    )
+    return workdir
+
+
+def _check_and_save_config(
+    workdir: epath.Path, text: str, overwrite_config: bool, resumable_fields: tuple[str, ...]
+) -> None:
+    """`prepare_workdir`'s work, on one process."""
+    path = workdir / CONFIG_FILE
     if path.exists():
         try:
             saved = json.loads(path.read_text())
@@ -182,12 +193,10 @@ def prepare_workdir(
         else:
             logging.info("Resuming %s with the same config.", workdir)
         if not differences:
-            return workdir
+            return
     workdir.mkdir(parents=True, exist_ok=True)
-    # Atomic: a temporary file and a rename locally.
-    parallel.on_main_process(paths.write_text, path, text)
+    paths.write_text(path, text)  # Atomic: a temporary file and a rename locally.
     logging.info("Config (%s):\n%s", path, text)
-    return workdir
 
 
 # Libraries whose INFO lines (a dozen per checkpoint for orbax) bury the progress line.

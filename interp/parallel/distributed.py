@@ -92,7 +92,6 @@ def _give_up(address: str | None, num_processes: int | None, process_id: int | N
         f"{process_id if process_id is not None else '?'} of {num_processes or '?'}: {cause}. "
         f"{_FIX}\n"
     )
-    logging.error("%s", message)
     sys.stdout.flush()
     sys.stderr.write(message)
     sys.stderr.flush()
