@@ -1,13 +1,13 @@
 r"""EK-FAC influence of Pythia-410m-deduped's training text on its completions.
 
-    python -m experiments.launch_tpu --name=pythia-influence --zone=us-west4-a \
-        --slice=v5litepod-8 --main=influence \
-        --config=configs/pythia_influence.py:slice=v5litepod-8 \
+    python -m experiments.launch_tpu --name=pythia-influence --zone=us-central2-b \
+        --slice=v4-8 --main=influence \
+        --config=configs/pythia_influence.py:slice=v4-8 \
         --config.influence.model_path=gs://my-bucket/models/pythia-410m-deduped \
         --config.data.text_path='gs://my-bucket/data/pile-deduped/*.parquet' \
         --workdir=gs://my-bucket/runs/pythia-influence
 
-Arguments (`:slice=v5litepod-8`): the TPU slice or GPU node (interp.parallel.SLICES); the
+Arguments (`:slice=v4-8`): the TPU slice or GPU node (interp.parallel.SLICES); the
 batches are split over all its devices, the model replicated. It is `configs/demo.py` with
 another model, data, sizes and mesh: EleutherAI/pythia-410m-deduped (a Hugging Face folder
 copied to Cloud Storage, README: "Real-run configs"), the deduplicated Pile it was trained on
@@ -21,7 +21,7 @@ from interp import parallel
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, slice="v5litepod-8")
+    arg = common.parse_arg(arg, slice="v4-8")
     devices = parallel.get_slice(arg.slice).devices
     c = demo.get_config()
     c.data.text_path = "gs://YOUR_BUCKET/data/pile-deduped/*.parquet"
@@ -35,7 +35,7 @@ def get_config(arg=None):
         fit_rows=65_536,  # 134M tokens for the covariances and the eigenvalue correction.
         search_rows=65_536,
         candidates=1024,  # TF-IDF candidates scored per query.
-        batch_size=2 * devices,  # Two sequences of 2048 tokens per device.
+        batch_size=devices,  # One sequence of 2048 tokens per device.
         checkpoint_every=256,
         feature_queries=(),
     )

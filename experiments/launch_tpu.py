@@ -65,7 +65,10 @@ def main(argv):
     if not (ROOT / "experiments" / f"{_MAIN.value}.py").exists():
         raise app.UsageError(f"No experiments/{_MAIN.value}.py; --main names an experiment main.")
     # The mesh must fit the slice: checked here, not on the pod.
-    shape = parallel.mesh_shape(tpu.devices, **dict(config.get("mesh") or {}))
+    try:
+        shape = parallel.mesh_shape(tpu.devices, **dict(config.get("mesh") or {}))
+    except ValueError as error:
+        raise app.UsageError(f"The config's mesh does not fit {tpu.name}: {error}") from None
     run = launch.TpuRun(
         name=_NAME.value,
         zone=_ZONE.value,
