@@ -171,9 +171,14 @@ def _create(run: TpuRun) -> list[Step]:
         return [
             Step(
                 f"Queue a spot {run.slice} ({tpu.devices} chips, {tpu.hosts} workers)",
-                _queued(run, "create", f"--node-id={run.name}",
-                        f"--accelerator-type={tpu.accelerator_type}",
-                        f"--runtime-version={tpu.runtime_version}", "--spot"),
+                _queued(
+                    run,
+                    "create",
+                    f"--node-id={run.name}",
+                    f"--accelerator-type={tpu.accelerator_type}",
+                    f"--runtime-version={tpu.runtime_version}",
+                    "--spot",
+                ),
             ),  # fmt: skip
             Step(
                 "Wait until the queued resource is ACTIVE",
@@ -184,8 +189,13 @@ def _create(run: TpuRun) -> list[Step]:
     return [
         Step(
             f"Create a {run.slice} TPU VM ({tpu.devices} chips, {tpu.hosts} workers)",
-            _tpu_vm(run, "create", run.name, f"--accelerator-type={tpu.accelerator_type}",
-                    f"--version={tpu.runtime_version}"),
+            _tpu_vm(
+                run,
+                "create",
+                run.name,
+                f"--accelerator-type={tpu.accelerator_type}",
+                f"--version={tpu.runtime_version}",
+            ),
         )  # fmt: skip
     ]
 

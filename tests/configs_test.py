@@ -65,7 +65,8 @@ def test_gemma_step_lowers_on_8_devices(gemma):
     config = gemma2_2b_sae.get_config("slice=v5litepod-8,width=65536")
     text = plan.lower_sae_step(config, gemma, parallel.make_mesh(model=8)).as_text()
     # The decoder [X, D] comes in with its latents over 'model' (embed over the size-1 fsdp).
-    assert 'tensor<65536x2304xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {"fsdp"}]>' in text
+    decoder = '{sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {"fsdp"}]>'
+    assert f"tensor<65536x2304xf32> {decoder}" in text
 
 
 def test_gpt2_sae_fits_one_gpu_and_lowers_on_8():

@@ -124,9 +124,10 @@ def test_launcher_main_dry_run_prints_the_commands():
         "# config.data.text_path still holds YOUR_BUCKET: set --config.data.text_path=gs://...",
         "# config.sae.cache_path still holds YOUR_BUCKET: set --config.sae.cache_path=gs://...",
     ]
-    assert out.stdout.splitlines() == header + launch.format_steps(
-        launch.steps(SPOT, "all")
-    ).splitlines()
+    assert (
+        out.stdout.splitlines()
+        == header + launch.format_steps(launch.steps(SPOT, "all")).splitlines()
+    )
     # A mesh that does not fit the slice fails here, before anything is created.
     bad = [a.replace("--slice=v5litepod-16", "--slice=v4-8") for a in args]
     out = subprocess.run([sys.executable, "-m", "experiments.launch_tpu", *bad], cwd=ROOT,

@@ -171,7 +171,8 @@ def sae_configs(config, model_config: ModelConfig) -> tuple[SAEConfig, ...]:
 def _batch_relaxations(rows: int, mesh, rules) -> dict[str, list[str]]:
     """The global batch must split over the batch mesh axes as the rules ask."""
     shape = jax.ShapeDtypeStruct((rows,), jnp.float32)
-    return {f"batch of {rows}": v for v in parallel.relaxations(("batch",), mesh, rules, shape).values()}
+    notes = parallel.relaxations(("batch",), mesh, rules, shape)
+    return {f"batch of {rows}": what for what in notes.values()}
 
 
 def _sae_relaxations(configs, mesh, rules, rows: int) -> dict[str, list[str]]:
@@ -277,9 +278,7 @@ def influence_plan(config, model_config: ModelConfig, slice_: Slice) -> Plan:
       ValueError: for a mesh that does not fit the slice, unknown modules.
     """
     mesh = parallel.abstract_mesh(config.mesh, slice_.devices)
-    rules, model, shapes, shardings, relaxed, modules = _influence_parts(
-        config, model_config, mesh
-    )
+    rules, model, shapes, shardings, relaxed, modules = _influence_parts(config, model_config, mesh)
     dims = _layer_dims(model_config, modules, shapes)
     batch_split = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     b = math.ceil(config.influence.batch_size / batch_split)

@@ -53,7 +53,6 @@ from interp.parallel.mesh import (
     relaxations,
     rules_from_config,
 )
-from interp.parallel.slices import SLICES, Slice, get_slice
 from interp.parallel.placement import (
     abstract_params,
     batch_sharding,
@@ -63,6 +62,7 @@ from interp.parallel.placement import (
     shard_batch,
     shard_params,
 )
+from interp.parallel.slices import SLICES, Slice, get_slice
 
 __all__ = [
     "DEFAULT_RULES",
