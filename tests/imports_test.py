@@ -1,5 +1,5 @@
 """Imports run one way: experiments -> jobs -> (sae, influence, steering, analysis) -> data ->
-models; utilities (parallel, paths, safetensors_io, records) import no science room.
+models; utilities (parallel, paths, safetensors_io, records, launch) import no science room.
 
 Every `import` statement in `interp/` counts, including ones inside functions.
 """
