@@ -452,11 +452,10 @@ def checksums(tree: PyTree) -> dict[str, str]:
         key = jax.tree_util.keystr(path)
         if key in computed:
             sums = computed[key]
-        elif isinstance(leaf, (np.ndarray, np.generic)):
-            leaf = np.asarray(leaf)
+        elif isinstance(leaf, np.ndarray):
             sums = _checksum_numpy(leaf)
-        else:
-            out[key] = repr(leaf)
+        else:  # Python and NumPy scalars (orbax restores both as Python scalars), strings.
+            out[key] = repr(leaf.item() if isinstance(leaf, np.generic) else leaf)
             continue
         shape = ",".join(str(n) for n in np.shape(leaf))
         out[key] = f"{np.dtype(leaf.dtype).name}[{shape}]:{int(sums[0]):08x}{int(sums[1]):08x}"
