@@ -228,7 +228,7 @@ def test_relative_local_directory_works(tmp_path, monkeypatch):
 
 def _largest_data_file(step_dir: epath.Path) -> epath.Path:
     """The biggest array-data file of a step (OCDBT keeps array chunks under .../d/)."""
-    files = [p for p in step_dir.glob("default/*/d/*") if p.is_file()]
+    files = [p for pattern in ("default/d/*", "default/*/d/*") for p in step_dir.glob(pattern)]
     return max(files, key=lambda p: len(p.read_bytes()))
 
 
