@@ -3,7 +3,6 @@ to train a tokenizer on a whole stream."""
 
 import os
 
-import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
