@@ -26,8 +26,7 @@ import numpy as np
 
 from interp import analysis, records
 from interp import sae as saes
-from interp.data import text
-from interp.data.documents import documents
+from interp.data.documents import documents, pack_rows
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained
@@ -88,7 +87,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     sae, sae_params = saes.load(sae_path)
 
     _, heldout = documents(config.data)
-    rows = text.pack(heldout, tokenizer, config.data.seq_len)[: analysis_config.max_rows]
+    rows = pack_rows(config.data, heldout, tokenizer, analysis_config.max_rows)
+    rows = rows[: analysis_config.max_rows]
     size = analysis_config.batch_size
     batches = [rows[i : i + size] for i in range(0, len(rows), size)]
     exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer)

@@ -28,8 +28,7 @@ from absl import logging
 
 from interp import records, steering
 from interp import sae as saes
-from interp.data import text
-from interp.data.documents import documents
+from interp.data.documents import documents, pack_rows
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained, hooks, sites
@@ -105,7 +104,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     head_index = sae.config.hook_head_index
 
     _, heldout = documents(config.data)
-    rows = text.pack(heldout, tokenizer, config.data.seq_len)[: steer_config.max_rows]
+    rows = pack_rows(config.data, heldout, tokenizer, steer_config.max_rows)
+    rows = rows[: steer_config.max_rows]
     size = steer_config.batch_size
     batches = [rows[i : i + size] for i in range(0, len(rows), size)]
     exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer)
