@@ -93,7 +93,7 @@ def _view(entry, data: np.ndarray) -> np.ndarray:
 
 
 # Bytes read first from a remote file: the header of a model with a few hundred tensors fits,
-# so opening one costs a size lookup and one ranged read.
+# so opening one costs a size lookup and one ranged read (which holds all of a small file).
 _REMOTE_HEAD_BYTES = 1 << 16
 
 
@@ -106,7 +106,8 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
     Opening reads and checks the header only. A local file is memory-mapped (values are
     read-only views; copy what must outlive the object). A remote file (gs://) is read tensor
     by tensor with byte-range requests, so a loader that converts one tensor at a time never
-    holds the raw bytes of the whole file; each lookup reads again (keep what you reuse).
+    holds the raw bytes of the whole file; each lookup reads again (keep what you reuse). A
+    remote file of at most 64 KiB is read whole when opened.
 
     Raises (on opening):
       FileNotFoundError: If there is no file at `path`.
@@ -125,7 +126,9 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         self._offset = 8 + size
         self._entries = _checked_entries(header, total - self._offset, where)
         self._data = None
-        if not paths.is_remote(self.path):
+        if paths.is_remote(self.path) and len(head) == total:  # A small file: all read.
+            self._data = np.frombuffer(head, np.uint8, offset=self._offset)
+        elif not paths.is_remote(self.path):
             end = max((e[3] for e in self._entries.values()), default=0)
             self._data = (
                 np.memmap(self.path, np.uint8, mode="r", offset=self._offset, shape=(end,))
