@@ -98,13 +98,17 @@ def test_a_gs_workdir_holds_every_artefact_and_a_rerun_resumes_from_it(
     temporary.mkdir()
     monkeypatch.setenv("TMPDIR", str(temporary))  # The subprocess's temporary files go here.
     first = _pipeline(workdir)
+    # Nothing local named like the bucket: not in the repo (the working directory), not in
+    # the temporary folder.
+    for top in (runs.ROOT, str(temporary)):
+        assert _named_like_gcs(top, bucket) == []
     objects = _objects(workdir)
-
     for stage, patterns in EXPECTED.items():
         for pattern in patterns:
             matched = {name for name in objects if re.fullmatch(pattern, name)}
             assert len(matched) >= AT_LEAST.get(pattern, 1), (
-                f"{stage}: no object {pattern!r} under {workdir}; found {objects}"
+                f"No object {pattern!r} under {workdir}; {stage}/ holds "
+                f"{[name for name in objects if name.startswith(stage + '/')]}"
             )
     assert {name.split("/")[0] for name in objects} == set(EXPECTED)
     # The log and the summaries name the bucket, never a local folder.
@@ -116,10 +120,6 @@ def test_a_gs_workdir_holds_every_artefact_and_a_rerun_resumes_from_it(
     # The export is a model folder that loads from the bucket.
     model, _, tokenizer = models.from_pretrained(f"{workdir}/lm/export")
     assert tokenizer is not None and model.config.vocab_size == tokenizer.vocab_size
-    # Nothing local named like the bucket: not in the repo (the working directory), not in
-    # the temporary folder.
-    for top in (runs.ROOT, str(temporary)):
-        assert _named_like_gcs(top, bucket) == []
 
     results = {name: paths.read_bytes(f"{workdir}/{name}") for name in RESULTS}
     second = _pipeline(workdir)
