@@ -5,7 +5,7 @@ such as `gs://bucket/run`. Readers and writers ask here instead of looking for "
 
     path = paths.resolve(workdir)            # epath.Path; local paths made absolute
     if paths.is_remote(path): ...            # gs://, memory://, ... (not file://)
-    paths.require_local(folder, "save_pretrained")   # a clear error for local-only code
+    paths.require_local(folder, "The corpus cache")  # a clear error for local-only code
     data = paths.read_bytes(path); paths.write_bytes(path, data)   # atomic locally
     head = paths.read_range(path, 0, 8)      # byte ranges: one request each on gs://
 
