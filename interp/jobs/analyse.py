@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from interp import analysis, records
+from interp import analysis, paths, records
 from interp import sae as saes
 from interp.data.documents import documents, pack_rows
 from interp.jobs import sae as sae_job
@@ -140,7 +140,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         "concept_dashboard": concept_page,
     }
     if jax.process_index() == 0:
-        (workdir / SEARCH_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        paths.write_text(workdir / SEARCH_FILE, json.dumps(results, indent=2, ensure_ascii=False))
     return results
 
 

@@ -174,30 +174,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     Args:
       config: See `configs/demo.py` for every field.
-      workdir: Local or gs:// directory for config, tokenizer, checkpoints, metrics; the
-        Hugging Face export goes to `<workdir>/export` (local workdirs only, for now).
+      workdir: Local or gs:// directory for config, tokenizer, checkpoints, metrics and the
+        Hugging Face export (`<workdir>/export`).
 
     Returns:
       Final figures: {'step', 'eval_loss', 'unigram_loss', 'export_dir', 'sample'}.
 
     Raises:
-      paths.RemotePathError: For a gs:// workdir, before any training (the export is local
-        only for now).
       workdir_lib.ConfigMismatchError: When resuming with a config that changes the maths.
       ValueError: For unknown `config.train` fields or too little text.
     """
     # Everything checkable is checked before the workdir saves the config: a typo fixed on
-    # the next run must not count as a changed config. And a finished training run must not
-    # end in an export that cannot happen.
+    # the next run must not count as a changed config.
     train_config = train_config_from(config.train)
     model_config_from(config, config.tokenizer.vocab_size)  # Unknown or bad model fields.
     mesh = parallel.mesh_from_config(config.mesh)
     rules = parallel.rules_from_config(config.get("rules") or None)
-    paths.require_local(
-        paths.resolve(workdir) / EXPORT_DIR,
-        "The LM job's export (save_pretrained)",
-        fix="Use a local workdir.",
-    )
     train_docs, heldout_docs = documents(config.data)
     if not (isinstance(train_docs, Sequence) or config.tokenizer.path or config.data.max_documents):
         raise ValueError(
