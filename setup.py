@@ -30,6 +30,7 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "etils[epath]>=1.7",
         "fsspec",
+        "pyarrow>=15",  # Parquet and Arrow (Hugging Face datasets) training text, streamed.
         "matplotlib",  # Influence heatmaps (PNG).
     ],
     extras_require={
@@ -54,6 +55,7 @@ setuptools.setup(
             # torch 2.13; the Makefile uninstalls it (kronfluence never imports it).
             "kronfluence==1.0.1",
             "scikit-learn",  # The TF-IDF reference for influence candidate filtering.
+            "datasets>=2.14",  # Writes the save_to_disk folders the data readers are tested on.
             "selenium",  # Drives Debian's chromium for the report pages (.ci/run installs it).
             "ruff",  # `make lint`; the version is pinned in requirements/constraints.txt.
         ],

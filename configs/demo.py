@@ -22,8 +22,17 @@ def get_config(arg=None):
     c.seed = 0
 
     c.data = dict(
-        text_path="",  # '' = the built-in Gutenberg corpus; else .txt/.jsonl, local or gs://.
-        heldout_fraction=0.05,  # Last 5% of each book is held out.
+        # '' = the built-in Gutenberg corpus; else a file, folder or glob of .txt/.jsonl (read
+        # whole) or .parquet/.arrow or a datasets save_to_disk folder (streamed), local or gs://.
+        text_path="",
+        # Last 5% of each book (of .txt/.jsonl documents) is held out; for streamed sources,
+        # each document with probability 5%, by a hash of its text (interp/data/documents.py).
+        heldout_fraction=0.05,
+        text_field="text",  # The JSON field / Parquet or Arrow column holding the text.
+        split="",  # A DatasetDict folder's split; '' = 'train'.
+        # Bos before each document: 'tokenizer' (as its post-processor does: Llama, Gemma
+        # yes; GPT-2 no), 'always' (error if it has none) or 'never'.
+        prepend_bos="tokenizer",
         seq_len=128,  # Tokens per packed training row.
         max_documents=0,  # 0 = all; a small number for quick runs.
     )

@@ -115,10 +115,30 @@ def _main(main, argv):
 
 
 def run(main) -> None:
-    """`absl.app.run(main)`, in a multi-process job when the flags or environment ask.
+    """`absl.app.run(preemptible(main))`, in a multi-process job when the flags or
+    environment ask.
 
     Then `jax.distributed` is joined before `main` runs, and the process ends with
-    `os._exit` once everything is flushed: 0 after every process finished `main`,
-    non-zero (with the traceback logged) when `main` failed here.
+    `os._exit` once everything is flushed: 0 after every process finished `main`, the
+    preemption exit code after a preemption, 1 (with the traceback logged) when `main`
+    failed here.
     """
-    app.run(functools.partial(_main, main))
+    app.run(functools.partial(_main, preemptible(main)))
+
+
+def preemptible(main):
+    """`main` for `app.run`, exiting with `Preempted.exit_code` (143 after SIGTERM, 130 after
+    Ctrl-C; see interp/preemption.py) when the job stopped on a preemption notice, after
+    its checkpoint was committed: a log line, not a traceback."""
+    from absl import logging
+
+    from interp import preemption
+
+    def run(argv):
+        try:
+            return main(argv)
+        except preemption.Preempted as stopped:
+            logging.warning("Exiting with %d: %s", stopped.exit_code, stopped)
+            return stopped.exit_code
+
+    return run

@@ -20,19 +20,46 @@ Neither leftover is reported by `latest_step()` / `all_steps()`, and
 `cleanup_tmp_directories=True` deletes them when the next `Checkpointer` opens the directory.
 Finished steps are never overwritten (saving an existing step is an error); only `max_to_keep`
 deletes them, oldest first, after a newer save has been committed.
+
+Integrity: orbax notices a truncated or missing file, but not changed bytes inside an array
+chunk (zstd frames carry no checksum, and zarr keeps none), which restore as wrong numbers. So
+each step also holds `<step>/checksums/`: per leaf, its dtype, shape and a 64-bit checksum of
+its bytes (`checksums`), computed on device when the step is saved, committed with it, and
+compared after every restore. The checksum is a sum of position-weighted words modulo 2^32,
+so it is the same whatever the sharding (a restore onto another mesh verifies) and any single
+changed bit changes it. `restore_newest_intact` restores the newest step that reads and
+verifies, and moves newer damaged steps aside (to `<step>.corrupt-<time>`) with a warning.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from interp import paths
 
 PyTree = Any
+STATE, CHECKSUMS = "default", "checksums"  # The items of a step (subfolders).
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A saved step cannot be read back, or reads back other bytes than were saved.
+
+    Attributes:
+      step: The step (None when no step of the directory could be restored).
+      directory: The checkpoint directory.
+    """
+
+    def __init__(self, message: str, step: int | None, directory: Any):
+        super().__init__(message)
+        self.step, self.directory = step, directory
 
 
 class Checkpointer:
@@ -88,8 +115,14 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=ocp.PyTreeCheckpointHandler()
+            self.directory,
+            options=options,
+            item_handlers={
+                STATE: ocp.PyTreeCheckpointHandler(),
+                CHECKSUMS: ocp.JsonCheckpointHandler(),
+            },
         )
+        self._save_interval_steps = save_interval_steps
         self._closed = False
 
     def save(self, step: int, state: PyTree, force: bool = False) -> bool:
@@ -109,8 +142,13 @@ class Checkpointer:
         self._check_open()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}.")
+        if not force and step % self._save_interval_steps:
+            return False  # Skipped: no checksums to compute.
+        args = ocp.args.Composite(
+            **{STATE: ocp.args.PyTreeSave(state), CHECKSUMS: ocp.args.JsonSave(checksums(state))}
+        )
         try:
-            return self._manager.save(step, args=ocp.args.PyTreeSave(state), force=force)
+            return self._manager.save(step, args=args, force=force)
         except ocp.checkpoint_manager.StepAlreadyExistsError as e:
             raise FileExistsError(
                 f"Step {step} is already saved in {self.directory}; checkpoints are never "
@@ -151,6 +189,9 @@ class Checkpointer:
 
         Raises:
           FileNotFoundError: If the directory holds no finished step, or not `step`.
+          CorruptCheckpointError: If the step's files cannot be read, or their arrays differ
+            from the checksums saved with them (steps saved without checksums restore with
+            a warning).
         """
         self._check_open()
         steps = self.all_steps()
@@ -166,11 +207,106 @@ class Checkpointer:
                 f"No checkpoint for step {step} in {self.directory}; finished steps: {steps}."
             )
         if target is None:
-            args = ocp.args.PyTreeRestore()
+            state_args = ocp.args.PyTreeRestore()
         else:
             restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-            args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
-        return self._manager.restore(step, args=args)
+            state_args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+        items = {STATE: state_args}
+        verified = (self.directory / str(step) / CHECKSUMS).exists()
+        if verified:
+            items[CHECKSUMS] = ocp.args.JsonRestore()
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files.
+            raise CorruptCheckpointError(
+                f"Step {step} in {self.directory} cannot be read ({type(e).__name__}: "
+                f"{_first_line(e)}).",
+                step,
+                self.directory,
+            ) from e
+        state = restored[STATE]
+        if not verified:
+            logging.warning(
+                "Step %d in %s has no checksums (saved by an older interp): restored without "
+                "verifying it.",
+                step,
+                self.directory,
+            )
+            return state
+        bad = _mismatches(restored[CHECKSUMS], checksums(state))
+        if bad:
+            raise CorruptCheckpointError(
+                f"Step {step} in {self.directory} reads back other bytes than were saved "
+                f"(checksum mismatch in {', '.join(bad[:5])}"
+                f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}): its files under "
+                f"{self.directory / str(step) / STATE} are damaged.",
+                step,
+                self.directory,
+            )
+        return state
+
+    def restore_newest_intact(self, target: PyTree | None = None) -> tuple[int | None, PyTree]:
+        """Restores the newest step that reads back intact, setting damaged newer ones aside.
+
+        Each step, newest first, is restored and verified (see `restore`). Steps newer than
+        the one restored that failed are moved to `<directory>/<step>.corrupt-<unix time>`
+        (kept to look at; never listed as steps), with a warning naming the step and what
+        failed, so the run goes on from the older step and saves the newer ones afresh.
+        Nothing is moved unless some step restores: a restore target that fits no step (a
+        changed state structure) is an error that touches nothing.
+
+        Args:
+          target: As for `restore`.
+
+        Returns:
+          (step, state), or (None, None) when the directory holds no finished step.
+
+        Raises:
+          CorruptCheckpointError: No step could be restored; the message lists each step's
+            failure.
+        """
+        failures: list[CorruptCheckpointError] = []
+        for step in reversed(self.all_steps()):
+            try:
+                state = self.restore(step, target)
+            except CorruptCheckpointError as e:
+                logging.warning("%s Trying the step before it.", e)
+                failures.append(e)
+                continue
+            for failure in failures:
+                self._set_aside(failure.step)
+            if failures:
+                logging.warning(
+                    "Restored step %d of %s; damaged steps %s were moved aside.",
+                    step,
+                    self.directory,
+                    [f.step for f in failures],
+                )
+            return step, state
+        if failures:
+            raise CorruptCheckpointError(
+                f"No step in {self.directory} could be restored: "
+                + "; ".join(str(f) for f in failures)
+                + " If the files are damaged, delete the directory to start over (or restore "
+                "it from a copy); if the saved state no longer fits (the code or config "
+                "changed its structure), use a new workdir.",
+                None,
+                self.directory,
+            )
+        return None, None
+
+    def _set_aside(self, step: int) -> None:
+        """Moves a damaged step to `<step>.corrupt-<time>` (process 0; all wait for it)."""
+        if jax.process_index() == 0:
+            source = self.directory / str(step)
+            destination = self.directory / f"{step}.corrupt-{int(time.time())}"
+            source.rename(destination)
+            logging.warning("Moved damaged step %s to %s.", source, destination)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until every save started so far is committed (and old steps deleted)."""
@@ -228,3 +364,108 @@ def abstract_like(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
     if shardings is None:
         return jax.tree.map(one, tree)
     return jax.tree.map(one, tree, shardings, is_leaf=lambda x: x is None)
+
+
+# ------------------------------------------------------------------------------- checksums
+
+_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77)  # Odd: every weight below is odd.
+
+
+def _words_jax(x: jax.Array) -> jax.Array:
+    """x's bits as uint32 words (one per element; two per element for 8-byte types)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size])
+    return bits.astype(jnp.uint32)
+
+
+def _words_numpy(x: np.ndarray) -> np.ndarray:
+    if x.dtype == np.bool_:
+        return x.astype(np.uint32)
+    size = x.dtype.itemsize
+    if size == 8:
+        return np.ascontiguousarray(x).view(np.uint32).reshape(*x.shape, 2)
+    bits = np.ascontiguousarray(x).view({1: np.uint8, 2: np.uint16, 4: np.uint32}[size])
+    return bits.astype(np.uint32)
+
+
+def _sums(xp, words, index):
+    """Two position-weighted sums mod 2^32 (order-free, so sharding-free)."""
+    out = []
+    for i, multiplier in enumerate(_MULTIPLIERS):
+        weights = (index * xp.uint32(multiplier) + xp.uint32(2 * i + 1)) | xp.uint32(1)
+        # The second sum sees each word rotated by 16 bits, so flips in the top bit of two
+        # words (which cancel in the first: 2 x 2^31 = 0 mod 2^32) still show.
+        mixed = words if i == 0 else (words << xp.uint32(16)) | (words >> xp.uint32(16))
+        out.append(xp.sum(mixed * weights, dtype=xp.uint32))
+    return out
+
+
+@jax.jit
+def _checksums_jax(arrays):
+    def one(x):
+        words = _words_jax(x)
+        index = jnp.zeros(words.shape, jnp.uint32)
+        stride = 1
+        for axis in reversed(range(words.ndim)):  # Flat position, without a reshape.
+            index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(
+                stride % 2**32
+            )
+            stride *= words.shape[axis]
+        return jnp.stack(_sums(jnp, words, index))
+
+    return jax.tree.map(one, arrays)
+
+
+def _checksum_numpy(x: np.ndarray) -> np.ndarray:
+    words = _words_numpy(x)
+    index = np.arange(words.size, dtype=np.uint64).astype(np.uint32).reshape(words.shape)
+    with np.errstate(over="ignore"):
+        return np.stack(_sums(np, words, index))
+
+
+def _host(value) -> np.ndarray:
+    """A computed checksum on the host (a replicated scalar pair in multi-process runs)."""
+    if getattr(value, "is_fully_addressable", True):
+        return np.asarray(value)
+    return np.asarray(value.addressable_data(0))
+
+
+def checksums(tree: PyTree) -> dict[str, str]:
+    """{leaf path: 'dtype[shape]:checksum'} for arrays, {leaf path: repr} for other leaves.
+
+    The checksum is 16 hex digits: two sums over the leaf's bytes read as uint32 words, each
+    word weighted by an odd function of its flat position, modulo 2^32. Exact integer sums,
+    so the value does not depend on how an array is sharded or where it is computed; jax
+    arrays are summed on their devices (one jitted call for the tree).
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    on_device = {
+        jax.tree_util.keystr(path): leaf for path, leaf in flat if isinstance(leaf, jax.Array)
+    }
+    computed = {k: _host(v) for k, v in _checksums_jax(on_device).items()}
+    out = {}
+    for path, leaf in flat:
+        key = jax.tree_util.keystr(path)
+        if key in computed:
+            sums = computed[key]
+        elif isinstance(leaf, np.ndarray):
+            sums = _checksum_numpy(leaf)
+        else:  # Python and NumPy scalars (orbax restores both as Python scalars), strings.
+            out[key] = repr(leaf.item() if isinstance(leaf, np.generic) else leaf)
+            continue
+        shape = ",".join(str(n) for n in np.shape(leaf))
+        out[key] = f"{np.dtype(leaf.dtype).name}[{shape}]:{int(sums[0]):08x}{int(sums[1]):08x}"
+    return out
+
+
+def _mismatches(saved: dict[str, str], restored: dict[str, str]) -> list[str]:
+    """Leaf paths whose restored checksum differs from the saved one (or is missing)."""
+    return [k for k in sorted(set(saved) | set(restored)) if saved.get(k) != restored.get(k)]
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]

@@ -221,3 +221,114 @@ def test_relative_local_directory_works(tmp_path, monkeypatch):
         restored = ckpt.restore(1, target=checkpoint.abstract_like(state))
     np.testing.assert_array_equal(restored["w"], state["w"])
     assert (tmp_path / "runs" / "relative" / "1").is_dir()
+
+
+# --- Integrity: damaged steps are detected, reported and skipped ---------------------------
+
+
+def _largest_data_file(step_dir: epath.Path) -> epath.Path:
+    """The biggest array-data file of a step (OCDBT keeps array chunks under .../d/)."""
+    files = [p for pattern in ("default/d/*", "default/*/d/*") for p in step_dir.glob(pattern)]
+    return max(files, key=lambda p: len(p.read_bytes()))
+
+
+def _flip_byte(path: epath.Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: epath.Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _big_state(seed):
+    # Big enough that the middle of its data file is array bytes, not an index.
+    rng = np.random.default_rng(seed)
+    return {"w": jnp.asarray(rng.normal(size=(128, 128)), jnp.float32), "n": seed}
+
+
+def test_checksums_see_one_flipped_bit_and_not_the_sharding():
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    sharded = jax.device_put(x, NamedSharding(jax.make_mesh((4, 2), ("a", "b")), P("a", "b")))
+    want = checkpoint.checksums({"x": x})  # NumPy, on the host.
+    assert checkpoint.checksums({"x": jnp.asarray(x)}) == want  # One device.
+    assert checkpoint.checksums({"x": sharded}) == want  # Eight shards.
+    for position, bit in ((0, 0), (77, 31), (127, 15)):
+        flipped = x.copy().view(np.uint32)
+        flipped.flat[position] ^= np.uint32(1 << bit)
+        assert checkpoint.checksums({"x": flipped.view(np.float32)}) != want
+    # Two top bits flipped (they cancel in a plain sum mod 2^32) and two words swapped.
+    both = x.copy().view(np.uint32)
+    both.flat[3] ^= np.uint32(1 << 31)
+    both.flat[9] ^= np.uint32(1 << 31)
+    assert checkpoint.checksums({"x": both.view(np.float32)}) != want
+    swapped = x.copy()
+    swapped.flat[[0, 1]] = swapped.flat[[1, 0]]
+    assert checkpoint.checksums({"x": swapped}) != want
+    for dtype in (jnp.bfloat16, jnp.int8, jnp.bool_, jnp.uint32):
+        y = np.asarray(x > 0).astype(dtype)
+        assert checkpoint.checksums({"y": y}) == checkpoint.checksums({"y": jnp.asarray(y)})
+
+
+@pytest.mark.parametrize("damage", [_flip_byte, _truncate], ids=["changed", "truncated"])
+def test_a_damaged_newest_step_is_reported_and_the_one_before_restored(tmp_path, damage, caplog):
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, _big_state(1))
+        ckpt.save(2, _big_state(2))
+    damage(_largest_data_file(epath.Path(tmp_path) / "2"))
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(checkpoint.CorruptCheckpointError, match="Step 2 in .*") as error:
+            ckpt.restore(2)
+        assert error.value.step == 2
+        if damage is _flip_byte:  # Orbax reads it without complaint; the checksum names it.
+            assert "checksum mismatch in ['w']" in str(error.value)
+        step, state = ckpt.restore_newest_intact()
+        assert step == 1
+        _assert_trees_equal(state, _big_state(1))
+        assert ckpt.all_steps() == [1]
+        ckpt.save(2, _big_state(2))  # The step number is free again.
+        ckpt.wait()
+        _assert_trees_equal(ckpt.restore(2), _big_state(2))
+    assert any("Step 2 in" in r.message and "Trying the step before" in r.message
+               for r in caplog.records)  # fmt: skip
+    aside = [name for name in os.listdir(tmp_path) if name.startswith("2.corrupt-")]
+    assert len(aside) == 1  # Kept to look at, never listed as a step.
+
+
+def test_when_no_step_is_intact_the_error_lists_them_and_moves_nothing(tmp_path):
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, _big_state(1))
+        ckpt.save(2, _big_state(2))
+    for step in ("1", "2"):
+        _flip_byte(_largest_data_file(epath.Path(tmp_path) / step))
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(checkpoint.CorruptCheckpointError) as error:
+            ckpt.restore_newest_intact()
+        assert ckpt.all_steps() == [1, 2]
+    message = str(error.value)
+    assert "No step in" in message and "Step 2 in" in message and "Step 1 in" in message
+    assert "delete the directory to start over" in message
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+
+
+def test_a_target_that_fits_no_step_moves_nothing(tmp_path):
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, _big_state(1))
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(checkpoint.CorruptCheckpointError, match="no longer fits"):
+            ckpt.restore_newest_intact(target={"other": jax.ShapeDtypeStruct((2,), jnp.int32)})
+    assert sorted(os.listdir(tmp_path)) == ["1"]
+
+
+def test_a_damaged_step_on_gcs_is_detected_and_set_aside(gcs_bucket):
+    directory = epath.Path(gcs_bucket) / "ckpt"
+    with checkpoint.Checkpointer(directory) as ckpt:
+        ckpt.save(1, _big_state(1))
+        ckpt.save(2, _big_state(2))
+    _flip_byte(_largest_data_file(directory / "2"))
+    with checkpoint.Checkpointer(directory) as ckpt:
+        step, state = ckpt.restore_newest_intact()
+        assert step == 1 and ckpt.all_steps() == [1]
+    _assert_trees_equal(state, _big_state(1))
+    assert [p.name for p in directory.iterdir() if p.name.startswith("2.corrupt-")]

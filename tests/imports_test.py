@@ -1,5 +1,5 @@
 """Imports run one way: experiments -> jobs -> (sae, influence, steering, analysis) -> data ->
-models; utilities (parallel, paths, safetensors_io, records) import no science room.
+models; utilities (parallel, paths, safetensors_io, records, launch) import no science room.
 
 Every `import` statement in `interp/` counts, including ones inside functions.
 """
@@ -24,7 +24,7 @@ LAYERS = {
     "jobs": 3,
 }
 # Device and file utilities any layer may use; they import no room above them.
-UTILITIES = {"parallel", "paths", "safetensors_io", "records"}
+UTILITIES = {"parallel", "paths", "safetensors_io", "records", "launch", "preemption"}
 # Rooms of one layer that must not import each other (checkpoint and metrics may be used by
 # the science rooms of their layer).
 SIBLINGS_APART = {("sae", "influence"), ("influence", "sae")}

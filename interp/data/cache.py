@@ -20,6 +20,12 @@ On-disk layout (`write_cache`), one directory or gs:// prefix:
 `is_complete`) never takes a cache that is being (or was partly) written for a finished one.
 A single object write is atomic on GCS, and tensorstore's file kvstore writes through a
 temporary file and a rename. One process writes a cache; any number read it.
+
+Integrity (version 2): every chunk is stored with a crc32c checksum (zarr3's `crc32c` codec),
+which tensorstore checks on every read, and a missing chunk is an error rather than zeros
+(`fill_missing_data_reads: false`). A changed, truncated or missing chunk file raises
+`CorruptCacheError` naming the site, the chunk, its rows and the fix, so an SAE never trains
+on damaged activations. Version-1 caches (no checksums) still read, with a warning.
 """
 
 from __future__ import annotations
@@ -44,7 +50,14 @@ from interp import paths
 from interp.data.activations import Batch, sum_squared_norms, unit_norm_scale
 
 FORMAT = "interp.activations"
-VERSION = 1
+VERSION = 2  # 2: chunks carry crc32c checksums.
+_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+
+
+class CorruptCacheError(RuntimeError):
+    """A chunk of an activation cache is damaged or missing (its checksum or size is wrong)."""
+
+
 METADATA = "metadata.json"
 ARRAYS = "arrays"
 
@@ -211,7 +224,7 @@ class _CacheWriter:
         """A new (or replacing) zarr array [capacity, D] of the site, chunked [R, D]."""
         d = self._dims[site]
         return ts.open(
-            _array_spec(path, site),
+            dict(_array_spec(path, site), metadata={"codecs": _CODECS}),
             create=True,
             delete_existing=True,
             dtype=ts.dtype(self._dtype.name),
@@ -347,6 +360,12 @@ class ActivationCache:
                 f"The activation cache at {path} is incomplete: it is being written, or its "
                 "writer stopped before finishing. Rewrite it with overwrite=True."
             )
+        if metadata.get("version", 1) < 2:
+            logging.warning(
+                "The activation cache at %s has no chunk checksums (written by an older "
+                "interp): damaged chunks would go unnoticed. Re-harvest it to get them.",
+                path,
+            )
         return cls(path, metadata)
 
     def __repr__(self) -> str:
@@ -387,11 +406,26 @@ class ActivationCache:
         return site
 
     def array(self, site: str) -> ts.TensorStore:
-        """The site's tensorstore array [num_rows, D] (opened once)."""
+        """The site's tensorstore array [num_rows, D] (opened once; a missing chunk reads
+        as an error, not as zeros)."""
         if site not in self._arrays:
-            spec = _array_spec(self.path, self._check(site))
+            spec = dict(_array_spec(self.path, self._check(site)), fill_missing_data_reads=False)
             self._arrays[site] = ts.open(spec, open=True, read=True).result()
         return self._arrays[site]
+
+    def _result(self, site: str, start: int, stop: int, future) -> np.ndarray:
+        """A read's result; a damaged chunk raises `CorruptCacheError` saying which and why."""
+        try:
+            return future.result()
+        except ValueError as e:
+            first, last = start // self.chunk_rows, (max(stop, start + 1) - 1) // self.chunk_rows
+            chunks = f"chunk {first}" if first == last else f"chunks {first}-{last}"
+            raise CorruptCacheError(
+                f"The activation cache at {self.path} is damaged: reading rows [{start}, "
+                f"{stop}) of {site!r} ({chunks}, {self.chunk_rows} rows each) failed: "
+                f"{str(e).splitlines()[0]}. Re-harvest it: delete the cache (the SAE job "
+                "then harvests it again), or write it anew with write_cache(overwrite=True)."
+            ) from e
 
     def read(
         self, site: str, start: int = 0, stop: int | None = None, columns: slice = slice(None)
@@ -400,7 +434,7 @@ class ActivationCache:
         stop = self.num_rows if stop is None else stop
         if not 0 <= start <= stop <= self.num_rows:
             raise IndexError(f"Rows [{start}, {stop}) outside [0, {self.num_rows}).")
-        return self.array(site)[start:stop, columns].read().result()
+        return self._result(site, start, stop, self.array(site)[start:stop, columns].read())
 
     # ----------------------------------------------------------- shuffled, resumable batches
 
@@ -550,10 +584,11 @@ class _WindowReader:
         data = {}
         for site in self._sites:
             array = self._cache.array(site)
-            futures = [
-                array[c * chunk : min((c + 1) * chunk, self._cache.num_rows)].read() for c in chunks
-            ]
-            data[site] = np.concatenate([future.result() for future in futures])
+            ranges = [(c * chunk, min((c + 1) * chunk, self._cache.num_rows)) for c in chunks]
+            futures = [array[lo:hi].read() for lo, hi in ranges]
+            data[site] = np.concatenate(
+                [self._cache._result(site, *r, f) for r, f in zip(ranges, futures, strict=True)]
+            )
         return data, np.searchsorted(chunks, rows // chunk) * chunk + rows % chunk
 
     def _window(self, epoch: int, w: int):

@@ -2,6 +2,8 @@
 
     documents = text.read_documents('gs://bucket/corpus/*.jsonl')   # or a local folder
     rows = text.pack(documents, tokenizer, seq_len=256)               # int32 [N, 256]
+    stream = text.iter_documents('gs://bucket/fineweb/*.parquet')     # lazily, any size
+    rows = text.pack(stream, tokenizer, seq_len=256, max_rows=4096)   # reads only what it needs
     batches = text.Batches(rows, batch_size=32, seed=0)
     batch = batches.get(step)                                         # int32 [32, 256]
 
@@ -10,21 +12,31 @@ at step k sees exactly the batches an uninterrupted run would have seen.
 """
 
 import glob
+import itertools
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import fsspec
 import numpy as np
 
 from interp import paths
+from interp.data import columnar
 
-# File kinds `read_documents` understands, optionally compressed (fsspec infers it).
+# File kinds `read_documents` understands: text files, optionally compressed (fsspec infers
+# it), and columnar files (compressed inside).
 _TEXT_SUFFIXES = (".txt",)
 _JSONL_SUFFIXES = (".jsonl",)
 _COMPRESSION_SUFFIXES = ("", ".gz", ".bz2", ".xz", ".zst")
+_COLUMNAR_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
+# Kinds read lazily whatever the consumer does: `documents.documents` streams these.
+COLUMNAR_KINDS = ("parquet", "arrow")
+FORMATS = (
+    ".txt, .jsonl (optionally .gz, .bz2, .xz, .zst), .parquet, .arrow, or a folder written by "
+    "Hugging Face datasets' save_to_disk"
+)
 
 
 class Encoder(Protocol):
@@ -55,51 +67,161 @@ def read_documents(
     txt_paragraphs: bool = False,
     text_field: str = "text",
     encoding: str = "utf-8",
+    split: str = "",
 ) -> list[str]:
-    """Reads documents from `.txt` and `.jsonl` files, local or on any fsspec filesystem.
+    """Reads all documents of `path` into a list: `list(iter_documents(...))`.
 
-    `path` may be one file, a folder (every `.txt`/`.jsonl` file below it, recursively), or a
-    glob (`gs://bucket/shard-*.jsonl`). Files are read in sorted path order, so the result is
-    deterministic. Compressed files (`.txt.gz`, `.jsonl.zst`, ...) are decompressed on the fly.
+    Args and Raises as for `iter_documents`.
+
+    Returns:
+        The documents, in file order then line/paragraph/row order.
+    """
+    return list(
+        iter_documents(
+            path,
+            txt_paragraphs=txt_paragraphs,
+            text_field=text_field,
+            encoding=encoding,
+            split=split,
+        )
+    )
+
+
+def iter_documents(
+    path: str | os.PathLike,
+    *,
+    txt_paragraphs: bool = False,
+    text_field: str = "text",
+    encoding: str = "utf-8",
+    split: str = "",
+) -> Iterator[str]:
+    """Yields documents from text and columnar files, local or on any fsspec filesystem.
+
+    `path` may be one file, a folder (every readable file below it, recursively), a glob
+    (`gs://bucket/shard-*.parquet`), or a folder written by Hugging Face datasets'
+    `save_to_disk`. Files are read in sorted path order (a `save_to_disk` folder in its own
+    shard order), so the result is deterministic. The files are found when this is called;
+    they are opened one after the other as the iterator is consumed, and an iterator that is
+    not consumed to the end never reads the rest.
 
     - `.txt`: by default the whole file is one document (its text unchanged): that suits a
       folder of articles or books, and keeps a long text's paragraphs in one stream. With
       `txt_paragraphs=True` every blank-line-separated paragraph is a document, whitespace
-      collapsed (`split_paragraphs`), as `interp.data.corpus` does.
+      collapsed (`split_paragraphs`), as `interp.data.corpus` does. Compressed files
+      (`.txt.gz`, `.jsonl.zst`, ...) are decompressed on the fly.
     - `.jsonl`: one JSON object per line; its `text_field` string is a document. Blank lines
       are skipped.
+    - `.parquet`: the `text_field` column, one row group at a time (`columnar.read_parquet`).
+    - `.arrow` and `save_to_disk` folders (Dataset, or DatasetDict with `split`): the
+      `text_field` column, one record batch at a time (`columnar.read_arrow`).
 
-    Empty documents are dropped.
+    Empty (all-whitespace) documents and null values are dropped.
 
     Args:
         path: A file, folder or glob; local, or a URL such as `gs://...` (via fsspec/gcsfs).
         txt_paragraphs: Split `.txt` files into paragraphs instead of one document per file.
-        text_field: The field of each JSON line that holds the text.
-        encoding: Text encoding of the files.
+        text_field: The JSON field / column that holds the text.
+        encoding: Text encoding of `.txt`/`.jsonl` files.
+        split: The split of a DatasetDict folder ('' = 'train'); '' for everything else.
 
-    Returns:
-        The documents, in file order then line/paragraph order.
+    Yields:
+        The documents, in file order then line/paragraph/row order.
 
     Raises:
         FileNotFoundError: Nothing matches `path`, or a folder or glob holds no readable file.
-        ValueError: A file has an unknown suffix, or a JSON line is not an object with a
-            string `text_field`.
+        ValueError: A file has an unknown suffix (the message lists the formats), a JSON line
+            is not an object with a string `text_field`, a columnar file has no string column
+            `text_field` (the message lists its columns), or `split` is not in the dataset.
+            Raised on the first `next()` for problems inside a file.
     """
-    documents = []
-    for url in _resolve(os.fspath(path)):
+    files = resolve(path, split=split)
+    return iter_files(
+        files, txt_paragraphs=txt_paragraphs, text_field=text_field, encoding=encoding
+    )
+
+
+def resolve(path: str | os.PathLike, *, split: str = "") -> list[tuple[str, str]]:
+    """The files that `path` names, with their kinds, in reading order.
+
+    Args:
+        path: As for `iter_documents`.
+        split: As for `iter_documents`.
+
+    Returns:
+        [(url, kind)], kind one of 'txt', 'jsonl', 'parquet', 'arrow'.
+
+    Raises:
+        FileNotFoundError: Nothing matches `path`, or a folder or glob holds no readable file.
+        ValueError: A matched file has an unknown suffix (the message lists the formats), or
+            `split` is set for something that is not a DatasetDict folder.
+    """
+    path = os.fspath(path)
+    if columnar.is_hf_dataset(path):
+        return [(url, "arrow") for url in columnar.hf_dataset_files(path, split)]
+    if split:
+        raise ValueError(
+            f"split={split!r} (config.data.split) selects a split of a DatasetDict folder, but "
+            f"{path} is not one; set it to ''."
+        )
+    files = []
+    for url in _resolve(path):
         kind = _kind(url)
         if kind is None:
-            raise ValueError(
-                f"Do not know how to read {url}: expected .txt or .jsonl (optionally .gz, "
-                f".bz2, .xz, .zst)."
-            )
-        with fsspec.open(url, "rt", encoding=encoding, compression="infer") as f:
-            if kind == "txt":
-                content = f.read()
-                documents.extend(split_paragraphs(content) if txt_paragraphs else [content])
-            else:
-                documents.extend(_read_jsonl(f, url, text_field))
-    return [document for document in documents if document.strip()]
+            raise ValueError(f"Do not know how to read {url}: expected {FORMATS}.")
+        files.append((url, kind))
+    return files
+
+
+def iter_files(
+    files: Iterable[tuple[str, str]],
+    *,
+    txt_paragraphs: bool = False,
+    text_field: str = "text",
+    encoding: str = "utf-8",
+) -> Iterator[str]:
+    """Yields the non-empty documents of `files` (from `resolve`), opening one at a time.
+
+    Args and Raises as for `iter_documents`.
+    """
+    for url, kind in files:
+        if kind == "parquet":
+            documents = columnar.read_parquet(url, text_field)
+        elif kind == "arrow":
+            documents = columnar.read_arrow(url, text_field)
+        else:
+            with fsspec.open(url, "rt", encoding=encoding, compression="infer") as f:
+                if kind == "txt":
+                    content = f.read()
+                    documents = split_paragraphs(content) if txt_paragraphs else [content]
+                else:
+                    documents = list(_read_jsonl(f, url, text_field))
+        yield from (document for document in documents if document.strip())
+
+
+class DocumentStream(Iterable[str]):
+    """Documents that are read afresh, lazily, each time they are iterated.
+
+    What `interp.data.documents.documents` returns for sources too large to hold in memory
+    (Parquet, Arrow, `datasets` folders): iterate it as often as needed (a tokenizer trained on
+    it, then packing), each pass reading only as far as it is consumed. A `list` of documents
+    is the in-memory counterpart; `isinstance(docs, Sequence)` tells them apart.
+    """
+
+    def __init__(self, make_iterator: Callable[[], Iterator[str]], description: str):
+        """Wraps a function that starts a new pass over the documents.
+
+        Args:
+            make_iterator: Returns a fresh iterator over the documents on each call.
+            description: What the documents are, for logs and errors.
+        """
+        self._make_iterator = make_iterator
+        self.description = description
+
+    def __iter__(self) -> Iterator[str]:
+        return self._make_iterator()
+
+    def __repr__(self) -> str:
+        return f"DocumentStream({self.description})"
 
 
 def pack(
@@ -108,6 +230,7 @@ def pack(
     seq_len: int,
     *,
     add_bos: bool | None = None,
+    max_rows: int | None = None,
 ) -> np.ndarray:
     """Tokenizes documents into one stream and cuts it into rows for LM training.
 
@@ -121,19 +244,32 @@ def pack(
     are tokenized as the tokenizer does (byte-level BPE from `interp.models.tokenizer` maps a
     literal '<|endoftext|>' to the special token, like Hugging Face).
 
+    Documents are taken from `documents` as they are needed and tokenized a few at a time, and
+    rows are cut as the stream grows, so memory holds the rows and one batch of documents; with
+    `max_rows`, documents after the ones that fill the first `max_rows` rows are never read
+    (the first `max_rows` rows of the whole result, bit for bit).
+
     Args:
-        documents: The texts.
+        documents: The texts; any iterable (a list, or a lazy `DocumentStream`).
         tokenizer: Has `encode_many(texts) -> list[list[int]]` and `eos_id` (not None), such
             as `interp.models.tokenizer.Tokenizer`.
         seq_len: Tokens per row, >= 1.
-        add_bos: None: the tokenizer's convention. True / False: passed to
-            `encode_many(texts, add_bos=...)` to force a bos at each document's start or none.
+        add_bos: None: the tokenizer's convention. True: a bos at each document's start
+            (the tokenizer must have a `bos_id`). False: no special token before a document.
+            Passed to `encode_many(texts, add_bos=...)`.
+        max_rows: Stop after this many rows (>= 0); None: all the documents.
 
     Returns:
-        int32 [N, seq_len], N = floor(stream length / seq_len); N may be 0.
+        int32 [N, seq_len], N = floor(stream length / seq_len), at most `max_rows`; N may be 0.
+
+    Raises:
+        ValueError: `seq_len` < 1, `max_rows` < 0, the tokenizer has no eos_id, or add_bos=True
+            and it has no bos_id.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
+    if max_rows is not None and max_rows < 0:
+        raise ValueError(f"max_rows must be >= 0 or None, got {max_rows}.")
     eos_id = tokenizer.eos_id
     if eos_id is None:
         raise ValueError(
@@ -141,19 +277,42 @@ def pack(
             "Load one with an eos token (tokenizer_config.json 'eos_token'), or pass "
             "eos_token= to Tokenizer.from_file / train_bpe."
         )
+    if add_bos and getattr(tokenizer, "bos_id", None) is None:
+        raise ValueError(
+            "A bos token was asked for at each document's start (add_bos=True, "
+            "config.data.prepend_bos='always'), but the tokenizer has no bos token. Use "
+            "prepend_bos='tokenizer' (its own convention) or 'never', or load the tokenizer "
+            "with bos_token= (tokenizer_config.json 'bos_token')."
+        )
     eos = np.asarray([eos_id], np.int32)
     options = {} if add_bos is None else {"add_bos": add_bos}
-    pieces, first, last = [], True, None  # `last`: the stream's last token so far.
-    for chunk in _chunks(documents, 1024):  # Batched so the Rust tokenizer can parallelise.
+    rows: list[np.ndarray] = []  # Blocks of finished rows, [n, seq_len] each.
+    num_rows = 0
+    pending: list[np.ndarray] = []  # Stream tokens not yet cut into rows.
+    num_pending = 0
+    first, last = True, None  # `last`: the stream's last token so far.
+    for chunk in _chunks(documents, _CHUNK_SIZES):  # Batched: the Rust tokenizer parallelises.
         for ids in tokenizer.encode_many(chunk, **options):
             if not first and last != eos_id and not (ids and ids[0] == eos_id):
-                pieces.append(eos)
+                pending.append(eos)
+                num_pending += 1
                 last = eos_id
-            pieces.append(np.asarray(ids, np.int32))
+            pending.append(np.asarray(ids, np.int32))
+            num_pending += len(ids)
             first, last = False, ids[-1] if ids else last
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-    num_rows = len(stream) // seq_len
-    return stream[: num_rows * seq_len].reshape(num_rows, seq_len)
+        if num_pending >= seq_len:
+            stream = np.concatenate(pending)
+            whole = len(stream) // seq_len
+            rows.append(stream[: whole * seq_len].reshape(whole, seq_len))
+            pending, num_pending, num_rows = (
+                [stream[whole * seq_len :]],
+                len(stream) % seq_len,
+                num_rows + whole,
+            )
+        if max_rows is not None and num_rows >= max_rows:
+            break
+    packed = np.concatenate(rows) if rows else np.zeros((0, seq_len), np.int32)
+    return packed if max_rows is None else packed[:max_rows]
 
 
 class Batches:
@@ -234,7 +393,7 @@ def _resolve(path: str) -> list[str]:
         what = f"No file matches the glob {path}"
     elif fs.isdir(root):
         found = [p for p in fs.find(root) if _kind(p) is not None]
-        what = f"The folder {path} holds no .txt or .jsonl file"
+        what = f"The folder {path} holds no readable file ({FORMATS})"
     elif fs.isfile(root):
         return [path]
     else:
@@ -245,7 +404,10 @@ def _resolve(path: str) -> list[str]:
 
 
 def _kind(path: str) -> str | None:
-    """'txt', 'jsonl' or None, from the suffix, ignoring a compression suffix."""
+    """'txt', 'jsonl', 'parquet', 'arrow' or None, from the suffix (text may be compressed)."""
+    for suffix, kind in _COLUMNAR_SUFFIXES.items():
+        if path.endswith(suffix):
+            return kind
     for compression in _COMPRESSION_SUFFIXES:
         for suffixes, kind in ((_TEXT_SUFFIXES, "txt"), (_JSONL_SUFFIXES, "jsonl")):
             if any(path.endswith(suffix + compression) for suffix in suffixes):
@@ -271,13 +433,16 @@ def _read_jsonl(lines: Iterable[str], url: str, text_field: str) -> Iterator[str
         yield value
 
 
-def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    """Consecutive lists of at most `size` items."""
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
+# Documents tokenized per `encode_many` call: few at first, so a pack that needs only a few
+# rows reads only a few documents past them; then 1024, for the tokenizer's parallelism.
+_CHUNK_SIZES = (8, 32, 128, 512, 1024)
+
+
+def _chunks(items: Iterable[str], sizes: Sequence[int]) -> Iterator[list[str]]:
+    """Consecutive lists of items, of sizes[0], sizes[1], ..., then sizes[-1] each."""
+    iterator = iter(items)
+    for index in itertools.count():
+        chunk = list(itertools.islice(iterator, sizes[min(index, len(sizes) - 1)]))
+        if not chunk:
+            return
         yield chunk

@@ -25,6 +25,7 @@ Legend: I layer inputs (+1 for a bias), O layer outputs, B batch, T positions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from interp import checkpoint, paths
+from interp import checkpoint, paths, preemption
 from interp.influence import gradients
 from interp.influence.gradients import TrackedModule
 from interp.models.fingerprint import fingerprint
@@ -165,6 +166,9 @@ def fit_factors(
         the rules); the sums are the same as on one device, up to float32 summation order.
       checkpoint_dir: Local or gs:// folder for the running sums: an interrupted fit given
         the same folder resumes where it stopped (the batches must come in the same order).
+        With it, SIGTERM/SIGINT stop the fit after the batch under way, once its sums are
+        saved (`preemption.Preempted`), and a damaged newest checkpoint falls back to the
+        one before it.
       checkpoint_every: Batches between checkpoints.
 
     Returns:
@@ -174,6 +178,7 @@ def fit_factors(
       ValueError: For an unknown strategy or module name, malformed batches (see
         `gradients.check_batch`), no data, or non-finite statistics.
       TypeError: If 'ekfac' gets a one-shot iterator.
+      preemption.Preempted: On SIGTERM/SIGINT with a `checkpoint_dir`, after saving.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
@@ -218,17 +223,18 @@ class Resume:
 def _accumulate(stage: str, batches, step, resume: Resume | None):
     """Sums `step(index, batch) -> ({name: {key: array}}, count)` over the batches.
 
-    With `resume`, restores the newest checkpoint of this stage, skips the batches it
+    With `resume`, restores the newest intact checkpoint of this stage, skips the batches it
     covered, and saves every `resume.every` batches and at the end; sums continue in the
-    same order, so a resumed fit equals an uninterrupted one bit for bit.
+    same order, so a resumed fit equals an uninterrupted one bit for bit. A preemption
+    notice (`interp.preemption`) saves the batches done so far and raises `Preempted`.
     """
     sums: dict[str, dict[str, jax.Array]] = {}
     count, start, ckpt = 0, 0, None
     if resume is not None:
-        ckpt = checkpoint.Checkpointer(paths.resolve(resume.directory) / stage, max_to_keep=1)
-        start = ckpt.latest_step() or 0
-        if start:
-            saved = ckpt.restore(start)
+        # Two kept: a damaged newest one falls back to the one before.
+        ckpt = checkpoint.Checkpointer(paths.resolve(resume.directory) / stage, max_to_keep=2)
+        if ckpt.latest_step():
+            start, saved = ckpt.restore_newest_intact()
             if saved["identity"] != dict(resume.identity):
                 ckpt.close()
                 raise ValueError(
@@ -239,26 +245,44 @@ def _accumulate(stage: str, batches, step, resume: Resume | None):
             sums, count = saved["sums"], int(saved["count"])
             logging.info("Resuming the %s pass after %d batches.", stage, start)
     done = start
+    # Only with checkpoints: without, a stop would lose the work it was meant to keep.
+    catcher = preemption.Preemption() if ckpt is not None else contextlib.nullcontext()
     try:
-        for index, batch in enumerate(batches):
-            if index < start:
-                continue
-            out, tokens = step(index, batch)
-            count = count + tokens
-            for name, values in out.items():
-                if name in sums:
-                    sums[name] = {k: sums[name][k] + v for k, v in values.items()}
-                else:
-                    sums[name] = dict(values)
-            done = index + 1
-            if ckpt is not None and done % resume.every == 0:
-                ckpt.save(done, _snapshot(sums, count, resume))
+        with catcher as preempt:
+            for index, batch in enumerate(batches):
+                if index < start:
+                    continue
+                out, tokens = step(index, batch)
+                count = count + tokens
+                for name, values in out.items():
+                    if name in sums:
+                        sums[name] = {k: sums[name][k] + v for k, v in values.items()}
+                    else:
+                        sums[name] = dict(values)
+                done = index + 1
+                if ckpt is not None and done % resume.every == 0:
+                    ckpt.save(done, _snapshot(sums, count, resume))
+                # The batch count is the checkpoint step, as orbax's saves report it to the
+                # multi-process sync point.
+                if preempt is not None and preempt.reached(done):
+                    if done not in ckpt.all_steps():
+                        ckpt.save(done, _snapshot(sums, count, resume))
+                    ckpt.wait()
+                    raise preempt.stop(done, _length(batches, done), f"The {stage} pass")
         if ckpt is not None and done != start and done not in ckpt.all_steps():
             ckpt.save(done, _snapshot(sums, count, resume))
     finally:
         if ckpt is not None:
             ckpt.close()
     return sums, int(count)
+
+
+def _length(batches, done: int) -> int:
+    """How many batches a pass has (`done` if they do not say)."""
+    try:
+        return len(batches)
+    except TypeError:
+        return done
 
 
 def _snapshot(sums, count, resume):

@@ -23,10 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from interp import analysis, parallel, records
+from interp import analysis, parallel, paths, records
 from interp import sae as saes
-from interp.data import text
-from interp.data.documents import documents
+from interp.data.documents import documents, pack_rows
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained
@@ -87,7 +86,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     sae, sae_params = saes.load(sae_path)
 
     _, heldout = documents(config.data)
-    rows = text.pack(heldout, tokenizer, config.data.seq_len)[: analysis_config.max_rows]
+    rows = pack_rows(config.data, heldout, tokenizer, analysis_config.max_rows)
+    rows = rows[: analysis_config.max_rows]
     size = analysis_config.batch_size
     batches = [rows[i : i + size] for i in range(0, len(rows), size)]
     exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer)
@@ -141,7 +141,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         "concept_dashboard": concept_page,
     }
     search_json = json.dumps(results, indent=2, ensure_ascii=False)
-    parallel.on_main_process((workdir / SEARCH_FILE).write_text, search_json)
+    parallel.on_main_process(paths.write_text, workdir / SEARCH_FILE, search_json)
     return results
 
 

@@ -27,8 +27,7 @@ from absl import logging
 
 from interp import influence, parallel, records
 from interp import sae as saes  # Jobs join rooms; interp.influence never imports sae.
-from interp.data import text
-from interp.data.documents import documents
+from interp.data.documents import documents, pack_rows
 from interp.influence import io as influence_io
 from interp.influence import report as report_lib
 from interp.jobs import sae as sae_job
@@ -154,7 +153,7 @@ def _setup(config, workdir: str, need_queries: bool):
     if tokenizer is None:
         raise FileNotFoundError(f"{model_path} has no tokenizer.json; the influence job needs it.")
     train_docs, _ = documents(config.data)
-    rows = text.pack(train_docs, tokenizer, config.data.seq_len)
+    rows = pack_rows(config.data, train_docs, tokenizer, max(inf.fit_rows, inf.search_rows))
     fit = rows[_rows(rows, inf.fit_rows, config.seed)]
     search_index = _rows(rows, inf.search_rows, config.seed + 1)
     searched = rows[search_index]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -25,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from interp import metrics, parallel, paths, records
 from interp.data import text
-from interp.data.documents import documents
+from interp.data.documents import documents, pack_rows
 from interp.jobs import loop
 from interp.jobs import workdir as workdir_lib
 from interp.models import generate, save_pretrained
@@ -179,41 +180,41 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     Args:
       config: See `configs/demo.py` for every field.
-      workdir: Local or gs:// directory for config, tokenizer, checkpoints, metrics; the
-        Hugging Face export goes to `<workdir>/export` (local workdirs only, for now).
+      workdir: Local or gs:// directory for config, tokenizer, checkpoints, metrics and the
+        Hugging Face export (`<workdir>/export`).
 
     Returns:
       Final figures: {'step', 'eval_loss', 'unigram_loss', 'export_dir', 'sample'}.
 
     Raises:
-      paths.RemotePathError: For a gs:// workdir, before any training (the export is local
-        only for now).
       workdir_lib.ConfigMismatchError: When resuming with a config that changes the maths.
       ValueError: For unknown `config.train` fields or too little text.
     """
     # Everything checkable is checked before the workdir saves the config: a typo fixed on
-    # the next run must not count as a changed config. And a finished training run must not
-    # end in an export that cannot happen.
+    # the next run must not count as a changed config.
     train_config = train_config_from(config.train)
     model_config_from(config, config.tokenizer.vocab_size)  # Unknown or bad model fields.
     mesh = parallel.mesh_from_config(config.mesh)
     rules = parallel.rules_from_config(config.get("rules") or None)
-    paths.require_local(
-        paths.resolve(workdir) / EXPORT_DIR,
-        "The LM job's export (save_pretrained)",
-        fix="Use a local workdir.",
-    )
+    train_docs, heldout_docs = documents(config.data)
+    if not (isinstance(train_docs, Sequence) or config.tokenizer.path or config.data.max_documents):
+        raise ValueError(
+            f"Training a BPE tokenizer on {train_docs.description} would read all of it. Set "
+            "config.tokenizer.path to a tokenizer folder, or config.data.max_documents to "
+            "train it on that many documents."
+        )
     # The LM stage's workdir checks only the LM's settings, not later pipeline stages'.
     stage_config = workdir_lib.subconfig(config, drop=("sae", "analysis", "steering"))
     workdir = workdir_lib.prepare_workdir(
         workdir_lib.pin_schedule(stage_config, "train", train_config.schedule_length), workdir
     )
-    train_docs, heldout_docs = documents(config.data)
     tok = _tokenizer(config, workdir, train_docs)
     start = time.time()
-    train_tokens = text.pack(train_docs, tok, config.data.seq_len)
-    eval_tokens = text.pack(heldout_docs, tok, config.data.seq_len)
     batch_size = train_config.batch_size
+    # A streamed source gives one pass of the schedule's batches and the evaluated rows.
+    needed = train_config.schedule_length * batch_size
+    train_tokens = pack_rows(config.data, train_docs, tok, needed)
+    eval_tokens = pack_rows(config.data, heldout_docs, tok, config.eval_batches * batch_size)
     if len(train_tokens) < batch_size or len(eval_tokens) < batch_size:
         raise ValueError(
             f"Too little text: {len(train_tokens)} training and {len(eval_tokens)} held-out "

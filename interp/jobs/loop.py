@@ -21,7 +21,12 @@ What the loop does, so no job writes it again:
   uninterrupted one would;
 - every `log_every` steps (and the last): metrics to `metrics.jsonl` / TensorBoard and a
   progress line with tokens/s and ETA; every `eval_every` steps (and the last): `evaluate`;
-  every `checkpoint_every` steps (and the last): an atomic orbax checkpoint.
+  every `checkpoint_every` steps (and the last): an atomic orbax checkpoint;
+- preemption: on SIGTERM (or Ctrl-C) the step under way finishes, is saved, the save is
+  committed, and `train` raises `preemption.Preempted` ("preempted at step N of M; rerun the
+  same command to resume"); in a multi-process job every process stops at the same step
+  (`interp.preemption`). A damaged newest checkpoint is reported and the one before it is
+  restored (`checkpoint.Checkpointer.restore_newest_intact`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import jax
 from absl import logging
 from etils import epath
 
-from interp import checkpoint, metrics
+from interp import checkpoint, metrics, preemption
 
 State = Any
 CHECKPOINT_DIR = "checkpoints"
@@ -148,13 +153,12 @@ def train(
     Raises:
       ValueError: If the newest checkpoint is past `config.steps` (a lowered `steps` would
         otherwise hand back the later state as if it were the step asked for).
+      preemption.Preempted: On SIGTERM/SIGINT, once the step reached is saved and committed.
+      checkpoint.CorruptCheckpointError: If no checkpoint in the workdir can be restored.
     """
     ckpt = checkpoint.Checkpointer(
         epath.Path(workdir) / CHECKPOINT_DIR, max_to_keep=config.keep_checkpoints
     )
-    flatten = task.flatten or _flatten_default
-    summary: dict[str, float] = {}
-    evaluated = False
     try:
         start = ckpt.latest_step() or 0
         if start > config.steps:
@@ -164,36 +168,52 @@ def train(
                 "go on from it, or use a new workdir to stop earlier."
             )
         if start:
-            state = ckpt.restore(start, target=task.abstract)
+            # The newest step that reads back intact (a damaged one is reported, set aside).
+            start, state = ckpt.restore_newest_intact(target=task.abstract)
             logging.info("Resumed %s from step %d of %d.", name, start, config.steps)
         else:
             state = task.init()
         progress = metrics.Progress(config.steps, tokens_per_step, start_step=start)
-        step = start
-        for step in range(start + 1, config.steps + 1):
-            state, out = task.step(state, task.batch(step - 1))
-            last = step == config.steps
-            if step % config.log_every == 0 or last:
-                scalars = flatten(out)
-                if writer is not None:
-                    writer.write(step, scalars)
-                shown = {k: v for k, v in scalars.items() if task.shown is None or task.shown(k)}
-                progress.update(step, **shown)
-            # Saved before evaluating: an evaluation that fails loses no training.
-            if step % config.checkpoint_every == 0 or last:
-                ckpt.save(step, state)
-            if evaluate is not None and (
-                last or (config.eval_every and step % config.eval_every == 0)
-            ):
-                summary, evaluated = dict(evaluate(state)), True
-                if writer is not None:
-                    writer.write(step, summary)
-                logging.info("%s step %d: %s", name, step, _format(summary))
+        with preemption.Preemption() as preempt:
+            state, summary, evaluated = _steps(
+                task, ckpt, config, state, start, progress, preempt, writer, evaluate, name
+            )
         if evaluate is not None and not evaluated:  # Resumed at the end: nothing ran.
             summary = dict(evaluate(state))
     finally:
         ckpt.close()
     return state, summary
+
+
+def _steps(task, ckpt, config, state, start, progress, preempt, writer, evaluate, name):
+    """Steps start + 1 .. config.steps; returns (state, last evaluation, whether one ran)."""
+    flatten = task.flatten or _flatten_default
+    summary: dict[str, float] = {}
+    evaluated = False
+    for step in range(start + 1, config.steps + 1):
+        state, out = task.step(state, task.batch(step - 1))
+        last = step == config.steps
+        if step % config.log_every == 0 or last:
+            scalars = flatten(out)
+            if writer is not None:
+                writer.write(step, scalars)
+            shown = {k: v for k, v in scalars.items() if task.shown is None or task.shown(k)}
+            progress.update(step, **shown)
+        # Saved before evaluating: an evaluation that fails loses no training.
+        if step % config.checkpoint_every == 0 or last:
+            ckpt.save(step, state)
+        if evaluate is not None and (last or (config.eval_every and step % config.eval_every == 0)):
+            summary, evaluated = dict(evaluate(state)), True
+            if writer is not None:
+                writer.write(step, summary)
+            logging.info("%s step %d: %s", name, step, _format(summary))
+        # Every step, on every process (the multi-process sync point counts calls).
+        if preempt.reached(step):
+            if step not in ckpt.all_steps():
+                ckpt.save(step, state)
+            ckpt.wait()  # Committed before anyone is told to rerun.
+            raise preempt.stop(step, config.steps, name)
+    return state, summary, evaluated
 
 
 def _format(values: Mapping[str, float]) -> str:

@@ -27,9 +27,9 @@ import numpy as np
 from absl import logging
 
 from interp import metrics, parallel, paths
-from interp.data import activations, text
+from interp.data import activations
 from interp.data import cache as cache_lib
-from interp.data.documents import documents
+from interp.data.documents import documents, pack_rows
 from interp.jobs import loop
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained
@@ -205,12 +205,11 @@ def _cache(
         elif not missing and cache.num_rows >= sae_config.harvest_rows:
             logging.info("Reusing %d cached activation rows at %s.", cache.num_rows, path)
             return cache
-    tokens = text.pack(train_docs, tokenizer, config.data.seq_len)
     rows_per_batch = sae_config.harvest_batch_size * (config.data.seq_len - 1)
     batches_needed = math.ceil(sae_config.harvest_rows / rows_per_batch)
-    order = np.random.default_rng(config.seed).permutation(len(tokens))[
-        : batches_needed * sae_config.harvest_batch_size
-    ]
+    needed = batches_needed * sae_config.harvest_batch_size
+    tokens = pack_rows(config.data, train_docs, tokenizer, needed)
+    order = np.random.default_rng(config.seed).permutation(len(tokens))[:needed]
     logging.info("Harvesting %d rows at %s.", sae_config.harvest_rows, list(sae_config.sites))
     stream = activations.harvest(
         model,
@@ -340,7 +339,8 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
             name="SAE training",
         )
 
-        eval_tokens = text.pack(heldout_docs, tokenizer, config.data.seq_len)
+        eval_needed = sae_config.eval_batches * sae_config.eval_batch_size
+        eval_tokens = pack_rows(config.data, heldout_docs, tokenizer, eval_needed)
         eval_batches = list(_token_batches(eval_tokens, sae_config.eval_batch_size))
         results = {}
         for name, sae_cfg, site, sae_state in zip(

@@ -18,6 +18,7 @@ of its maximum activation, side by side with the unsteered completion.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from typing import Any
 
@@ -25,10 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from interp import parallel, records, steering
+from interp import parallel, paths, records, steering
 from interp import sae as saes
-from interp.data import text
-from interp.data.documents import documents
+from interp.data.documents import documents, pack_rows
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained, hooks, sites
@@ -104,12 +104,15 @@ def run(config, workdir: str) -> dict[str, Any]:
     head_index = sae.config.hook_head_index
 
     _, heldout = documents(config.data)
-    rows = text.pack(heldout, tokenizer, config.data.seq_len)[: steer_config.max_rows]
+    rows = pack_rows(config.data, heldout, tokenizer, steer_config.max_rows)
+    rows = rows[: steer_config.max_rows]
     size = steer_config.batch_size
     batches = [rows[i : i + size] for i in range(0, len(rows), size)]
     exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer)
     maxima = steering.max_activations(model, params, sae, sae_params, batches, **exclusions)
-    parallel.on_main_process(np.save, workdir / "max_activations.npy", maxima)
+    buffer = io.BytesIO()
+    np.save(buffer, maxima)
+    parallel.on_main_process(paths.write_bytes, workdir / "max_activations.npy", buffer.getvalue())
 
     feature = steer_config.feature
     if feature < 0:
@@ -141,7 +144,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         "completions": completions,
     }
     written = json.dumps(results, indent=2, ensure_ascii=False)
-    parallel.on_main_process((workdir / RESULTS_FILE).write_text, written)
+    parallel.on_main_process(paths.write_text, workdir / RESULTS_FILE, written)
     return results
 
 

@@ -43,6 +43,16 @@ RESUMABLE_FIELDS = (
     "keep_checkpoints",
 )
 
+# Fields added to the job configs after workdirs had saved theirs, each with the value that
+# computes what runs without it computed: a saved config lacking one reads as having that
+# value, so adding a backward-compatible field does not make every older workdir unresumable.
+# (A field added with another meaning is a real difference; leave it out of here.)
+ADDED_FIELDS = {
+    "data.text_field": "text",  # Streamed columnar sources (issue 12); .txt/.jsonl unchanged.
+    "data.split": "",
+    "data.prepend_bos": "tokenizer",  # What `pack` did before the setting existed.
+}
+
 _ABSENT = "<absent>"
 # to_json_best_effort writes unserializable objects as their repr, which may hold an address.
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -101,9 +111,13 @@ def config_differences(
     """(field, saved value, current value) for every differing leaf, by dotted name.
 
     Both configs are compared as JSON would hold them: tuples equal lists, `1` equals `1.0`.
-    A field present on one side only has the value '<absent>' on the other.
+    A field present on one side only has the value '<absent>' on the other, except fields of
+    `ADDED_FIELDS` missing from `saved`, which read as their backward-compatible value.
     """
     saved_flat, current_flat = _flatten(saved), _flatten(current)
+    for field, value in ADDED_FIELDS.items():
+        if field in current_flat and field not in saved_flat:
+            saved_flat[field] = value
     differences = []
     for field in sorted(saved_flat.keys() | current_flat.keys()):
         old = saved_flat.get(field, _ABSENT)

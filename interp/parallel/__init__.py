@@ -29,6 +29,10 @@ divide it (6 kv heads over model=4, a batch of 6 over data=4) is relaxed for tha
 mesh axes are dropped from the end of the rule until the rest divides, down to replication,
 and a warning is logged once. Nothing fails, the layout is just less split than asked.
 
+Pod slices: `SLICES` / `get_slice('v5litepod-16')` describe common TPU slices and GPU nodes
+(chips, hosts, memory, runtime version); `abstract_mesh(config.mesh, slice.devices)` and
+`relaxations(...)` check a config's mesh and shardings against one on any machine.
+
 Multi-host: call `initialize_distributed` first thing; build the mesh from all (global)
 devices; feed every process the same global batch (or see `jax.make_array_from_process_local_data`
 for per-process shards); read results with `process_allgather`, which needs `tiled=True` for
@@ -48,9 +52,12 @@ from interp.parallel.mesh import (
     DEFAULT_RULES,
     MESH_AXES,
     Rules,
+    abstract_mesh,
     logical_to_sharding,
     make_mesh,
     mesh_from_config,
+    mesh_shape,
+    relaxations,
     rules_from_config,
 )
 from interp.parallel.placement import (
@@ -62,24 +69,31 @@ from interp.parallel.placement import (
     shard_batch,
     shard_params,
 )
+from interp.parallel.slices import SLICES, Slice, get_slice
 
 __all__ = [
     "DEFAULT_RULES",
     "DistributedInitError",
     "MESH_AXES",
     "Rules",
+    "SLICES",
+    "Slice",
+    "abstract_mesh",
     "abstract_params",
     "batch_sharding",
+    "get_slice",
     "init_sharded",
     "initialize_distributed",
     "is_main_process",
     "logical_to_sharding",
     "make_mesh",
     "mesh_from_config",
+    "mesh_shape",
     "on_main_process",
     "optimizer_state_shardings",
     "param_shardings",
     "process_allgather",
+    "relaxations",
     "rules_from_config",
     "shard_batch",
     "shard_params",

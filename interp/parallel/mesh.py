@@ -68,7 +68,24 @@ def make_mesh(
       ValueError: naming the sizes and the device count when they do not fit.
     """
     devices = list(jax.devices() if devices is None else devices)
-    count = len(devices)
+    shape = mesh_shape(len(devices), data=data, model=model, fsdp=fsdp)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def mesh_shape(count: int, data: int = -1, model: int = 1, fsdp: int = 1) -> tuple[int, ...]:
+    """The (data, fsdp, model) sizes `make_mesh` gives on `count` devices, without devices.
+
+    Args:
+      count: Number of (global) devices, e.g. a TPU slice's chip count.
+      data, model, fsdp: As for `make_mesh`; one of them may be -1.
+
+    Returns:
+      The sizes in `MESH_AXES` order, their product `count`.
+
+    Raises:
+      ValueError: naming the sizes and the device count when they do not fit.
+    """
     sizes = {"data": data, "fsdp": fsdp, "model": model}
     for name, size in sizes.items():
         if not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
@@ -90,9 +107,25 @@ def make_mesh(
             f"Mesh data={data} * fsdp={fsdp} * model={model} = {fixed} devices, but "
             f"{count} devices are available; make the product {count} or set one axis to -1."
         )
-    shape = tuple(int(sizes[name]) for name in MESH_AXES)
+    return tuple(int(sizes[name]) for name in MESH_AXES)
+
+
+def abstract_mesh(config: Mapping[str, Any] | None, count: int) -> jax.sharding.AbstractMesh:
+    """The mesh `mesh_from_config(config)` would build on `count` devices, with no devices.
+
+    What a pod slice's mesh will be, checked on any machine: shardings over it (`NamedSharding`
+    accepts an `AbstractMesh`) give each array's per-device shard shape (`shard_shape`), and
+    `relaxations` says which dims would not divide. Nothing can run on it.
+
+    Raises:
+      ValueError: For unknown fields or sizes that do not fit `count` (as `mesh_from_config`).
+    """
+    values = dict(config or {})
+    unknown = sorted(set(values) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"Unknown mesh field(s) {unknown}; valid fields are {MESH_AXES}.")
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    return jax.sharding.AbstractMesh(mesh_shape(count, **values), MESH_AXES, axis_types=auto)
 
 
 def mesh_from_config(config: Mapping[str, Any] | None) -> Mesh:
@@ -224,6 +257,29 @@ def logical_to_sharding(
     Returns:
       A tree of `NamedSharding` with the structure of `logical_specs`.
     """
+    out, notes = _resolve(logical_specs, mesh, rules, shapes)
+    _warn_relaxed(notes)
+    return out
+
+
+def relaxations(logical_specs: Any, mesh, rules: Rules, shapes: Any) -> dict[str, list[str]]:
+    """Which dims of `shapes` do not divide over the mesh axes their rules give them.
+
+    What `logical_to_sharding` would relax (and warn about), as data: for checking a config
+    against a pod slice's mesh (an `abstract_mesh` works here) before running it there.
+
+    Args:
+      logical_specs, mesh, rules, shapes: As for `logical_to_sharding` (`shapes` required).
+
+    Returns:
+      {array path: ['dim 0 (size 6) over nothing instead of ('model',) (sizes [4])', ...]}
+      for every array sharded less than its rules ask; {} when everything divides.
+    """
+    return _resolve(logical_specs, mesh, rules, shapes)[1]
+
+
+def _resolve(logical_specs, mesh, rules, shapes):
+    """(tree of `NamedSharding`, {path: relaxation notes}) for `logical_to_sharding`."""
     rules = _check_rules(rules, mesh)
     notes: dict[str, list[str]] = {}
 
@@ -238,5 +294,4 @@ def logical_to_sharding(
 
     trees = (logical_specs,) if shapes is None else (logical_specs, shapes)
     out = jax.tree_util.tree_map_with_path(one, *trees, is_leaf=_is_logical_leaf)
-    _warn_relaxed(notes)
-    return out
+    return out, notes

@@ -1,6 +1,7 @@
 """The on-disk activation cache: local and gs:// round trips, atomicity, shuffled reads."""
 
 import itertools
+import pathlib
 
 import jax
 import ml_dtypes
@@ -189,3 +190,29 @@ def test_read_sharded(row_id_cache, monkeypatch, mesh_shape, spec):
     for shard in array.addressable_shards:
         rows = np.asarray(shard.data)[:, 0]
         np.testing.assert_array_equal(rows, np.arange(8, 56)[shard.index[0]])
+
+
+def _chunk_file(cache_path, site: str, chunk: int) -> pathlib.Path:
+    return pathlib.Path(cache_path) / cache_lib.ARRAYS / site / "c" / str(chunk) / "0"
+
+
+@pytest.mark.parametrize("damage", ["changed", "truncated", "missing"])
+def test_a_damaged_chunk_is_an_error_naming_it_never_data(tmp_path, damage):
+    path = tmp_path / "cache"
+    cache_lib.write_cache(path, _synthetic_stream(), chunk_rows=16)  # 91 rows: 6 chunks.
+    chunk = _chunk_file(path, "site_1", 2)
+    data = chunk.read_bytes()
+    if damage == "changed":
+        chunk.write_bytes(data[:40] + bytes([data[40] ^ 0x01]) + data[41:])
+    elif damage == "truncated":
+        chunk.write_bytes(data[: len(data) // 2])
+    else:
+        chunk.unlink()
+    cache = cache_lib.ActivationCache.open(path)
+    assert cache.read("site_1", 0, 32).shape == (32, 6)  # Chunks 0-1 are intact.
+    expected = r"reading rows \[32, 48\) of 'site_1' \(chunk 2, 16 rows each\) failed.*Re-harvest"
+    with pytest.raises(cache_lib.CorruptCacheError, match=expected):
+        cache.read("site_1", 32, 48)
+    with pytest.raises(cache_lib.CorruptCacheError, match="of 'site_1' \\(chunk 2"):
+        for _ in cache.batches(["site_0", "site_1"], batch_size=8, num_steps=12):
+            pass  # An epoch of shuffled batches reads every chunk.

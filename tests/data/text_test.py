@@ -83,7 +83,7 @@ def test_read_documents_errors(corpus_dir):
         text.read_documents(corpus_dir / "missing")
     with pytest.raises(FileNotFoundError, match="No file matches"):
         text.read_documents(str(corpus_dir / "*.parquet"))
-    with pytest.raises(ValueError, match="expected .txt or .jsonl"):
+    with pytest.raises(ValueError, match=r"expected .txt, .jsonl .*\.parquet, \.arrow"):
         text.read_documents(corpus_dir / "notes.md")
     (corpus_dir / "bad.jsonl").write_text('{"text": "ok"}\n{"content": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2 has no string field 'text'"):
@@ -92,7 +92,7 @@ def test_read_documents_errors(corpus_dir):
     with pytest.raises(ValueError, match=r"bad.jsonl:1 is not valid JSON"):
         text.read_documents(corpus_dir / "bad.jsonl")
     (corpus_dir / "nothing").mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no .txt or .jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"holds no readable file \(\.txt, \.jsonl"):
         text.read_documents(corpus_dir / "nothing")
 
 
@@ -274,3 +274,24 @@ def test_pack_follows_the_tokenizers_conventions(template, bos, eos, pattern):
     # An explicit add_bos overrides the tokenizer: no bos at all.
     bare = text.pack(documents, tok, seq_len=1, add_bos=False)[:, 0].tolist()
     assert tok.bos_id not in bare or tok.bos_id == tok.eos_id
+
+
+def test_pack_max_rows_is_a_prefix_and_reads_only_what_it_needs():
+    documents = [chr(ord("a") + i % 26) * (1 + i % 7) for i in range(2000)]
+    whole = text.pack(documents, CharTokenizer(), seq_len=5)
+    consumed = []
+
+    def stream():
+        for document in documents:
+            consumed.append(document)
+            yield document
+
+    first = text.pack(stream(), CharTokenizer(), seq_len=5, max_rows=10)
+    np.testing.assert_array_equal(first, whole[:10])
+    # 10 rows of 5 tokens are about 13 documents of 4 tokens with their eos; the tokenizer
+    # gets documents a few at a time (8, then 32), so at most 40 are read, not 2000.
+    assert len(consumed) <= 40
+    assert text.pack(documents, CharTokenizer(), 5, max_rows=10**6).shape == whole.shape
+    assert text.pack(documents, CharTokenizer(), 5, max_rows=0).shape == (0, 5)
+    with pytest.raises(ValueError, match="max_rows"):
+        text.pack(documents, CharTokenizer(), 5, max_rows=-1)

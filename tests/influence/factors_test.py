@@ -1,10 +1,13 @@
 """EK-FAC factors against explicit computations on a tiny model (no transposed Kronecker)."""
 
+import os
+import signal
+
 import jax
 import numpy as np
 import pytest
 
-from interp import influence
+from interp import checkpoint, influence, preemption
 from interp.influence import factors as factors_lib
 from interp.influence import gradients
 from tests.influence import testing
@@ -192,6 +195,41 @@ def test_a_fit_resumed_in_parts_equals_one_fit(setup, tmp_path, fail_after, monk
     other = dict(options, seed=4)
     with pytest.raises(ValueError, match="partial fit of something else"):
         influence.fit_factors(model, params, batches, checkpoint_dir=tmp_path, **other)
+
+
+class _Signalling:
+    """Batches that send this process SIGTERM as batch `at` (counting both passes) is read."""
+
+    def __init__(self, batches, at):
+        self.batches, self.at, self.read = batches, at, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            if self.read == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)  # Handled: the fit stops after it.
+            self.read += 1
+            yield batch
+
+
+@pytest.mark.parametrize("at", [1, 4])  # In the covariance pass; in the correction.
+def test_sigterm_saves_the_batches_done_and_a_rerun_equals_one_fit(setup, tmp_path, at):
+    model, params, batch, _ = setup
+    batches = testing.split(batch, 4)  # 3 batches a pass.
+    options = dict(modules=MODULES, sample_labels=True, seed=3, checkpoint_dir=tmp_path,
+                   checkpoint_every=10)  # fmt: skip  # No periodic save: the stop's own.
+    whole = influence.fit_factors(model, params, batches, **{**options, "checkpoint_dir": None})
+    with pytest.raises(preemption.Preempted) as stopped:
+        influence.fit_factors(model, params, _Signalling(batches, at), **options)
+    stage, done = ("covariance", 2) if at == 1 else ("correction", 2)
+    assert (stopped.value.step, stopped.value.total, stopped.value.exit_code) == (done, 3, 143)
+    assert str(stopped.value).startswith(f"The {stage} pass preempted (SIGTERM) at step 2 of 3")
+    assert checkpoint.Checkpointer(tmp_path / stage).all_steps() == [done]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Handler restored.
+    resumed = influence.fit_factors(model, params, batches, **options)
+    _assert_same_factors(resumed, whole)
 
 
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal", "identity"])

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from configs import demo
-from interp import models, parallel, paths
+from interp import models, parallel
 from interp.jobs import lm as train
 from interp.jobs import workdir as workdir_lib
 from tests import runs
@@ -116,11 +116,6 @@ def test_a_bad_model_field_is_refused_before_the_workdir_saves_the_config(tmp_pa
     with pytest.raises(ValueError, match="num_layer"):
         train.run(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "config.json")  # The fixed config is a fresh start.
-
-
-def test_a_remote_workdir_is_refused_before_training(tmp_path):
-    with pytest.raises(paths.RemotePathError, match="gs://bucket/run"):
-        train.run(_tiny(), "gs://bucket/run")
 
 
 def test_train_state_is_sharded_by_construction():

@@ -67,6 +67,23 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path):
     )
 
 
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before_to_the_same_end(tmp_path):
+    data, mesh = _data(), parallel.make_mesh(data=2, model=4)
+    straight, _ = loop.train(_sae_task(mesh, data), tmp_path / "a", LOOP)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(_sae_task(mesh, data, fail_at=4), tmp_path / "b", LOOP)
+    # Step 4's array-data files lose their second halves (a copy cut short).
+    step_dir = tmp_path / "b" / "checkpoints" / "4"
+    for path in [*step_dir.glob("default/d/*"), *step_dir.glob("default/*/d/*")]:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    resumed, _ = loop.train(_sae_task(mesh, data), tmp_path / "b", LOOP)  # From step 2.
+    assert checkpoint.Checkpointer(tmp_path / "b" / "checkpoints").all_steps() == [4, 6]
+    assert [p.name.split(".")[0] for p in (tmp_path / "b" / "checkpoints").glob("*.corrupt-*")]
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), straight, resumed
+    )
+
+
 def test_resuming_on_another_mesh_gives_the_same_state_in_the_new_layout(tmp_path):
     data = _data()
     wide, narrow = parallel.make_mesh(data=2, model=4), parallel.make_mesh(data=8, model=1)

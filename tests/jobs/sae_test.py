@@ -36,10 +36,13 @@ def _config():
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
+    """The pipeline's first two stages, each from its own command line (the later stages run
+    in the shared `tiny_pipeline` fixture): (pipeline workdir, the SAE stage's process)."""
     workdir = str(tmp_path_factory.mktemp("pipeline"))
-    result = runs.run_main(
-        "experiments.pipeline", "configs/demo.py:tiny=True", workdir, *runs.flags(**LONGER)
-    )
+    flags = runs.flags(**LONGER)
+    config = "configs/demo.py:tiny=True"
+    runs.run_main("experiments.train_lm", config, os.path.join(workdir, "lm"), *flags)
+    result = runs.run_main("experiments.train_sae", config, os.path.join(workdir, "sae"), *flags)
     return workdir, result
 
 
