@@ -204,9 +204,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "train it on that many documents."
         )
     # The LM stage's workdir checks only the LM's settings, not later pipeline stages'.
-    stage_config = workdir_lib.subconfig(config, drop=("sae", "analysis", "steering"))
+    stage_config = workdir_lib.subconfig(config, drop=("sae", "influence", "analysis", "steering"))
     workdir = workdir_lib.prepare_workdir(
-        workdir_lib.pin_schedule(stage_config, "train", train_config.schedule_length), workdir
+        workdir_lib.pin_schedule(stage_config, "train", train_config.schedule_length),
+        workdir,
+        retired_fields=("influence",),  # Saved by LM workdirs before 2026-11-30.
     )
     tok = _tokenizer(config, workdir, train_docs)
     start = time.time()

@@ -134,6 +134,7 @@ def prepare_workdir(
     *,
     overwrite_config: bool = False,
     resumable_fields: Iterable[str] = RESUMABLE_FIELDS,
+    retired_fields: Iterable[str] = (),
 ) -> epath.Path:
     """Creates `workdir` and saves `config` there as `config.json`, checking it on resume.
 
@@ -154,6 +155,9 @@ def prepare_workdir(
         differences). Only for when you know the checkpoints still fit the new config.
       resumable_fields: Fields allowed to differ on resume: a dotted name (`train.steps`),
         a last part (`log_every`) or a subtree (`mesh`).
+      retired_fields: Fields (named as `resumable_fields`) that earlier versions of the job
+        saved but it no longer depends on: saved, and absent from `config`, they are not a
+        difference (the saved file keeps them until something else changes).
 
     Returns:
       The workdir as an `epath.Path`.
@@ -165,13 +169,18 @@ def prepare_workdir(
     workdir = paths.resolve(workdir)  # Local paths absolute: orbax refuses relative ones.
     text = config_to_json(config)
     parallel.on_main_process(
-        _check_and_save_config, workdir, text, overwrite_config, tuple(resumable_fields)
-    )
+        _check_and_save_config, workdir, text, overwrite_config, tuple(resumable_fields),
+        tuple(retired_fields),
+    )  # fmt: skip
     return workdir
 
 
 def _check_and_save_config(
-    workdir: epath.Path, text: str, overwrite_config: bool, resumable_fields: tuple[str, ...]
+    workdir: epath.Path,
+    text: str,
+    overwrite_config: bool,
+    resumable_fields: tuple[str, ...],
+    retired_fields: tuple[str, ...],
 ) -> None:
     """`prepare_workdir`'s work, on one process."""
     path = workdir / CONFIG_FILE
@@ -180,7 +189,11 @@ def _check_and_save_config(
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); move it away to start.") from e
-        differences = config_differences(saved, json.loads(text))
+        differences = [
+            (field, old, new)
+            for field, old, new in config_differences(saved, json.loads(text))
+            if not (new == _ABSENT and _is_resumable(field, retired_fields))
+        ]
         blocking = [d for d in differences if not _is_resumable(d[0], resumable_fields)]
         listing = "\n".join(
             f"  {field}: saved {old!r}, now {new!r}"

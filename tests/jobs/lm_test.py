@@ -168,6 +168,21 @@ def test_resuming_with_a_different_model_is_refused(tiny_run, tmp_path):
         train.run(_tiny(**{"model.d_model": 48}), copy)
 
 
+def test_later_stages_settings_do_not_block_resuming_the_lm(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    path = os.path.join(copy, "config.json")
+    saved = json.loads(open(path).read())
+    assert "influence" not in saved and "sae" not in saved  # The LM stage's settings only.
+    # LM workdirs saved before 2026-11-30 also held the influence section.
+    saved["influence"] = json.loads(workdir_lib.config_to_json(_tiny().influence))
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    changed = _tiny(**{"influence.top": 9, "sae.num_latents": 128})
+    assert train.run(changed, copy)["step"] == 6  # Resumed at the end, not refused.
+
+
 def test_unigram_baseline_is_the_smoothed_unigram_cross_entropy():
     train_tokens = np.array([[0, 0, 1, 2]])
     eval_tokens = np.array([[9, 0, 1]])  # The first token is never predicted.

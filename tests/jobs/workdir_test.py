@@ -130,6 +130,16 @@ def test_fields_added_later_read_as_their_backward_compatible_value(tmp_path):
         workdir_lib.prepare_workdir(_config(data=dict(data, prepend_bos="always")), tmp_path)
 
 
+def test_retired_fields_saved_by_earlier_versions_are_no_difference(tmp_path):
+    workdir_lib.prepare_workdir(_config(old=dict(a=1)), tmp_path)
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="old.a: saved 1, now '<absent>'"):
+        workdir_lib.prepare_workdir(_config(), tmp_path)
+    workdir_lib.prepare_workdir(_config(), tmp_path, retired_fields=("old",))
+    # Only absent ones: a retired field the config still has is checked as any other.
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="old.a: saved 1, now 2"):
+        workdir_lib.prepare_workdir(_config(old=dict(a=2)), tmp_path, retired_fields=("old",))
+
+
 def test_overwrite_config(tmp_path):
     workdir_lib.prepare_workdir(_config(), tmp_path)
     workdir_lib.prepare_workdir(_config(seed=7), tmp_path, overwrite_config=True)
