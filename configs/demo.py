@@ -174,10 +174,11 @@ def get_config(arg=None):
         sae="",  # '' = the pipeline's first TopK SAE; or an SAE folder.
         # Austen-style: nothing about the sea, so a whale feature has nothing to ride on.
         prompt="Elizabeth walked into the drawing room, and Mr. Darcy said that",
-        # -1 = the feature most active on `concept` (relative to its max); the pipeline sets
-        # the one its analysis stage found by feature search.
+        # -1 = the feature most active on `concept` in `context` (relative to its max), as
+        # the analysis stage searches; the pipeline sets the one that stage found.
         feature=-1,
         concept=" whale",
+        context="The whale rose from the sea, and the whale spouted.",
         strengths=(0.0, 2.0, 5.0, 10.0),  # Clamp values, x the feature's max activation.
         max_new_tokens=20,
         max_rows=256,  # Held-out rows the maxima are taken over.

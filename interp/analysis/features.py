@@ -443,9 +443,9 @@ def search_features(
       k: How many features to return.
       site, head_index: As for `feature_stats`.
       relative_to: Rank by activation / the feature's max over a dataset (its
-        `FeatureStats`), favouring features this text drives near their peak, as
-        Neuronpedia's activation-density-aware search does; features that never fired in
-        that dataset are left out.
+        `FeatureStats`, or the [X] maxima themselves), favouring features this text drives
+        near their peak, as Neuronpedia's activation-density-aware search does; features
+        that never fired in that dataset are left out.
       attention_mask: Optional [T] (or [1, T]), 1 for real tokens (a padded row).
       bos_id, skip_first, exclude_ids: Positions left out, as in `feature_stats`.
 
@@ -479,8 +479,12 @@ def search_features(
     best = per_token.max(1) if length else np.zeros(per_token.shape[0])
     scores = best.copy()
     if relative_to is not None:
+        maxima = relative_to.max if isinstance(relative_to, FeatureStats) else relative_to
+        maxima = np.asarray(maxima, np.float64)
+        if maxima.shape != best.shape:
+            raise ValueError(f"relative_to has {maxima.shape} maxima for {best.shape[0]} features.")
         with np.errstate(invalid="ignore", divide="ignore"):
-            scores = np.where(relative_to.max > 0, best / relative_to.max, 0.0)
+            scores = np.where(maxima > 0, best / maxima, 0.0)
     scores = np.nan_to_num(scores, nan=0.0)
     order = np.argsort(-scores, kind="stable")[:k]
     order = order[scores[order] > 0]

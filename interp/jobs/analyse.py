@@ -66,6 +66,39 @@ def concept_positions(ids: list[int], concept: list[int]) -> list[int]:
     return sorted({i + j for i in starts for j in range(n)})
 
 
+def search_concept(
+    model, params, sae, sae_params, tokenizer, concept: str, context: str, *, k: int,
+    relative_to, where: str,
+) -> analysis.SearchResult:  # fmt: skip
+    """The features most active on `concept`'s tokens inside the sentence `context` (read as
+    the model reads text, with the checkpoint's BOS), relative to their maxima.
+
+    Args:
+      relative_to: `FeatureStats` or [X] maxima over held-out rows (features that never fired
+        there are left out).
+      where: The config section named in errors ('config.analysis').
+
+    Raises:
+      ValueError: when `context` does not hold `concept` as the tokenizer splits it, or no
+        feature that fired on the held-out rows fires on the concept.
+    """
+    ids = tokenizer.encode(context, add_eos=False)
+    positions = concept_positions(ids, tokenizer.encode(concept, add_bos=False, add_eos=False))
+    if not positions:
+        raise ValueError(
+            f"{where}.context {context!r} does not hold the concept {concept!r} as the "
+            "tokenizer splits it; write one that does."
+        )
+    found = analysis.search_features(model, params, sae, sae_params, np.asarray(ids),
+                                     positions=positions, k=k, relative_to=relative_to)  # fmt: skip
+    if not len(found.features):
+        raise ValueError(
+            f"No SAE feature that fires on the held-out rows fires on {concept!r} in {context!r}; "
+            f"set another {where}.concept."
+        )
+    return found
+
+
 def run(config, workdir: str) -> dict[str, Any]:
     """Runs the analysis job; returns {'sae', 'hook', 'concept', 'feature' (the best found),
     'search': [{'feature', 'score', 'activation', 'max_activation'}, ...], 'dashboard',
@@ -95,23 +128,9 @@ def run(config, workdir: str) -> dict[str, Any]:
                                tokenizer=tokenizer, **exclusions)  # fmt: skip
     stats = written["stats"]
 
-    # The concept's tokens inside its context sentence, as the model reads text.
-    ids = tokenizer.encode(analysis_config.context, add_eos=False)
-    positions = concept_positions(ids, tokenizer.encode(analysis_config.concept, add_bos=False,
-                                                        add_eos=False))  # fmt: skip
-    if not positions:
-        raise ValueError(
-            f"config.analysis.context {analysis_config.context!r} does not hold the concept "
-            f"{analysis_config.concept!r} as the tokenizer splits it; write one that does."
-        )
-    found = analysis.search_features(model, params, sae, sae_params, np.asarray(ids),
-                                     positions=positions, k=analysis_config.top,
-                                     relative_to=stats)  # fmt: skip
-    if not len(found.features):
-        raise ValueError(
-            f"No SAE feature that fires on the held-out rows fires on {analysis_config.concept!r}; "
-            "set another config.analysis.concept."
-        )
+    found = search_concept(model, params, sae, sae_params, tokenizer, analysis_config.concept,
+                           analysis_config.context, k=analysis_config.top, relative_to=stats,
+                           where="config.analysis")  # fmt: skip
     search = [
         {
             "feature": int(f),

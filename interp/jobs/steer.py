@@ -8,8 +8,9 @@ of its maximum activation, side by side with the unsteered completion.
 2. each feature's maximum activation over `max_rows` held-out rows of `config.data`, with
    the positions `config.sae.exclude` leaves out of SAE training left out here too
    (`interp.steering.max_activations`; saved as `<workdir>/max_activations.npy`);
-3. the feature: `feature`, or (-1) the one most active on `concept`'s tokens relative to its
-   maximum;
+3. the feature: `feature`, or (-1) the one most active on `concept`'s tokens inside the
+   sentence `context`, relative to its maximum (the analysis job's search,
+   `interp.jobs.analyse.search_concept`);
 4. greedy completions of `prompt` with the feature clamped to strength x maximum at every
    position, for each strength (the error term kept), one compiled program for all of them;
 5. `<workdir>/steering.json` with the completions.
@@ -29,9 +30,10 @@ from absl import logging
 from interp import parallel, paths, records, steering
 from interp import sae as saes
 from interp.data.documents import documents, pack_rows
+from interp.jobs import analyse as analyse_job
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
-from interp.models import from_pretrained, hooks, sites
+from interp.models import from_pretrained, hooks
 from interp.models.generate import generate
 
 RESULTS_FILE = "steering.json"
@@ -45,8 +47,9 @@ class SteeringConfig:
       model_path: Hugging Face folder; '' = the pipeline's LM (`<workdir>/../lm/export`).
       sae: SAE folder; '' = the pipeline's first TopK SAE (`<workdir>/../sae/saes/*-topk-*`).
       prompt: The text continued.
-      feature: The latent steered; -1 = the one most active on `concept`.
+      feature: The latent steered; -1 = the one most active on `concept` in `context`.
       concept: Text whose tokens pick the feature when `feature` is -1.
+      context: A sentence holding `concept`, where its tokens are read in context.
       strengths: Clamp values as multiples of the feature's maximum activation.
       max_new_tokens: Tokens generated per completion.
       max_rows: Held-out rows the maxima are taken over.
@@ -58,26 +61,11 @@ class SteeringConfig:
     prompt: str = "Alice was beginning to"
     feature: int = -1
     concept: str = " whale"
+    context: str = "The whale rose from the sea, and the whale spouted."
     strengths: tuple = (0.0, 2.0, 5.0, 10.0)
     max_new_tokens: int = 20
     max_rows: int = 256
     batch_size: int = 16
-
-
-def _concept_feature(model, params, sae, sae_params, hook, head_index, ids, maxima) -> int:
-    """The latent with the largest mean code on `ids` relative to its maximum, among those
-    that fired on the data the maxima came from (a multiple of a zero maximum is zero)."""
-    _, values = hooks.run_with_hooks(model, params, jnp.asarray([ids]), capture=[hook])
-    rows = sites.to_rows(hook, values[hook], head_index)[0]  # [T, D]
-    codes = np.asarray(sae.apply({"params": sae_params}, rows, method="encode"))  # [T, X]
-    mean = codes.mean(0)
-    fired = maxima > 0
-    if not np.any(fired & (mean > 0)):
-        raise ValueError(
-            "No SAE feature that fires on the held-out rows fires on the concept; set "
-            "config.steering.feature, or another concept."
-        )
-    return int(np.argmax(np.where(fired, mean / np.where(fired, maxima, 1.0), -np.inf)))
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -101,7 +89,6 @@ def run(config, workdir: str) -> dict[str, Any]:
     if not sae.config.hook_name:
         raise ValueError("The SAE names no hook site (hook_name); steering needs it.")
     (hook,) = hooks.resolve(model, [sae.config.hook_name])
-    head_index = sae.config.hook_head_index
 
     _, heldout = documents(config.data)
     rows = pack_rows(config.data, heldout, tokenizer, steer_config.max_rows)
@@ -116,8 +103,11 @@ def run(config, workdir: str) -> dict[str, Any]:
 
     feature = steer_config.feature
     if feature < 0:
-        ids = tokenizer.encode(steer_config.concept, add_bos=False, add_eos=False)
-        feature = _concept_feature(model, params, sae, sae_params, hook, head_index, ids, maxima)
+        found = analyse_job.search_concept(
+            model, params, sae, sae_params, tokenizer, steer_config.concept,
+            steer_config.context, k=1, relative_to=maxima, where="config.steering",
+        )  # fmt: skip
+        feature = int(found.features[0])
     prompt_ids = tokenizer.encode(steer_config.prompt, add_eos=False)
     prompt = jnp.asarray([prompt_ids], jnp.int32)
     length = steer_config.max_new_tokens

@@ -47,9 +47,27 @@ def test_the_lm_stage_config_leaves_out_the_later_stages(tiny_pipeline):
     workdir, _ = tiny_pipeline
     with open(os.path.join(workdir, "lm", "config.json")) as f:
         saved = json.load(f)
-    assert "analysis" not in saved and "steering" not in saved and "sae" not in saved
+    assert not {"sae", "influence", "analysis", "steering"} & set(saved)
     with open(os.path.join(workdir, "analysis", "config.json")) as f:
         assert "steering" not in json.load(f)
+
+
+def test_steering_alone_finds_the_feature_the_analysis_stage_found(tiny_pipeline, tmp_path):
+    # feature = -1 outside the pipeline: the same in-context search, over the same maxima.
+    workdir, _ = tiny_pipeline
+    with open(os.path.join(workdir, "analysis", job.SEARCH_FILE)) as f:
+        searched = json.load(f)
+    config = demo.get_config("tiny=True")
+    config.steering.model_path = os.path.join(workdir, "lm", "export")
+    config.steering.sae = searched["sae"]
+    config.steering.strengths = (1.0,)
+    assert config.steering.feature == -1
+    assert (config.steering.concept, config.steering.context) == (
+        config.analysis.concept, config.analysis.context)  # fmt: skip
+    assert steer.run(config, str(tmp_path / "steer"))["feature"] == searched["feature"]
+    config.steering.context = "Nothing about it here."
+    with pytest.raises(ValueError, match="config.steering.context .* does not hold the concept"):
+        steer.run(config, str(tmp_path / "bad"))
 
 
 def test_bad_analysis_configs_are_clear_errors(tiny_pipeline, tmp_path):
