@@ -42,6 +42,7 @@ RESUMABLE_FIELDS = (
     "eval_every",
     "checkpoint_every",
     "keep_checkpoints",
+    "harvest_commit_seconds",  # How often a harvest commits its progress, not what it writes.
 )
 
 _ABSENT = "<absent>"
