@@ -245,3 +245,25 @@ def test_per_head_and_all_heads_saes_train_on_attn_z(pipeline_run, tmp_path):
     config.sae.saes = ({"architecture": "topk", "k": 4, "hook_head_index": heads},)
     with pytest.raises(ValueError, match=f"hook_head_index {heads} outside 0..{heads - 1}"):
         job.run(config, str(tmp_path / "bad"))
+
+
+def test_a_cache_whose_text_ran_out_is_reused_not_harvested_again(pipeline_run, tmp_path):
+    from interp.data.documents import documents
+    from interp.models.fingerprint import fingerprint
+
+    workdir, _ = pipeline_run
+    config = _config()
+    config.sae.model_path = os.path.join(workdir, "lm", "export")
+    config.sae.cache_path = str(tmp_path / "activations")
+    config.sae.harvest_rows = 10**6  # More than the tiny corpus holds.
+    model, params, tokenizer = models.from_pretrained(config.sae.model_path)
+    train_docs, _ = documents(config.data)
+    arguments = (config, tmp_path, config.sae.model_path, model, params, tokenizer, train_docs,
+                 fingerprint(model.config, params), job.exclusions(config.sae, tokenizer))  # fmt: skip
+    cache = job._cache(*arguments)
+    assert cache.num_rows < config.sae.harvest_rows
+    metadata = os.path.join(config.sae.cache_path, "metadata.json")
+    before = os.path.getmtime(metadata)
+    # The same request would end at the same place: the rerun reuses the cache.
+    assert job._cache(*arguments).num_rows == cache.num_rows
+    assert os.path.getmtime(metadata) == before
