@@ -237,9 +237,12 @@ def _cache(
             "model_fingerprint": model_hash,
             "exclusions": _json_exclusions(excluded),
             # What decides the rows, so a stopped harvest is continued only by the same one.
-            "rows_from": {"seed": config.seed, "data": config.data.to_dict(),
-                          "batch_size": batch_size},
-        },  # fmt: skip
+            "rows_from": {
+                "seed": config.seed,
+                "data": config.data.to_dict(),
+                "batch_size": batch_size,
+            },
+        },
         overwrite=True,
         resume=True,
         commit_seconds=sae_config.harvest_commit_seconds,

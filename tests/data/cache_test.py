@@ -145,9 +145,8 @@ def _objects(path) -> dict[str, bytes]:
     return {key.decode(): store.read(key).result().value for key in store.list().result()}
 
 
-@pytest.mark.parametrize(
-    "where,num_rows", [("local", None), ("local", 70), ("gs", 70)]  # Grows; trims.
-)
+# Arrays that grow (length unknown) or are trimmed (the stream is longer), locally and on gs://.
+@pytest.mark.parametrize("where,num_rows", [("local", None), ("local", 70), ("gs", 70)])
 def test_a_stopped_write_continues_to_the_files_of_one_write(tmp_path, where, num_rows, request):
     base = str(tmp_path)
     if where == "gs":
