@@ -3,8 +3,6 @@ r"""Fits (or resumes fitting) EK-FAC influence factors on a model's training row
 python -m experiments.fit_factors --config=configs/demo.py --workdir=workdir/demo/influence
 """
 
-from absl import app
-
 from experiments import common
 from interp.jobs import influence
 from interp.jobs import workdir as workdir_lib
@@ -21,4 +19,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(common.preemptible(main))
+    common.run(main)

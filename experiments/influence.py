@@ -4,8 +4,6 @@ then find the rows that most influence each query, by layer and token, and write
     python -m experiments.influence --config=configs/demo.py --workdir=workdir/demo/influence
 """
 
-from absl import app
-
 from experiments import common
 from interp.jobs import influence
 from interp.jobs import workdir as workdir_lib
@@ -19,4 +17,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(common.preemptible(main))
+    common.run(main)

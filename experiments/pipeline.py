@@ -11,8 +11,6 @@ TopK SAE, and a feature search for `config.analysis.concept`, interp/jobs/analys
 `config.steering.prompt`, experiments/steer.py). Re-running resumes.
 """
 
-from absl import app
-
 from experiments import common
 from interp.jobs import analyse, influence, lm, sae, steer
 from interp.jobs import workdir as workdir_lib
@@ -46,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(common.preemptible(main))
+    common.run(main)

@@ -4,8 +4,6 @@ multiples of its maximum activation, side by side with the unsteered one.
     python -m experiments.steer --config=configs/demo.py --workdir=workdir/demo/steering
 """
 
-from absl import app
-
 from experiments import common
 from interp.jobs import steer
 from interp.jobs import workdir as workdir_lib
@@ -19,4 +17,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(common.preemptible(main))
+    common.run(main)

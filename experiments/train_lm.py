@@ -3,8 +3,6 @@ r"""Trains a language model (by default the embedded demo model) and exports it.
 python -m experiments.train_lm --config=configs/demo.py --workdir=workdir/demo/lm
 """
 
-from absl import app
-
 from experiments import common
 from interp.jobs import lm
 from interp.jobs import workdir as workdir_lib
@@ -22,4 +20,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(common.preemptible(main))
+    common.run(main)

@@ -4,8 +4,6 @@ r"""Trains sparse autoencoders on a model's activations, evaluates and exports t
         --config.sae.model_path=workdir/demo/lm/export
 """
 
-from absl import app
-
 from experiments import common
 from interp.jobs import sae
 from interp.jobs import workdir as workdir_lib
@@ -19,4 +17,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(common.preemptible(main))
+    common.run(main)

@@ -5,8 +5,9 @@ such as `gs://bucket/run`. Readers and writers ask here instead of looking for "
 
     path = paths.resolve(workdir)            # epath.Path; local paths made absolute
     if paths.is_remote(path): ...            # gs://, memory://, ... (not file://)
-    paths.require_local(folder, "save_pretrained")   # a clear error for local-only code
+    paths.require_local(folder, "The corpus cache")  # a clear error for local-only code
     data = paths.read_bytes(path); paths.write_bytes(path, data)   # atomic locally
+    head = paths.read_range(path, 0, 8)      # byte ranges: one request each on gs://
 
 Local paths are made absolute because orbax and tensorstore refuse or misread relative ones,
 and every library downstream should see the same directory whatever its working directory.
@@ -19,6 +20,7 @@ import re
 import urllib.parse
 import uuid
 
+import fsspec
 from etils import epath
 
 PathLike = str | os.PathLike
@@ -126,6 +128,45 @@ def kvstore(path: PathLike, what: str = "Arrays") -> dict:
 def read_bytes(path: PathLike) -> bytes:
     """The whole content of a local or remote file."""
     return resolve(path).read_bytes()
+
+
+def size(path: PathLike) -> int:
+    """The size of a local or remote file in bytes.
+
+    Raises:
+      FileNotFoundError: If there is no file at `path`.
+    """
+    path = resolve(path)
+    if not is_remote(path):
+        return os.path.getsize(path)
+    filesystem, name = fsspec.core.url_to_fs(os.fspath(path))
+    if not filesystem.isfile(name):
+        raise FileNotFoundError(f"No file at {path}.")
+    return int(filesystem.size(name))
+
+
+def read_range(path: PathLike, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of a local or remote file (fewer if the file ends before `stop`).
+
+    On gs:// this is one ranged GET, so a large object can be read piece by piece without
+    ever holding all of it.
+
+    Raises:
+      FileNotFoundError: If there is no file at `path`.
+      ValueError: If `start` > `stop` or either is negative.
+    """
+    if not 0 <= start <= stop:
+        raise ValueError(f"Byte range [{start}, {stop}) of {path} is not a range.")
+    path = resolve(path)
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(stop - start)
+    if start == stop:
+        return b""
+    # fsspec directly (epath has no ranged read): the same gcsfs client epath uses for gs://.
+    filesystem, name = fsspec.core.url_to_fs(os.fspath(path))
+    return filesystem.cat_file(name, start=start, end=stop)
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:

@@ -44,7 +44,8 @@ os.environ["STORAGE_EMULATOR_HOST"] = _NO_ENDPOINT
 os.environ["TENSORSTORE_GCS_HTTP_URL"] = _NO_ENDPOINT
 
 
-# Seconds a test using `gcs_bucket` may take before it fails with TimeoutError.
+# Seconds a test using `gcs_bucket` may take before it fails with TimeoutError. A test that
+# needs longer says so with `@pytest.mark.gcs_timeout(seconds)`; the larger of the two applies.
 GCS_TEST_TIMEOUT_S = float(os.environ.get("INTERP_GCS_TEST_TIMEOUT_S", "60"))
 
 
@@ -163,8 +164,15 @@ def deadline(seconds: float, what: str = "test"):
 
 @pytest.fixture
 def gcs_bucket(gcs_emulator, request):
-    """A fresh, empty bucket on the emulator, as `gs://<name>`; the test gets a time limit."""
-    with deadline(GCS_TEST_TIMEOUT_S, request.node.nodeid):
+    """A fresh, empty bucket on the emulator, as `gs://<name>`; the test gets a time limit:
+    `GCS_TEST_TIMEOUT_S`, or its `@pytest.mark.gcs_timeout(seconds)` if larger."""
+    seconds = GCS_TEST_TIMEOUT_S
+    marker = request.node.get_closest_marker("gcs_timeout")
+    if marker is not None:
+        if len(marker.args) != 1 or not isinstance(marker.args[0], int | float):
+            raise TypeError(f"Use @pytest.mark.gcs_timeout(seconds), not {marker}.")
+        seconds = max(seconds, float(marker.args[0]))
+    with deadline(seconds, request.node.nodeid):
         yield f"gs://{gcs_emulator.create_bucket()}"
 
 

@@ -481,3 +481,21 @@ def test_initialize_distributed_joins_a_detected_cluster(tmp_path):
     ]
     results = _initialize_in_fresh_processes(envs)
     assert results == [(True, 0, 2, 4, 8), (True, 1, 2, 4, 8)]
+
+
+def test_initialize_distributed_when_asked_fails_loudly(monkeypatch):
+    # Asked for (arguments, variables or required=True), a join that cannot happen is an
+    # error naming the cause, never a quiet single-process run. JAX is in use here already.
+    with pytest.raises(parallel.DistributedInitError, match="before any other JAX use"):
+        parallel.initialize_distributed(required=True)
+    with pytest.raises(parallel.DistributedInitError, match="before any other JAX use"):
+        parallel.initialize_distributed("127.0.0.1:1234", num_processes=2, process_id=1)
+    with pytest.raises(parallel.DistributedInitError, match="process_id 2 is outside 0..1"):
+        parallel.initialize_distributed("127.0.0.1:1234", num_processes=2, process_id=2)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(parallel.DistributedInitError, match="JAX_NUM_PROCESSES='two'"):
+        parallel.initialize_distributed()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")  # A variable asks for it as an argument does.
+    with pytest.raises(parallel.DistributedInitError, match="before any other JAX use"):
+        parallel.initialize_distributed()
+    assert not jax.distributed.is_initialized()

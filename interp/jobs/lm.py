@@ -106,14 +106,20 @@ def _tokenizer(config, workdir: epath.Path, train_documents) -> tokenizer_lib.To
                 f"No tokenizer.json in config.tokenizer.path={config.tokenizer.path!r}."
             )
         return tok
-    if (saved / "tokenizer.json").exists():
-        return tokenizer_lib.load(saved)
-    start = time.time()
-    tok = tokenizer_lib.train_bpe(train_documents, vocab_size=config.tokenizer.vocab_size)
-    if jax.process_index() == 0:
+
+    def train_and_save():
+        # On process 0 alone, the others waiting: one that looked for the file after
+        # process 0 saved it would go another way (and miss the wait).
+        if (saved / "tokenizer.json").exists():
+            return
+        start = time.time()
+        tok = tokenizer_lib.train_bpe(train_documents, vocab_size=config.tokenizer.vocab_size)
         tok.save(saved)
-    logging.info("Trained a %d-token byte-level BPE in %.1fs.", tok.vocab_size, time.time() - start)
-    return tok
+        seconds = time.time() - start
+        logging.info("Trained a %d-token byte-level BPE in %.1fs.", tok.vocab_size, seconds)
+
+    parallel.on_main_process(train_and_save)
+    return tokenizer_lib.load(saved)
 
 
 def model_config_from(config, vocab_size: int) -> ModelConfig:
@@ -174,30 +180,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     Args:
       config: See `configs/demo.py` for every field.
-      workdir: Local or gs:// directory for config, tokenizer, checkpoints, metrics; the
-        Hugging Face export goes to `<workdir>/export` (local workdirs only, for now).
+      workdir: Local or gs:// directory for config, tokenizer, checkpoints, metrics and the
+        Hugging Face export (`<workdir>/export`).
 
     Returns:
       Final figures: {'step', 'eval_loss', 'unigram_loss', 'export_dir', 'sample'}.
 
     Raises:
-      paths.RemotePathError: For a gs:// workdir, before any training (the export is local
-        only for now).
       workdir_lib.ConfigMismatchError: When resuming with a config that changes the maths.
       ValueError: For unknown `config.train` fields or too little text.
     """
     # Everything checkable is checked before the workdir saves the config: a typo fixed on
-    # the next run must not count as a changed config. And a finished training run must not
-    # end in an export that cannot happen.
+    # the next run must not count as a changed config.
     train_config = train_config_from(config.train)
     model_config_from(config, config.tokenizer.vocab_size)  # Unknown or bad model fields.
     mesh = parallel.mesh_from_config(config.mesh)
     rules = parallel.rules_from_config(config.get("rules") or None)
-    paths.require_local(
-        paths.resolve(workdir) / EXPORT_DIR,
-        "The LM job's export (save_pretrained)",
-        fix="Use a local workdir.",
-    )
     train_docs, heldout_docs = documents(config.data)
     if not (isinstance(train_docs, Sequence) or config.tokenizer.path or config.data.max_documents):
         raise ValueError(
@@ -206,9 +204,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "train it on that many documents."
         )
     # The LM stage's workdir checks only the LM's settings, not later pipeline stages'.
-    stage_config = workdir_lib.subconfig(config, drop=("sae", "analysis", "steering"))
+    stage_config = workdir_lib.subconfig(config, drop=("sae", "influence", "analysis", "steering"))
     workdir = workdir_lib.prepare_workdir(
-        workdir_lib.pin_schedule(stage_config, "train", train_config.schedule_length), workdir
+        workdir_lib.pin_schedule(stage_config, "train", train_config.schedule_length),
+        workdir,
+        retired_fields=("influence",),  # Saved by LM workdirs before 2026-11-30.
     )
     tok = _tokenizer(config, workdir, train_docs)
     start = time.time()
@@ -294,11 +294,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     finally:
         writer.close()
 
-    params = jax.device_get(state["params"])
+    params = parallel.process_allgather(state["params"])  # On every process (a collective).
     export_dir = workdir / EXPORT_DIR
-    if jax.process_index() == 0:
-        save_pretrained(export_dir, model_config, params, tokenizer=tok)
-        logging.info("Exported to %s (interp.models.from_pretrained loads it).", export_dir)
+    parallel.on_main_process(save_pretrained, export_dir, model_config, params, tokenizer=tok)
+    logging.info("Exported to %s (interp.models.from_pretrained loads it).", export_dir)
     prompt = tok.encode(config.sample_prompt)
     sample = generate.generate(
         model,
@@ -318,8 +317,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "unigram_loss": baseline,
         "export_dir": str(export_dir),
     }
-    if jax.process_index() == 0:
-        paths.write_text(workdir / "summary.json", workdir_lib.config_to_json(summary))
+    parallel.on_main_process(
+        paths.write_text, workdir / "summary.json", workdir_lib.config_to_json(summary)
+    )
     return summary
 
 

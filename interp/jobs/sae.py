@@ -184,12 +184,16 @@ def _check_cache_model(metadata, path: str, model_path: str, model_hash: str) ->
     )
 
 
+def _cache_path(sae_config, workdir) -> str:
+    return sae_config.cache_path or str(workdir / "activations")
+
+
 def _cache(
     config, workdir, model_path, model, params, tokenizer, train_docs, model_hash, excluded
 ) -> cache_lib.ActivationCache:
     sae_config = config.sae
     harvested = _sites(sae_config)
-    path = sae_config.cache_path or str(workdir / "activations")
+    path = _cache_path(sae_config, workdir)
     if cache_lib.is_complete(path):
         cache = cache_lib.ActivationCache.open(path)
         _check_cache_model(cache.metadata, path, model_path, model_hash)
@@ -290,9 +294,14 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
     train_docs, heldout_docs = documents(config.data)
     model_hash = fingerprint(model.config, params)
     excluded = exclusions(sae_config, tokenizer)
-    cache = _cache(
-        config, workdir, model_path, model, params, tokenizer, train_docs, model_hash, excluded
-    )
+    # One process harvests and writes the cache (its rows are host arrays, not shards); the
+    # others wait for it, then read it like any reused cache.
+    cache = parallel.on_main_process(
+        _cache, config, workdir, model_path, model, params, tokenizer, train_docs, model_hash,
+        excluded,
+    )  # fmt: skip
+    if cache is None:  # Another process than 0.
+        cache = cache_lib.ActivationCache.open(_cache_path(sae_config, workdir))
 
     sites = [entry["site"] for entry in entries]
     columns = [_columns(entry, cache.dims[entry["site"]], model.config) for entry in entries]
@@ -360,25 +369,27 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
         for name, sae_cfg, site, sae_state in zip(
             names, configs, sites, state["saes"], strict=True
         ):
-            sae_params = jax.device_get(sae_state["params"])
+            # Gathered on every process (latents may be sharded over them); each evaluates.
+            sae_params = parallel.process_allgather(sae_state["params"])
             results[name] = sae_evaluate.evaluate(
                 model, params, SAE(sae_cfg), sae_params, eval_batches, site,
                 max_batches=sae_config.eval_batches, **excluded,
             )  # fmt: skip
-            if jax.process_index() == 0:
-                sae_io.save(
-                    workdir / "saes" / name,
-                    sae_cfg,
-                    sae_params,
-                    metadata={"hook_name": site, "model_name": model_path},
-                )
+            parallel.on_main_process(
+                sae_io.save,
+                workdir / "saes" / name,
+                sae_cfg,
+                sae_params,
+                metadata={"hook_name": site, "model_name": model_path},
+            )
         step = int(state["step"])
         for name, result in results.items():
             writer.write(step, {f"eval/{name}/{k}": v for k, v in result.items()})
     finally:
         writer.close()
-    if jax.process_index() == 0:
-        paths.write_text(workdir / "eval.json", workdir_lib.config_to_json(results))
+    parallel.on_main_process(
+        paths.write_text, workdir / "eval.json", workdir_lib.config_to_json(results)
+    )
     logging.info("SAE evaluation on held-out text:\n%s", format_table(results))
     return results
 

@@ -18,15 +18,15 @@ of its maximum activation, side by side with the unsteered completion.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from interp import records, steering
+from interp import parallel, paths, records, steering
 from interp import sae as saes
 from interp.data.documents import documents, pack_rows
 from interp.jobs import sae as sae_job
@@ -110,7 +110,9 @@ def run(config, workdir: str) -> dict[str, Any]:
     batches = [rows[i : i + size] for i in range(0, len(rows), size)]
     exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer)
     maxima = steering.max_activations(model, params, sae, sae_params, batches, **exclusions)
-    np.save(workdir / "max_activations.npy", maxima)
+    buffer = io.BytesIO()
+    np.save(buffer, maxima)
+    parallel.on_main_process(paths.write_bytes, workdir / "max_activations.npy", buffer.getvalue())
 
     feature = steer_config.feature
     if feature < 0:
@@ -141,8 +143,8 @@ def run(config, workdir: str) -> dict[str, Any]:
         "prompt": steer_config.prompt,
         "completions": completions,
     }
-    if jax.process_index() == 0:
-        (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    written = json.dumps(results, indent=2, ensure_ascii=False)
+    parallel.on_main_process(paths.write_text, workdir / RESULTS_FILE, written)
     return results
 
 

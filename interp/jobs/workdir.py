@@ -22,12 +22,11 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import jax
 import ml_collections
 from absl import logging
 from etils import epath
 
-from interp import paths
+from interp import parallel, paths
 
 CONFIG_FILE = "config.json"
 
@@ -44,6 +43,16 @@ RESUMABLE_FIELDS = (
     "keep_checkpoints",
     "harvest_commit_seconds",  # How often a harvest commits its progress, not what it writes.
 )
+
+# Fields added to the job configs after workdirs had saved theirs, each with the value that
+# computes what runs without it computed: a saved config lacking one reads as having that
+# value, so adding a backward-compatible field does not make every older workdir unresumable.
+# (A field added with another meaning is a real difference; leave it out of here.)
+ADDED_FIELDS = {
+    "data.text_field": "text",  # Streamed columnar sources (issue 12); .txt/.jsonl unchanged.
+    "data.split": "",
+    "data.prepend_bos": "tokenizer",  # What `pack` did before the setting existed.
+}
 
 _ABSENT = "<absent>"
 # to_json_best_effort writes unserializable objects as their repr, which may hold an address.
@@ -103,9 +112,13 @@ def config_differences(
     """(field, saved value, current value) for every differing leaf, by dotted name.
 
     Both configs are compared as JSON would hold them: tuples equal lists, `1` equals `1.0`.
-    A field present on one side only has the value '<absent>' on the other.
+    A field present on one side only has the value '<absent>' on the other, except fields of
+    `ADDED_FIELDS` missing from `saved`, which read as their backward-compatible value.
     """
     saved_flat, current_flat = _flatten(saved), _flatten(current)
+    for field, value in ADDED_FIELDS.items():
+        if field in current_flat and field not in saved_flat:
+            saved_flat[field] = value
     differences = []
     for field in sorted(saved_flat.keys() | current_flat.keys()):
         old = saved_flat.get(field, _ABSENT)
@@ -122,6 +135,7 @@ def prepare_workdir(
     *,
     overwrite_config: bool = False,
     resumable_fields: Iterable[str] = RESUMABLE_FIELDS,
+    retired_fields: Iterable[str] = (),
 ) -> epath.Path:
     """Creates `workdir` and saves `config` there as `config.json`, checking it on resume.
 
@@ -130,8 +144,10 @@ def prepare_workdir(
     that is refused unless only `resumable_fields` changed (then the new config replaces the
     saved one), or `overwrite_config` is set.
 
-    In multi-process runs every process checks, only process 0 writes; the check gives the
-    same answer everywhere because the file is replaced atomically and only when it passes.
+    In multi-process runs process 0 checks and writes while the others wait for it
+    (`parallel.on_main_process`): a process that looked after process 0 wrote would see
+    another workdir than it did. A refused config is raised on process 0 as
+    `ConfigMismatchError`, on the others as a `RuntimeError` pointing to process 0's log.
 
     Args:
       config: The run's config (an `ml_collections.ConfigDict` or a plain mapping).
@@ -140,6 +156,9 @@ def prepare_workdir(
         differences). Only for when you know the checkpoints still fit the new config.
       resumable_fields: Fields allowed to differ on resume: a dotted name (`train.steps`),
         a last part (`log_every`) or a subtree (`mesh`).
+      retired_fields: Fields (named as `resumable_fields`) that earlier versions of the job
+        saved but it no longer depends on: saved, and absent from `config`, they are not a
+        difference (the saved file keeps them until something else changes).
 
     Returns:
       The workdir as an `epath.Path`.
@@ -149,15 +168,33 @@ def prepare_workdir(
       ValueError: If the saved `config.json` is not valid JSON.
     """
     workdir = paths.resolve(workdir)  # Local paths absolute: orbax refuses relative ones.
-    path = workdir / CONFIG_FILE
     text = config_to_json(config)
-    resumable_fields = tuple(resumable_fields)
+    parallel.on_main_process(
+        _check_and_save_config, workdir, text, overwrite_config, tuple(resumable_fields),
+        tuple(retired_fields),
+    )  # fmt: skip
+    return workdir
+
+
+def _check_and_save_config(
+    workdir: epath.Path,
+    text: str,
+    overwrite_config: bool,
+    resumable_fields: tuple[str, ...],
+    retired_fields: tuple[str, ...],
+) -> None:
+    """`prepare_workdir`'s work, on one process."""
+    path = workdir / CONFIG_FILE
     if path.exists():
         try:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); move it away to start.") from e
-        differences = config_differences(saved, json.loads(text))
+        differences = [
+            (field, old, new)
+            for field, old, new in config_differences(saved, json.loads(text))
+            if not (new == _ABSENT and _is_resumable(field, retired_fields))
+        ]
         blocking = [d for d in differences if not _is_resumable(d[0], resumable_fields)]
         listing = "\n".join(
             f"  {field}: saved {old!r}, now {new!r}"
@@ -184,12 +221,10 @@ def prepare_workdir(
         else:
             logging.info("Resuming %s with the same config.", workdir)
         if not differences:
-            return workdir
+            return
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        paths.write_text(path, text)  # Atomic: a temporary file and a rename locally.
+    paths.write_text(path, text)  # Atomic: a temporary file and a rename locally.
     logging.info("Config (%s):\n%s", path, text)
-    return workdir
 
 
 # Libraries whose INFO lines (a dozen per checkpoint for orbax) bury the progress line.

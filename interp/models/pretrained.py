@@ -1,15 +1,18 @@
 """Hugging Face model folders: read and write them (config.json, safetensors, tokenizer).
 
     model, params, tokenizer = from_pretrained("/ckpt/pythia-70m")   # a local HF folder
-    save_pretrained("/out/pythia-70m", model, params, tokenizer)      # loads in transformers too
+    save_pretrained("gs://b/out/pythia-70m", model, params, tokenizer)  # or gs://; transformers
+                                                                        # loads a local copy too
 
-Safetensors files go through `interp.safetensors_io` (bfloat16 with any NumPy, large shards
-memory-mapped). Model folders are local only for now: a gs:// path is a clear error
-(`paths.RemotePathError`), never a local folder named like the bucket.
+Folders are local or gs:// (`interp.paths`). Safetensors files go through
+`interp.safetensors_io`: bfloat16 with any NumPy, local shards memory-mapped, remote ones read
+tensor by tensor with byte-range requests, so loading never holds a whole remote shard's raw
+bytes beside the parameters made from them.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
@@ -21,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from interp import paths, safetensors_io
 from interp.models import tokenizer as tokenizer_lib
@@ -32,7 +36,8 @@ from interp.models.transformer import Transformer
 _TORCH_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
-def _read_weights(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _read_weights(folder: epath.Path) -> tuple[Mapping[str, np.ndarray], dict[str, str]]:
+    """({name: tensor}, {name: file}) of a folder's safetensors; tensors are read on lookup."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -45,23 +50,32 @@ def _read_weights(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str
             "model-0000X-of-0000Y.safetensors with model.safetensors.index.json (PyTorch .bin "
             "files are not read; re-save them with safe_serialization=True)."
         )
-    tensors, source = {}, {}
+    shards, source = [], {}
     for name in files:
         if not (folder / name).exists():
             raise FileNotFoundError(f"Shard {folder / name} listed in {index} is missing.")
-        for key, value in safetensors_io.read(folder / name).items():
-            tensors[key], source[key] = value, str(folder / name)
-    return tensors, source
+        shard = safetensors_io.SafetensorsFile(folder / name)
+        for key in shard:
+            if key in source:
+                raise ValueError(
+                    f"Tensor {key!r} is in both {source[key]} and {folder / name}; "
+                    f"{index.name} must list each tensor in one shard."
+                )
+            source[key] = str(folder / name)
+        shards.append(shard)
+    # Lazy: hf_to_params looks up each tensor once, so only one raw tensor is held at a time.
+    return collections.ChainMap(*shards), source
 
 
 def from_pretrained(
-    path: str | pathlib.Path, dtype: Any = None, param_dtype: Any = None
+    path: str | os.PathLike, dtype: Any = None, param_dtype: Any = None
 ) -> tuple[Transformer, dict[str, Any], Any]:
-    """Loads a local Hugging Face model folder.
+    """Loads a Hugging Face model folder, local or gs://.
 
     Args:
-      path: Folder with config.json and model.safetensors (or sharded safetensors with
-        model.safetensors.index.json), and optionally tokenizer.json.
+      path: Local folder or URL (gs://bucket/model) with config.json and model.safetensors
+        (or sharded safetensors with model.safetensors.index.json), and optionally
+        tokenizer.json.
       dtype: Compute dtype (default float32); also the storage dtype unless param_dtype is
         given.
       param_dtype: Storage dtype of the parameters.
@@ -72,11 +86,12 @@ def from_pretrained(
       padding side, pad token, chat template; see `interp.models.tokenizer.load`).
 
     Raises:
-      FileNotFoundError: naming the missing folder, config.json or weights.
-      paths.RemotePathError: for a gs:// (or other remote) path; only local folders for now.
-      ValueError: for an unsupported model or weights that do not match config.json.
+      FileNotFoundError: naming the missing folder, config.json (an interrupted gs://
+        export leaves none) or weights.
+      ValueError: for an unsupported model, weights that do not match config.json, or a
+        malformed or truncated safetensors file.
     """
-    folder = pathlib.Path(paths.require_local(path, "from_pretrained"))
+    folder = paths.resolve(path)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"Model folder {folder} does not exist; expected a Hugging Face folder with "
@@ -84,7 +99,10 @@ def from_pretrained(
         )
     config_file = folder / "config.json"
     if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} is missing; expected a Hugging Face config.")
+        raise FileNotFoundError(
+            f"{config_file} is missing; expected a Hugging Face config (save_pretrained "
+            "writes it last: without it an export is incomplete)."
+        )
     config = config_from_hf(json.loads(config_file.read_text()))
     compute = jnp.dtype(dtype or "float32").name
     storage = jnp.dtype(param_dtype).name if param_dtype is not None else compute
@@ -95,7 +113,7 @@ def from_pretrained(
 
 
 def save_pretrained(
-    path: str | pathlib.Path,
+    path: str | os.PathLike,
     model_or_config: Transformer | ModelConfig,
     params: Mapping[str, Any],
     tokenizer: Any = None,
@@ -104,7 +122,10 @@ def save_pretrained(
     """Writes a Hugging Face folder that `from_pretrained` and transformers both load.
 
     Args:
-      path: Output folder; replaced atomically if it exists.
+      path: Output folder, local or gs://. A local folder is replaced atomically (written
+        beside it, then renamed). Object stores cannot rename a folder: there the old model
+        files are deleted (config.json first), the new ones written, config.json last, so a
+        reader sees the new export, or none, never a mix.
       model_or_config: The `Transformer` or its `ModelConfig`.
       params: Its parameters; saved in their own dtype.
       tokenizer: Optional; its `save(path)` is called, and its bos/eos/pad ids go into
@@ -113,7 +134,6 @@ def save_pretrained(
         this size (a larger single tensor gets a shard of its own) plus an index.
 
     Raises:
-      paths.RemotePathError: for a gs:// (or other remote) path; only local folders for now.
       FileExistsError: if the folder holds files other than a model's.
     """
     config = getattr(model_or_config, "config", model_or_config)
@@ -124,27 +144,34 @@ def save_pretrained(
     dtypes = {safetensors_io.NAMES.get(t.dtype) for t in tensors.values()}
     if len(dtypes) == 1 and (name := _TORCH_NAMES.get(dtypes.pop())):
         hf_config["dtype"] = name
+    folder = paths.resolve(path)
+    existing = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    others = [name for name in existing if not _is_model_file(name)]
+    if others:
+        raise FileExistsError(
+            f"save_pretrained replaces the whole folder {folder}, which also holds "
+            f"{others[:5]}; save into an empty folder or one holding only a model."
+        )
+    if paths.is_remote(folder):
+        # config.json goes first and comes back last: it marks a complete export.
+        for name in sorted(existing, key=lambda name: name != "config.json"):
+            (folder / name).unlink()
+        _write_folder(folder, hf_config, tensors, tokenizer, max_shard_bytes)
+        return
     # Written to a sibling folder, then swapped in: an interrupted export never leaves a mix of
     # old and new files, and the previous export survives until the new one is complete.
-    folder = pathlib.Path(paths.require_local(path, "save_pretrained"))
-    if folder.exists():
-        others = sorted(p.name for p in folder.iterdir() if not _is_model_file(p.name))
-        if others:
-            raise FileExistsError(
-                f"save_pretrained replaces the whole folder {folder}, which also holds "
-                f"{others[:5]}; save into an empty folder or one holding only a model."
-            )
-    staging = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    local = pathlib.Path(folder)
+    staging = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)
     try:
         _write_folder(staging, hf_config, tensors, tokenizer, max_shard_bytes)
-        if folder.exists():
-            retired = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(folder, retired)
-            os.rename(staging, folder)
+        if local.exists():
+            retired = local.with_name(f".{local.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(local, retired)
+            os.rename(staging, local)
             shutil.rmtree(retired)
         else:
-            os.rename(staging, folder)
+            os.rename(staging, local)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -166,7 +193,8 @@ def _is_model_file(name: str) -> bool:
 
 
 def _write_folder(folder, hf_config, tensors, tokenizer, max_shard_bytes) -> None:
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    """Writes the model files into `folder` (local or remote), config.json last."""
+    folder = paths.resolve(folder)
     total = sum(t.nbytes for t in tensors.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
         safetensors_io.write(folder / "model.safetensors", tensors)
@@ -185,6 +213,9 @@ def _write_folder(folder, hf_config, tensors, tokenizer, max_shard_bytes) -> Non
             safetensors_io.write(folder / file, shard)
             weight_map.update(dict.fromkeys(shard, file))
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        paths.write_text(
+            folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n"
+        )
     if tokenizer is not None:
-        tokenizer.save(str(folder))
+        tokenizer.save(os.fspath(folder))
+    paths.write_text(folder / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n")

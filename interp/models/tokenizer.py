@@ -27,6 +27,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from interp import paths
 from interp.models import chat_template as chat_template_lib
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -94,7 +95,7 @@ class Tokenizer:
         pad_token: str | None = None,
         **kwargs,
     ) -> "Tokenizer":
-        """Reads a `tokenizer.json` (local or any fsspec URL such as gs://).
+        """Reads a `tokenizer.json`, local or gs:// (`interp.paths`).
 
         Args:
             path: The `tokenizer.json` file.
@@ -308,12 +309,13 @@ class Tokenizer:
         (same ids, padding side and chat template: the special tokens around a text come
         from the tokenizer.json post-processor, for both).
 
+        Each file is written atomically (`interp.paths.write_text`), tokenizer.json last: a
+        folder with a tokenizer.json is complete.
+
         Args:
-            folder: Local folder or fsspec URL; created if missing.
+            folder: Local folder or URL (gs://bucket/model); created if missing.
         """
-        folder = os.fspath(folder)
-        fs, root = fsspec.core.url_to_fs(folder)
-        fs.makedirs(root, exist_ok=True)
+        folder = paths.resolve(folder)
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             # Hugging Face's default clean-up would rewrite ' .' as '.' when decoding.
@@ -330,10 +332,8 @@ class Tokenizer:
             token = getattr(self, f"{role}_token")
             if token is not None:
                 config[f"{role}_token"] = token
-        with fs.open(_join(root, TOKENIZER_FILE), "w", encoding="utf-8") as f:
-            f.write(self.backend.to_str(pretty=True))
-        with fs.open(_join(root, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
+        paths.write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False))
+        paths.write_text(folder / TOKENIZER_FILE, self.backend.to_str(pretty=True))
 
     def _id(self, token: str | None) -> int | None:
         """Id of `token`, or None for None."""
@@ -368,14 +368,14 @@ def load(folder: str | os.PathLike, **overrides) -> Tokenizer | None:
     or a list of named templates, of which 'default' is taken).
 
     Args:
-        folder: Local folder or fsspec URL (e.g. `gs://bucket/model`).
+        folder: Local folder or URL (e.g. `gs://bucket/model`).
         **overrides: Tokenizer arguments that replace the folder's (`bos_token`,
             `eos_token`, `pad_token`, `padding_side`, `chat_template`).
 
     Returns:
         The tokenizer, or None when the folder has no `tokenizer.json`.
     """
-    folder = os.fspath(folder)
+    folder = os.fspath(paths.resolve(folder))  # A URL that pathlib collapsed is an error.
     fs, root = fsspec.core.url_to_fs(folder)
     if not fs.isfile(_join(root, TOKENIZER_FILE)):
         return None
@@ -448,9 +448,9 @@ def train_bpe(
 
 
 def _read_backend(path: str | os.PathLike) -> tokenizers.Tokenizer:
-    """The `tokenizers.Tokenizer` in a tokenizer.json file (local or fsspec URL)."""
+    """The `tokenizers.Tokenizer` in a tokenizer.json file (local or gs://)."""
     try:
-        with fsspec.open(os.fspath(path), "rt", encoding="utf-8") as f:
+        with fsspec.open(os.fspath(paths.resolve(path)), "rt", encoding="utf-8") as f:
             content = f.read()
     except FileNotFoundError as e:
         raise FileNotFoundError(

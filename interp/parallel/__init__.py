@@ -36,10 +36,17 @@ Pod slices: `SLICES` / `get_slice('v5litepod-16')` describe common TPU slices an
 Multi-host: call `initialize_distributed` first thing; build the mesh from all (global)
 devices; feed every process the same global batch (or see `jax.make_array_from_process_local_data`
 for per-process shards); read results with `process_allgather`, which needs `tiled=True` for
-arrays spread over processes (it passes it).
+arrays spread over processes (it passes it); write files that are not sharded arrays with
+`on_main_process` (process 0 writes, every process waits for it).
 """
 
-from interp.parallel.distributed import initialize_distributed, process_allgather
+from interp.parallel.distributed import (
+    DistributedInitError,
+    initialize_distributed,
+    is_main_process,
+    on_main_process,
+    process_allgather,
+)
 from interp.parallel.jit import sharded_apply, sharded_jit
 from interp.parallel.mesh import (
     DEFAULT_RULES,
@@ -66,6 +73,7 @@ from interp.parallel.slices import SLICES, Slice, get_slice
 
 __all__ = [
     "DEFAULT_RULES",
+    "DistributedInitError",
     "MESH_AXES",
     "Rules",
     "SLICES",
@@ -76,10 +84,12 @@ __all__ = [
     "get_slice",
     "init_sharded",
     "initialize_distributed",
+    "is_main_process",
     "logical_to_sharding",
     "make_mesh",
     "mesh_from_config",
     "mesh_shape",
+    "on_main_process",
     "optimizer_state_shardings",
     "param_shardings",
     "process_allgather",

@@ -32,6 +32,7 @@ import numpy as np
 from etils import epath
 
 from interp import metrics as metrics_lib
+from interp import paths
 from interp.data import activations
 from interp.models import hooks, sites
 from interp.models.losses import next_token_loss
@@ -392,11 +393,13 @@ def write(
     Returns:
       The JSON file's path.
     """
-    workdir = epath.Path(workdir)
+    workdir = paths.resolve(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     values = {k: _scalar(v) for k, v in metrics.items()}
     path = workdir / name
-    path.write_text(json.dumps({"step": int(step), **values}, indent=2, sort_keys=True) + "\n")
+    paths.write_text(
+        path, json.dumps({"step": int(step), **values}, indent=2, sort_keys=True) + "\n"
+    )
     writer = metrics_lib.MetricWriter(workdir)
     try:
         writer.write(step, {prefix + k: v for k, v in values.items()})

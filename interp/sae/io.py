@@ -202,7 +202,7 @@ def save(
 
 
 def _read_folder(path: epath.PathLike) -> tuple[epath.Path, dict[str, Any]]:
-    folder = epath.Path(path)
+    folder = paths.resolve(path)
     if not folder.exists() or not folder.is_dir():
         raise FileNotFoundError(
             f"SAE folder {folder} does not exist; expected a folder with {CONFIG_FILE} and "

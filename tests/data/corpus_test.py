@@ -14,6 +14,7 @@ import tarfile
 
 import pytest
 
+from interp import paths
 from interp.data import corpus
 from tests import references
 
@@ -82,6 +83,16 @@ def test_env_var_sets_default_cache(cache_dir, monkeypatch):
     assert corpus.ensure_gutenberg() == cache_dir / corpus.NAME
     monkeypatch.delenv("INTERP_DATA_DIR")
     assert corpus.default_cache_dir() == corpus.pathlib.Path("~/.cache/interp").expanduser()
+
+
+def test_a_gs_cache_dir_is_refused_not_made_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INTERP_DATA_DIR", "gs://bucket/data")
+    with pytest.raises(paths.RemotePathError, match="INTERP_DATA_DIR to one"):
+        corpus.ensure_gutenberg()
+    with pytest.raises(paths.RemotePathError, match="gs://bucket/cache"):
+        corpus.ensure_gutenberg("gs://bucket/cache")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_extracts_from_hand_placed_tarball(cache_dir, tmp_path):

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from configs import demo
-from interp import models, parallel, paths
+from interp import models, parallel
 from interp.jobs import lm as train
 from interp.jobs import workdir as workdir_lib
 from tests import runs
@@ -118,11 +118,6 @@ def test_a_bad_model_field_is_refused_before_the_workdir_saves_the_config(tmp_pa
     assert not os.path.exists(tmp_path / "config.json")  # The fixed config is a fresh start.
 
 
-def test_a_remote_workdir_is_refused_before_training(tmp_path):
-    with pytest.raises(paths.RemotePathError, match="gs://bucket/run"):
-        train.run(_tiny(), "gs://bucket/run")
-
-
 def test_train_state_is_sharded_by_construction():
     config = train.train_config_from(_tiny().train)
     model = models.Transformer(train.model_config_from(_tiny(), vocab_size=300))
@@ -171,6 +166,21 @@ def test_resuming_with_a_different_model_is_refused(tiny_run, tmp_path):
     shutil.copytree(workdir, copy)
     with pytest.raises(workdir_lib.ConfigMismatchError, match="model.d_model"):
         train.run(_tiny(**{"model.d_model": 48}), copy)
+
+
+def test_later_stages_settings_do_not_block_resuming_the_lm(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    path = os.path.join(copy, "config.json")
+    saved = json.loads(open(path).read())
+    assert "influence" not in saved and "sae" not in saved  # The LM stage's settings only.
+    # LM workdirs saved before 2026-11-30 also held the influence section.
+    saved["influence"] = json.loads(workdir_lib.config_to_json(_tiny().influence))
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    changed = _tiny(**{"influence.top": 9, "sae.num_latents": 128})
+    assert train.run(changed, copy)["step"] == 6  # Resumed at the end, not refused.
 
 
 def test_unigram_baseline_is_the_smoothed_unigram_cross_entropy():

@@ -114,6 +114,32 @@ def test_added_field_is_a_mismatch(tmp_path):
         workdir_lib.prepare_workdir(_config(sae=dict(k=32)), tmp_path)
 
 
+def test_fields_added_later_read_as_their_backward_compatible_value(tmp_path):
+    # A workdir saved before config.data had the streaming fields resumes under the new demo
+    # config (the demo's own data section), but not when a field asks for something else.
+    from configs import demo
+
+    data = dict(demo.get_config().data)
+    added = [field.split(".")[1] for field in workdir_lib.ADDED_FIELDS]
+    old = {k: v for k, v in data.items() if k not in added}
+    assert len(old) < len(data)  # The demo config has the added fields.
+    workdir_lib.prepare_workdir(_config(data=old), tmp_path)
+    workdir_lib.prepare_workdir(_config(data=data), tmp_path)  # Resumes, nothing rewritten.
+    assert "prepend_bos" not in json.loads((tmp_path / "config.json").read_text())["data"]
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="saved 'tokenizer', now 'always'"):
+        workdir_lib.prepare_workdir(_config(data=dict(data, prepend_bos="always")), tmp_path)
+
+
+def test_retired_fields_saved_by_earlier_versions_are_no_difference(tmp_path):
+    workdir_lib.prepare_workdir(_config(old=dict(a=1)), tmp_path)
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="old.a: saved 1, now '<absent>'"):
+        workdir_lib.prepare_workdir(_config(), tmp_path)
+    workdir_lib.prepare_workdir(_config(), tmp_path, retired_fields=("old",))
+    # Only absent ones: a retired field the config still has is checked as any other.
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="old.a: saved 1, now 2"):
+        workdir_lib.prepare_workdir(_config(old=dict(a=2)), tmp_path, retired_fields=("old",))
+
+
 def test_overwrite_config(tmp_path):
     workdir_lib.prepare_workdir(_config(), tmp_path)
     workdir_lib.prepare_workdir(_config(seed=7), tmp_path, overwrite_config=True)

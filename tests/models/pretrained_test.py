@@ -4,6 +4,7 @@ The checkpoints are the tiny random-weight HF models of `hf_testing`; the name m
 with transformers is tested in hf_params_test.
 """
 
+import functools
 import json
 import shutil
 
@@ -13,8 +14,9 @@ import pytest
 import tokenizers
 import torch
 import transformers
+from etils import epath
 
-from interp import models, safetensors_io
+from interp import models, paths, safetensors_io
 from interp.models import tokenizer as tokenizer_lib
 from tests.models import hf_testing
 from tests.models.hf_testing import TOLERANCE
@@ -193,3 +195,126 @@ def test_save_pretrained_refuses_a_folder_with_other_files(llama_folder, tmp_pat
     with pytest.raises(FileExistsError, match="notes.txt"):
         models.save_pretrained(tmp_path, model, params)
     assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+# --- gs:// (a local fake-gcs-server; see the gcs_bucket fixture) -----------------------------
+
+
+def _objects(url: str) -> dict[str, bytes]:
+    """{name under url: content} of every object under a gs:// folder."""
+    folder = epath.Path(url)
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _random_params(config):
+    """Random parameters of the model's shapes, without compiling its init (quick on CPU)."""
+    shapes = jax.eval_shape(functools.partial(models.init_params, config))
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+
+def _bpe():
+    trained = tokenizer_lib.train_bpe(
+        TOKENIZER_TEXT, vocab_size=300, special_tokens=("<pad>", "<s>", "</s>")
+    )
+    return tokenizer_lib.Tokenizer(trained.backend, "<s>", "</s>", "<pad>")
+
+
+def test_a_gs_round_trip_equals_the_local_one(gcs_bucket, tmp_path):
+    tokenizer = _bpe()
+    config = LLAMA_LIKE.replace(vocab_size=tokenizer.vocab_size)
+    params = _random_params(config)
+    url = f"{gcs_bucket}/models/llama"
+    models.save_pretrained(tmp_path / "local", config, params, tokenizer)
+    models.save_pretrained(url, config, params, tokenizer)
+    # The same files, byte for byte, on gs:// as on disk; nothing local named like the bucket.
+    local = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
+    assert sorted(local) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+    ]  # fmt: skip
+    assert _objects(url) == local
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local"]
+
+    model_local, params_local, tokenizer_local = models.from_pretrained(tmp_path / "local")
+    model_gs, params_gs, tokenizer_gs = models.from_pretrained(url)
+    assert model_gs.config == model_local.config
+    hf_testing.assert_trees_identical(params_gs, params_local)
+    tokens = np.asarray(tokenizer_gs.encode_batch(TOKENIZER_TEXT[:2])[0], np.int32)
+    np.testing.assert_array_equal(tokens, tokenizer_local.encode_batch(TOKENIZER_TEXT[:2])[0])
+    np.testing.assert_array_equal(
+        hf_testing.ours(model_gs, params_gs, tokens),
+        hf_testing.ours(model_local, params_local, tokens),
+    )
+    assert (tokenizer_gs.bos_id, tokenizer_gs.eos_id, tokenizer_gs.pad_id) == (1, 2, 0)
+
+
+def test_sharded_gs_folders_load_tensor_by_tensor(gcs_bucket, monkeypatch):
+    # Tensors of 128 KiB (mlp 64 x 512 float32), over the 64 KiB read when a file is opened.
+    config = LLAMA_LIKE.replace(d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=512)
+    params = _random_params(config)
+    url = f"{gcs_bucket}/sharded"
+    models.save_pretrained(url, config, params, max_shard_bytes=300_000)
+    objects = _objects(url)
+    shards = sorted(n for n in objects if n.endswith(".safetensors"))
+    assert len(shards) > 1 and "model.safetensors" not in shards
+    index = json.loads(objects["model.safetensors.index.json"])
+    assert sorted(set(index["weight_map"].values())) == shards
+
+    reads = []
+    read_range = paths.read_range
+
+    def recorded(path, start, stop):
+        reads.append(stop - start)
+        return read_range(path, start, stop)
+
+    def whole(path):
+        raise AssertionError(f"{path} was read whole")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(paths, "read_range", recorded)
+        patch.setattr(paths, "read_bytes", whole)
+        _, loaded, _ = models.from_pretrained(url)
+    hf_testing.assert_trees_identical(loaded, params)
+    largest = max(t.nbytes for t in jax.tree.leaves(params))
+    assert largest > 2**16
+    # Each shard: its first 64 KiB (the header), then each tensor not in them once.
+    assert max(reads) <= largest
+    assert sum(reads) <= sum(len(objects[s]) for s in shards) + len(shards) * 2**16
+
+    # Unsharded again: no stale shard stays behind on gs:// either.
+    models.save_pretrained(url, config, params)
+    assert sorted(_objects(url)) == ["config.json", "model.safetensors"]
+
+
+def test_an_interrupted_or_damaged_gs_export_is_an_error(gcs_bucket, monkeypatch):
+    config = LLAMA_LIKE
+    params = _random_params(config)
+    url = f"{gcs_bucket}/model"
+    models.save_pretrained(url, config, params, max_shard_bytes=20_000)
+    first = sorted(n for n in _objects(url) if n.endswith(".safetensors"))[0]
+    # A missing shard, then a truncated one: named, never loaded.
+    blob = paths.read_bytes(f"{url}/{first}")
+    epath.Path(f"{url}/{first}").unlink()
+    with pytest.raises(FileNotFoundError, match=first):
+        models.from_pretrained(url)
+    paths.write_bytes(f"{url}/{first}", blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        models.from_pretrained(url)
+
+    # An export cut short after its weights: no config.json, so not a model.
+    write_text = paths.write_text
+
+    def crash_at_config(path, text):
+        if str(path).endswith("/config.json"):
+            raise KeyboardInterrupt
+        write_text(path, text)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(paths, "write_text", crash_at_config)
+        with pytest.raises(KeyboardInterrupt):
+            models.save_pretrained(url, config, params)
+    assert "model.safetensors" in _objects(url)
+    with pytest.raises(FileNotFoundError, match="config.json is missing.*incomplete"):
+        models.from_pretrained(url)
+    models.save_pretrained(url, config, params)
+    hf_testing.assert_trees_identical(models.from_pretrained(url)[1], params)

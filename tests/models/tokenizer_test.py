@@ -1,6 +1,7 @@
 """Tests for interp.models.tokenizer: byte-level BPE, batching, save/load, HF parity."""
 
 import json
+import pathlib
 import shutil
 
 import numpy as np
@@ -152,12 +153,24 @@ def test_save_then_load_gives_same_ids(tok, tmp_path):
     ) == tok.encode(texts[4])
 
 
-def test_save_and_load_through_fsspec_url(tok):
-    url = "memory://tokenizer_test/tok"
+def test_save_and_load_on_gs(tok, gcs_bucket):
+    url = f"{gcs_bucket}/tok"
     tok.save(url)
     loaded = tokenizer_lib.load(url)
     assert loaded.encode(UNICODE_TEXTS[5]) == tok.encode(UNICODE_TEXTS[5])
     assert loaded.eos_token == EOT
+    assert tokenizer_lib.Tokenizer.from_file(f"{url}/tokenizer.json").encode(
+        UNICODE_TEXTS[5]
+    ) == tok.encode(UNICODE_TEXTS[5])
+
+
+def test_urls_collapsed_by_pathlib_are_errors_not_local_folders(tok, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="collapsed"):
+        tok.save(pathlib.Path("gs://bucket/tok"))
+    with pytest.raises(ValueError, match="collapsed"):
+        tokenizer_lib.load(pathlib.Path("gs://bucket/tok"))
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
