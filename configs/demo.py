@@ -89,6 +89,9 @@ def get_config(arg=None):
         cache_path="",  # '' = <sae workdir>/activations; a complete cache is reused.
         harvest_rows=400_000,  # Activation rows (tokens) to cache.
         harvest_batch_size=64,  # Sequences per harvesting forward pass.
+        # Seconds between commits of the harvest's progress: a harvest stopped (SIGTERM,
+        # SIGKILL, a crash) continues from its last commit when the job is rerun.
+        harvest_commit_seconds=60.0,
         # Positions no SAE sees, in harvest (so training) and evaluation alike: each row's
         # first position, the tokenizer's BOS, and any other token ids.
         exclude=dict(first=True, bos=True, token_ids=()),

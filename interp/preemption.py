@@ -45,19 +45,26 @@ class Preempted(Exception):
     Rerunning the same command resumes from the checkpoint written at `step`.
 
     Attributes:
-      step: The step (or batch count) reached and saved.
-      total: The step the run would have ended at.
+      step: The step (or batch count, or row count: see `unit`) reached and saved.
+      total: The step the run would have ended at (None: not known).
       signal_number: The signal that asked to stop (SIGTERM in multi-process runs).
       exit_code: 128 + signal_number: what a process ends with after this.
     """
 
-    def __init__(self, step: int, total: int, signal_number: int, what: str = "run"):
+    def __init__(
+        self,
+        step: int,
+        total: int | None,
+        signal_number: int,
+        what: str = "run",
+        unit: str = "step",
+    ):
         self.step, self.total, self.signal_number = step, total, signal_number
         self.exit_code = 128 + signal_number
         name = signal.Signals(signal_number).name
+        of = "" if total is None else f" of {total}"
         super().__init__(
-            f"{what} preempted ({name}) at step {step} of {total}; rerun the same command to "
-            "resume."
+            f"{what} preempted ({name}) at {unit} {step}{of}; rerun the same command to resume."
         )
 
 
@@ -120,9 +127,13 @@ class Preemption:
                 self._received = signal.SIGTERM
         return self._received is not None
 
-    def stop(self, step: int, total: int, what: str = "run") -> Preempted:
-        """Logs the stop and returns the `Preempted` to raise (after the checkpoint is saved)."""
+    def stop(
+        self, step: int, total: int | None, what: str = "run", unit: str = "step"
+    ) -> Preempted:
+        """Logs the stop and returns the `Preempted` to raise (after the checkpoint is saved).
+
+        `unit` names what `step` counts in the message ('step', 'row', ...)."""
         number = self._received if self._received is not None else signal.SIGTERM
-        error = Preempted(step, total, number, what)
+        error = Preempted(step, total, number, what, unit)
         logging.warning("%s", error)
         return error

@@ -20,6 +20,7 @@ import pytest
 import safetensors.numpy
 
 from interp import preemption
+from interp.data import cache as cache_lib
 from tests import runs
 from tests.runs import ROOT
 
@@ -157,3 +158,103 @@ def test_preempted_carries_the_shell_exit_code():
     assert str(stopped) == (
         "SAE training preempted (SIGINT) at step 7 of 10; rerun the same command to resume."
     )
+
+
+# The SAE job's harvest. The tiny LM harvests ~500k rows/s, too fast to stop midway; a wider
+# one (d_model 256, one training step: only its speed matters) takes a few seconds for the
+# 40k rows asked for here, with a progress commit every 0.2 s to stop after.
+WIDE_LM_FLAGS = runs.flags(**{
+    "model.d_model": 256, "model.num_heads": 4, "model.head_dim": 64, "model.mlp_dim": 1024,
+    "train.steps": 1, "train.warmup_steps": 0, "checkpoint_every": 1, "eval_every": 0,
+})  # fmt: skip
+HARVEST_ROWS = 40_000
+
+
+def _sae_flags(lm_workdir):
+    return runs.flags(**{
+        "sae.model_path": os.path.join(lm_workdir, "export"),
+        "sae.harvest_rows": HARVEST_ROWS, "sae.harvest_commit_seconds": 0.2,
+    })  # fmt: skip
+
+
+_COMMITTED = re.compile(r"Harvest progress: (\d+) of \d+ rows committed")
+
+
+def _committed(run) -> int:
+    """The rows of the last progress commit the run reported (0 before the first)."""
+    found = [int(m.group(1)) for line in run.lines if line for m in [_COMMITTED.search(line)] if m]
+    return found[-1] if found else 0
+
+
+def _files(folder) -> dict[str, bytes]:
+    """{relative path: bytes} of every file under `folder`."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+def _assert_same_files(got, want):
+    got_files, want_files = _files(got), _files(want)
+    assert sorted(got_files) == sorted(want_files)
+    for name, data in want_files.items():
+        assert got_files[name] == data, name  # Bitwise.
+
+
+@pytest.fixture(scope="module")
+def wide_lm(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("wide_lm"))
+    _run_to_end("experiments.train_lm", workdir, *WIDE_LM_FLAGS)
+    return workdir
+
+
+def test_sae_harvest_killed_then_preempted_resumes_to_the_uninterrupted_cache(wide_lm, tmp_path):
+    flags = _sae_flags(wide_lm)
+    # The uninterrupted reference runs meanwhile (it also slows the harvests down).
+    reference = Run("experiments.train_sae", str(tmp_path / "reference"), *flags)
+    workdir = str(tmp_path / "sae")
+    cache = os.path.join(workdir, "activations")
+
+    # 1. SIGKILL after the first progress commit: the cache stays incomplete, its progress
+    # record says how far it is written.
+    run = Run("experiments.train_sae", workdir, *flags)
+    run.wait_for(lambda: _committed(run) > 0)
+    run.process.kill()
+    assert run.finish() == -signal.SIGKILL
+    killed_at = cache_lib.progress(cache)["rows"]
+    assert 0 < killed_at < HARVEST_ROWS
+    assert not cache_lib.is_complete(cache)
+    with pytest.raises(ValueError, match="incomplete"):
+        cache_lib.ActivationCache.open(cache)
+
+    # 2. The rerun continues from there; SIGTERM after its first commit: it commits the rows
+    # of the batches done and exits with 128 + SIGTERM.
+    run = Run("experiments.train_sae", workdir, *flags)
+    run.wait_for(lambda: _committed(run) > killed_at)
+    assert f"Continuing the activation cache at {cache} after {killed_at} rows" in run.stderr
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish() == 128 + signal.SIGTERM, run.stderr[-3000:]
+    stopped = re.search(
+        rf"The harvest preempted \(SIGTERM\) at row (\d+) of {HARVEST_ROWS}; rerun the same",
+        run.stderr,
+    )
+    assert stopped, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    preempted_at = int(stopped.group(1))
+    assert killed_at < preempted_at < HARVEST_ROWS
+    assert cache_lib.progress(cache)["rows"] == preempted_at  # Committed before the exit.
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))  # No training yet.
+
+    # 3. The last rerun harvests the rest, trains and evaluates: the cache's files, the SAEs
+    # and their evaluation are those of the uninterrupted run, bit for bit.
+    again = _run_to_end("experiments.train_sae", workdir, *flags)
+    assert f"Continuing the activation cache at {cache} after {preempted_at} rows" in again.stderr
+    assert reference.finish() == 0, reference.stderr[-3000:]
+    want = str(tmp_path / "reference")
+    _assert_same_files(cache, os.path.join(want, "activations"))
+    _assert_same_files(os.path.join(workdir, "saes"), os.path.join(want, "saes"))
+    with open(os.path.join(workdir, "eval.json")) as a, open(os.path.join(want, "eval.json")) as b:
+        assert json.load(a) == json.load(b)

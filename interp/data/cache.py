@@ -21,6 +21,16 @@ On-disk layout (`write_cache`), one directory or gs:// prefix:
 A single object write is atomic on GCS, and tensorstore's file kvstore writes through a
 temporary file and a rename. One process writes a cache; any number read it.
 
+Resuming (`write_cache(..., resume=True)`): while a cache is written, `metadata.json` also
+holds a progress record, rewritten every `commit_seconds` only after the array writes it
+covers have finished: how many input items (harvest batches) are wholly written, their rows,
+and the running sums of squared norms the input scale is computed from. A writer stopped
+anywhere (SIGKILL, a crash, a preemption) leaves a cache that is still incomplete; a rerun
+with the same settings continues from the next input item and ends with the same files an
+uninterrupted run writes (the rows are the same, so are the chunks; the sums are added in
+the same order). SIGTERM or SIGINT while writing commits the progress at the next item
+boundary and raises `interp.preemption.Preempted`.
+
 Integrity (version 2): every chunk is stored with a crc32c checksum (zarr3's `crc32c` codec),
 which tensorstore checks on every read, and a missing chunk is an error rather than zeros
 (`fill_missing_data_reads: false`). A changed, truncated or missing chunk file raises
@@ -32,12 +42,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import itertools
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -46,7 +58,7 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
-from interp import paths
+from interp import paths, preemption
 from interp.data.activations import Batch, sum_squared_norms, unit_norm_scale
 
 FORMAT = "interp.activations"
@@ -82,6 +94,26 @@ def _read_metadata(path) -> dict[str, Any] | None:
     return json.loads(result.value) if result.state == "value" else None
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The parsed metadata.json at `path`, of a complete or an incomplete cache (see
+    `progress`); None when there is none."""
+    return _read_metadata(path)
+
+
+def progress(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The progress record of a cache being written (or whose writer stopped) at `path`.
+
+    Returns:
+      {'items': input items wholly written, 'rows': their rows, 'sites', 'dims',
+      'chunk_rows', 'squared_norms': {site: sum over those rows}}; None when `path` holds no
+      cache, a complete one, or one with nothing committed yet.
+    """
+    metadata = _read_metadata(path)
+    if not metadata or metadata.get("format") != FORMAT or metadata.get("complete"):
+        return None
+    return metadata.get("progress")
+
+
 def _write_metadata(path, metadata: Mapping[str, Any]) -> None:
     store = ts.KvStore.open(_kvstore(path)).result()
     store.write(METADATA, json.dumps(metadata, indent=1).encode()).result()
@@ -108,7 +140,7 @@ def config_hash(config: Any) -> str:
 
 def write_cache(
     path: str | os.PathLike,
-    activations: Iterable[Batch],
+    activations: Iterable[Batch] | Callable[[int], Iterable[Batch]],
     sites: Sequence[str] | None = None,
     num_rows: int | None = None,
     *,
@@ -118,6 +150,8 @@ def write_cache(
     model_name: str | None = None,
     extra: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    resume: bool = False,
+    commit_seconds: float = 60.0,
 ) -> ActivationCache:
     """Writes a stream of activation rows to an on-disk cache, one zarr array per site.
 
@@ -126,9 +160,19 @@ def write_cache(
     Rows are written in whole chunks, several in flight at once. Each site's mean squared
     norm is measured on the stored (cast) values and saved with its unit-norm scale.
 
+    With `resume`, the write can be interrupted and continued (module docstring): progress
+    is committed every `commit_seconds` and on SIGTERM/SIGINT, and a call finding an
+    incomplete cache written with the same settings (dtype, model, `extra`, sites,
+    `num_rows`, chunk rows) continues it from the next input item. `activations` is then a
+    function of the first input item to produce, so the items already written are never
+    computed again: `lambda start: harvest(model, params, token_batches[start:], ...)`. The
+    items must be the same on every call (a deterministic stream): put whatever decides
+    them (data, seed, batch size) in `extra`, so a cache of another stream is not continued.
+
     Args:
       path: Local directory or gs://bucket/prefix.
-      activations: Iterable of {site: [n, D]}, e.g. `harvest(...)`.
+      activations: Iterable of {site: [n, D]}, e.g. `harvest(...)`; with `resume`, a
+        function `start -> iterable` of the items from index `start` on.
       sites: Which keys to store; default all keys of the first item.
       num_rows: Stop after this many rows; None means the whole stream.
       dtype: Storage dtype ('bfloat16' halves the bytes; activations are consumed in bf16 or
@@ -138,87 +182,220 @@ def write_cache(
         activations of the model it thinks.
       model_name: A name for the model (checkpoint path, HF id).
       extra: More JSON-able facts to store (harvest settings: bos_id, sites' layer, corpus).
-      overwrite: Replace an existing cache at `path`; otherwise that is an error.
+      overwrite: Replace an existing cache at `path` (with `resume`: one that cannot be
+        continued); otherwise that is an error.
+      resume: Commit progress as it goes, stop cleanly on SIGTERM/SIGINT, and continue an
+        incomplete cache of the same settings.
+      commit_seconds: With `resume`, seconds between progress commits (each also writes the
+        partly filled chunk of every site once; 0 commits after every item).
 
     Returns:
       The written cache, open for reading.
 
     Raises:
-      FileExistsError: `path` already has a cache and `overwrite` is False.
-      ValueError: the stream is empty or lacks a site.
+      FileExistsError: `path` already has a cache (with `resume`: one that is complete or
+        written with other settings) and `overwrite` is False.
+      ValueError: the stream is empty or lacks a site, or a continued stream's items do not
+        fit the cache.
+      TypeError: `resume` with an iterable instead of a function of the start item.
+      preemption.Preempted: with `resume`, on SIGTERM/SIGINT, once the progress is committed.
     """
-    if _read_metadata(path) is not None and not overwrite:
-        raise FileExistsError(f"{path} already holds an activation cache (overwrite=True?).")
+    if resume and not callable(activations):
+        raise TypeError(
+            "write_cache(resume=True) needs `activations` as a function of the first input "
+            "item to produce (start -> iterable), so a continued write skips the items "
+            "already written without computing them; got an iterable."
+        )
     dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype)
     metadata: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "complete": False,
         "num_rows": 0,
+        "requested_rows": num_rows,
         "dtype": dtype.name,
         "model": {
             "name": model_name,
             "config": None if model_config is None else _jsonable_config(model_config),
             "config_hash": None if model_config is None else config_hash(model_config),
         },
-        "extra": dict(extra or {}),
+        "extra": json.loads(json.dumps(dict(extra or {}), default=str)),
         "sites": {},
     }
-    _write_metadata(path, metadata)  # First: an overwritten cache stops counting as complete.
+    existing = _read_metadata(path)
+    committed = None
+    if existing is not None:
+        reason = _why_not_continued(existing, metadata, sites, chunk_rows) if resume else None
+        if resume and reason is None:
+            committed = existing["progress"]
+        elif not overwrite:
+            raise FileExistsError(
+                f"{path} already holds an activation cache"
+                + (f" that cannot be continued ({reason})" if resume else "")
+                + " (overwrite=True?)."
+            )
+        elif resume:
+            logging.info("Not continuing the activation cache at %s: %s.", path, reason)
 
-    stream = iter(activations)
-    first = next(stream, None)
-    if first is None:
-        raise ValueError("The activation stream is empty; nothing to cache.")
-    sites = list(first) if sites is None else list(sites)
-    missing = [site for site in sites if site not in first]
-    if missing:
-        raise ValueError(f"Sites {missing} are not in the stream (it has {sorted(first)}).")
-    dims = {site: int(np.prod(np.shape(first[site])[1:])) for site in sites}
-    if chunk_rows is None:
-        chunk_rows = _default_chunk_rows(max(dims.values()), dtype.itemsize)
+    # Only with `resume`: without it a stop would lose the work it was meant to keep. Entered
+    # before the first item is pulled: producing it may take a compilation.
+    catcher = preemption.Preemption() if resume else contextlib.nullcontext()
+    with catcher as preempt:
+        start = 0 if committed is None else int(committed["items"])
+        stream = iter(activations(start) if callable(activations) else activations)
+        first = next(stream, None)
+        if committed is None:
+            metadata["progress"] = None
+            _write_metadata(path, metadata)  # First: an overwritten cache stops being complete.
+            if first is None:
+                raise ValueError("The activation stream is empty; nothing to cache.")
+            sites = list(first) if sites is None else list(sites)
+            dims = {site: _width(first, site) for site in sites}
+            if chunk_rows is None:
+                chunk_rows = _default_chunk_rows(max(dims.values()), dtype.itemsize)
+        else:
+            metadata = existing
+            sites, dims = list(committed["sites"]), dict(committed["dims"])
+            chunk_rows = int(committed["chunk_rows"])
+            got = dims if first is None else {site: _width(first, site) for site in sites}
+            if got != dims:
+                raise ValueError(
+                    f"The continued stream's rows do not fit the cache at {path} (widths "
+                    f"{got}, cached {dims}): it is not the stream the cache was started with."
+                )
+            logging.info(
+                "Continuing the activation cache at %s after %d rows (%d input items).",
+                path, committed["rows"], start,
+            )  # fmt: skip
 
-    writer = _CacheWriter(path, dims, dtype, chunk_rows, num_rows)
-    for item in itertools.chain([first], stream):
-        writer.add(item)
-        if writer.full:  # Stop pulling: no forward pass is wasted.
-            break
-    written = writer.finish()
-    if num_rows is not None and written < num_rows:
-        logging.warning("The stream ended after %d of %d rows.", written, num_rows)
+        writer = _CacheWriter(path, dims, dtype, chunk_rows, num_rows, committed)
+        items, last_commit = start, time.monotonic()
 
-    metadata["num_rows"] = written
-    metadata["chunk_rows"] = chunk_rows
-    metadata["sites"] = writer.site_metadata()
-    metadata["complete"] = True
-    _write_metadata(path, metadata)  # Last: now the cache counts as written.
+        def commit():
+            record = writer.commit(items)
+            record.update(sites=sites, dims=dims, chunk_rows=chunk_rows)
+            _write_metadata(path, dict(metadata, progress=record))
+            logging.info(
+                "Harvest progress: %d of %s rows committed to %s.",
+                record["rows"], "?" if num_rows is None else num_rows, path,
+            )  # fmt: skip
+
+        for item in itertools.chain([] if first is None else [first], stream):
+            if writer.full:
+                break
+            writer.add(item)
+            items += 1
+            if writer.full:  # Stop pulling: no forward pass is wasted.
+                break
+            # The item count is the sync id: it grows, and is the same on every process
+            # that writes in step (interp/preemption.py).
+            if preempt is not None and preempt.reached(items):
+                commit()
+                raise preempt.stop(writer.rows, num_rows, "The harvest", unit="row")
+            if resume and time.monotonic() - last_commit >= commit_seconds:
+                commit()
+                last_commit = time.monotonic()
+        written = writer.finish()
+        if num_rows is not None and written < num_rows:
+            logging.warning("The stream ended after %d of %d rows.", written, num_rows)
+
+        # A complete cache has no progress to continue from.
+        metadata = {key: value for key, value in metadata.items() if key != "progress"}
+        metadata["num_rows"] = written
+        metadata["chunk_rows"] = chunk_rows
+        metadata["sites"] = writer.site_metadata()
+        metadata["complete"] = True
+        _write_metadata(path, metadata)  # Last: now the cache counts as written.
+        # A notice during the last item or the final writes: stop here, the cache complete,
+        # rather than let the caller go on with the notice taken.
+        if preempt is not None and preempt.reached(items + 1):
+            raise preempt.stop(written, num_rows, "The harvest", unit="row")
     return ActivationCache.open(path)
+
+
+def _width(item: Batch, site: str) -> int:
+    """D of a site's rows in a stream item (a missing site is an error naming the others)."""
+    if site not in item:
+        raise ValueError(f"Site {site!r} is not in the stream (it has {sorted(item)}).")
+    return int(np.prod(np.shape(item[site])[1:]))
+
+
+def _why_not_continued(existing, metadata, sites, chunk_rows) -> str | None:
+    """Why the cache described by `existing` cannot be continued by a write described by the
+    other arguments (None: it can)."""
+    if existing.get("format") != FORMAT:
+        return f"its {METADATA} is not an activation cache's"
+    if existing.get("complete"):
+        return "it is complete"
+    record = existing.get("progress")
+    if not record:
+        return "nothing of it was committed"
+    for key in ("version", "dtype", "model", "extra", "requested_rows"):
+        if existing.get(key) != metadata[key]:
+            return f"its {key} was {existing.get(key)!r}, now {metadata[key]!r}"
+    if sites is not None and list(sites) != list(record["sites"]):
+        return f"its sites were {record['sites']}, now {list(sites)}"
+    if chunk_rows is not None and chunk_rows != record["chunk_rows"]:
+        return f"its chunk_rows was {record['chunk_rows']}, now {chunk_rows}"
+    return None
 
 
 class _CacheWriter:
     """Streams rows into one zarr array per site, in whole chunks, a few chunks in flight.
 
-    `add` stages an item's rows and writes every chunk they complete; `finish` writes the
-    partial last chunk, waits for all writes and trims the arrays to the rows written. The
+    `add` stages an item's rows and writes every chunk they complete; `commit` also writes
+    the staged rows of the partly filled chunk and waits for every write, so all rows added
+    so far are durable; `finish` does the same and trims the arrays to the rows written. The
     arrays start at `num_rows` rows, or 16 chunks when the length is unknown, and grow
-    geometrically.
+    geometrically. Given a committed record, it reopens the arrays and goes on from there:
+    its next write completes the chunk the commit left partly filled (tensorstore reads and
+    rewrites it), so every chunk ends with the rows an uninterrupted write gives it.
     """
 
     def __init__(
-        self, path, dims: Mapping[str, int], dtype: np.dtype, chunk_rows: int, num_rows: int | None
+        self,
+        path,
+        dims: Mapping[str, int],
+        dtype: np.dtype,
+        chunk_rows: int,
+        num_rows: int | None,
+        committed: Mapping[str, Any] | None = None,
     ):
         self._sites = list(dims)
         self._dims = dict(dims)
         self._dtype = dtype
         self._chunk_rows = chunk_rows
         self._num_rows = num_rows
-        self._capacity = num_rows if num_rows is not None else 16 * chunk_rows
-        self._arrays = {site: self._create(path, site) for site in self._sites}
-        self._squared_norms = dict.fromkeys(self._sites, 0.0)  # float64 sums.
         self._staged: dict[str, list[np.ndarray]] = {site: [] for site in self._sites}
         self._staged_rows = 0
-        self._written = 0
         self._in_flight: collections.deque = collections.deque()
+        if committed is None:
+            self._capacity = num_rows if num_rows is not None else 16 * chunk_rows
+            self._arrays = {site: self._create(path, site) for site in self._sites}
+            self._squared_norms = dict.fromkeys(self._sites, 0.0)  # float64 sums.
+            self._written = 0
+        else:
+            self._arrays = {
+                site: ts.open(_array_spec(path, site), open=True).result() for site in self._sites
+            }
+            self._capacity = min(int(a.domain.exclusive_max[0]) for a in self._arrays.values())
+            # Exactly the sums of the committed rows (JSON keeps a float64 exactly), added to
+            # in the same order as in an uninterrupted write.
+            self._squared_norms = {site: float(committed["squared_norms"][site]) for site in dims}
+            self._written = int(committed["rows"])
+
+    @property
+    def rows(self) -> int:
+        """Rows added so far (written or staged)."""
+        return self._written + self._staged_rows
+
+    def commit(self, items: int) -> dict[str, Any]:
+        """Writes every staged row, waits for all writes; returns the progress record of the
+        `items` input items added so far (all their rows now durable)."""
+        self._flush(final=True)
+        while self._in_flight:
+            self._in_flight.popleft().result()
+        return {"items": items, "rows": self._written, "squared_norms": dict(self._squared_norms)}
 
     def _create(self, path, site: str) -> ts.TensorStore:
         """A new (or replacing) zarr array [capacity, D] of the site, chunked [R, D]."""
@@ -256,8 +433,8 @@ class _CacheWriter:
     def finish(self) -> int:
         """Writes what is staged, waits for every write, trims; returns the rows written."""
         self._flush(final=True)
-        for future in self._in_flight:
-            future.result()
+        while self._in_flight:
+            self._in_flight.popleft().result()
         if self._written == 0:
             raise ValueError("The activation stream had no rows; nothing to cache.")
         if self._written != self._capacity:
@@ -285,10 +462,12 @@ class _CacheWriter:
         return out
 
     def _flush(self, final: bool) -> None:
-        """Starts the writes of the staged whole chunks (of all staged rows if `final`)."""
-        staged = self._staged_rows
-        rows = staged if final else (staged // self._chunk_rows) * self._chunk_rows
-        if rows == 0:
+        """Starts the writes of the staged rows up to the last chunk they complete (of all
+        staged rows if `final`). After a commit the first write starts inside a chunk."""
+        staged, start = self._staged_rows, self._written
+        end = start + staged if final else (start + staged) // self._chunk_rows * self._chunk_rows
+        rows = end - start
+        if rows <= 0:
             return
         if self._written + rows > self._capacity:
             self._grow(self._written + rows)
@@ -358,7 +537,8 @@ class ActivationCache:
         if not metadata.get("complete"):
             raise ValueError(
                 f"The activation cache at {path} is incomplete: it is being written, or its "
-                "writer stopped before finishing. Rewrite it with overwrite=True."
+                "writer stopped before finishing. Rerun the harvest to continue it (the SAE "
+                "job does; write_cache(resume=True)), or rewrite it with overwrite=True."
             )
         if metadata.get("version", 1) < 2:
             logging.warning(

@@ -220,13 +220,20 @@ class Resume:
     identity: Mapping[str, Any]
 
 
-def _accumulate(stage: str, batches, step, resume: Resume | None):
-    """Sums `step(index, batch) -> ({name: {key: array}}, count)` over the batches.
+def _accumulate(stage: str, batches, step, resume: Resume | None, first_step: int = 0):
+    """Sums `step(index, batch) -> ({name: {key: array}}, count)` over the batches; returns
+    (sums, count, batches in the pass).
 
     With `resume`, restores the newest intact checkpoint of this stage, skips the batches it
     covered, and saves every `resume.every` batches and at the end; sums continue in the
     same order, so a resumed fit equals an uninterrupted one bit for bit. A preemption
     notice (`interp.preemption`) saves the batches done so far and raises `Preempted`.
+
+    The checkpoint after `done` batches is step `first_step + done`, and that is also the
+    preemption sync id (`Preemption.reached`): a later pass numbers on from the earlier
+    pass's last step, so the ids grow through the fit, as the multi-process sync point
+    needs (a notice between two passes sets it one past the first pass's last id, which the
+    second pass then reaches at its first batch, instead of never).
     """
     sums: dict[str, dict[str, jax.Array]] = {}
     count, start, ckpt = 0, 0, None
@@ -234,7 +241,10 @@ def _accumulate(stage: str, batches, step, resume: Resume | None):
         # Two kept: a damaged newest one falls back to the one before.
         ckpt = checkpoint.Checkpointer(paths.resolve(resume.directory) / stage, max_to_keep=2)
         if ckpt.latest_step():
-            start, saved = ckpt.restore_newest_intact()
+            saved_step, saved = ckpt.restore_newest_intact()
+            # A step up to `first_step` was numbered from 0 (interp did so for every pass
+            # before; a pass has as many batches as the first, so the two never overlap).
+            start = saved_step - first_step if saved_step > first_step else saved_step
             if saved["identity"] != dict(resume.identity):
                 ckpt.close()
                 raise ValueError(
@@ -261,20 +271,20 @@ def _accumulate(stage: str, batches, step, resume: Resume | None):
                         sums[name] = dict(values)
                 done = index + 1
                 if ckpt is not None and done % resume.every == 0:
-                    ckpt.save(done, _snapshot(sums, count, resume))
-                # The batch count is the checkpoint step, as orbax's saves report it to the
+                    ckpt.save(first_step + done, _snapshot(sums, count, resume))
+                # The checkpoint step is the sync id, as orbax's saves report it to the
                 # multi-process sync point.
-                if preempt is not None and preempt.reached(done):
-                    if done not in ckpt.all_steps():
-                        ckpt.save(done, _snapshot(sums, count, resume))
+                if preempt is not None and preempt.reached(first_step + done):
+                    if first_step + done not in ckpt.all_steps():
+                        ckpt.save(first_step + done, _snapshot(sums, count, resume))
                     ckpt.wait()
                     raise preempt.stop(done, _length(batches, done), f"The {stage} pass")
-        if ckpt is not None and done != start and done not in ckpt.all_steps():
-            ckpt.save(done, _snapshot(sums, count, resume))
+        if ckpt is not None and done != start and first_step + done not in ckpt.all_steps():
+            ckpt.save(first_step + done, _snapshot(sums, count, resume))
     finally:
         if ckpt is not None:
             ckpt.close()
-    return sums, int(count)
+    return sums, int(count), done
 
 
 def _length(batches, done: int) -> int:
@@ -296,6 +306,17 @@ def covariance_sums(
 
     Sums, not averages: partial sums over disjoint batches add up to the whole.
     """
+    sums, tokens, _ = _covariance_pass(
+        model, params, batches, modules, sample_labels=sample_labels, seed=seed,
+        placement=placement, resume=resume,
+    )  # fmt: skip
+    return sums, tokens
+
+
+def _covariance_pass(
+    model, params, batches, modules, *, sample_labels=True, seed=0, placement=None, resume=None
+):
+    """`covariance_sums` and the number of batches in the pass."""
     placement = placement or gradients.Placement()
 
     def step(index, batch):
@@ -357,10 +378,13 @@ def correction_sums(
     seed=0,
     placement=None,
     resume=None,
+    first_step=0,
 ) -> tuple[dict[str, dict[str, jax.Array]], int]:
     """Stage 3: ({module: {'Lambda': sum_n (Q_S^T G_n Q_A)^2 [O, I]}}, number of sequences).
 
     With `bases` None, the unrotated sum_n G_n^2 (the 'diagonal' strategy's statistic).
+    `first_step`: the covariance pass's batch count, after which this pass's checkpoint
+    steps and preemption sync ids go on (see `_accumulate`).
     """
     placement = placement or gradients.Placement()
     rotate = bases is not None
@@ -375,18 +399,20 @@ def correction_sums(
         out = _correction_sums(model, params, modules, prepared, key, rotate, bases)
         return {name: {"Lambda": v} for name, v in out.items()}, prepared["tokens"].shape[0]
 
-    return _accumulate("correction", batches, step, resume)
+    return _accumulate("correction", batches, step, resume, first_step)[:2]
 
 
 def _fit(model, params, batches, strategy, sample_labels, tracked, identity, seed, placement,
          resume):  # fmt: skip
     options = dict(sample_labels=sample_labels, seed=seed, placement=placement, resume=resume)
     arrays: dict[str, dict[str, np.ndarray]] = {m.name: {} for m in tracked}
-    num_tokens = num_sequences = 0
+    num_tokens = num_sequences = covariance_batches = 0
     if strategy in ("kfac", "ekfac"):
         batches = _reiterable(batches, 2 if strategy == "ekfac" else 1)
         with placement.context():
-            sums, num_tokens = covariance_sums(model, params, batches, tracked, **options)
+            sums, num_tokens, covariance_batches = _covariance_pass(
+                model, params, batches, tracked, **options
+            )
         # One process: deal the decompositions over the mesh's devices (multi-host: issue 12).
         single = placement.mesh is not None and jax.process_count() == 1
         devices = list(placement.mesh.devices.flat) if single else None
@@ -401,7 +427,7 @@ def _fit(model, params, batches, strategy, sample_labels, tracked, identity, see
         bases = arrays if strategy == "ekfac" else None
         with placement.context():
             totals, num_sequences = correction_sums(
-                model, params, batches, tracked, bases, **options
+                model, params, batches, tracked, bases, first_step=covariance_batches, **options
             )
         if num_sequences == 0:
             raise ValueError("batches held no sequences; give at least one training batch.")

@@ -6,7 +6,9 @@
    pipeline trained under `<workdir>/../lm/export`);
 2. activations at the hook sites over the training text, cached as zarr under
    `<workdir>/activations` (or `config.sae.cache_path`, local or gs://, shared across sweeps:
-   a complete cache of the same model is reused; one made by another model is an error);
+   a complete cache of the same model is reused; one made by another model is an error;
+   a harvest stopped by SIGTERM, SIGKILL or a crash continues from its last progress
+   commit, `config.sae.harvest_commit_seconds`, when the job is rerun);
 3. every SAE in `config.sae.saes` trained together, one jitted step, on shuffled cached rows,
    with `input_scale` (unit mean squared norm) and `b_dec` (geometric median) from the data,
    through the shared loop (`interp.jobs.loop`: metrics, progress, checkpoints, resume);
@@ -160,16 +162,19 @@ class CacheModelMismatchError(ValueError):
     """An activation cache was harvested from another model than the one this job studies."""
 
 
-def _check_cache_model(cache, path: str, model_path: str, model_hash: str) -> None:
-    """Raises unless the cache at `path` was harvested from the model with `model_hash`."""
-    made_by = cache.metadata.get("extra", {}).get("model_fingerprint")
+def _check_cache_model(metadata, path: str, model_path: str, model_hash: str) -> None:
+    """Raises unless the cache at `path` (its metadata.json: complete, or partly harvested)
+    was harvested from the model with `model_hash`."""
+    made_by = metadata.get("extra", {}).get("model_fingerprint")
     if made_by == model_hash:
         return
-    name = cache.metadata.get("model", {}).get("name")
+    name = metadata.get("model", {}).get("name")
     if made_by is None:
         what = f"by an older version (from {name!r}), before caches recorded their model"
     else:
         what = f"from another model ({name!r}, fingerprint {made_by})"
+    if not metadata.get("complete"):
+        what = f"(in part: its harvest was stopped) {what}"
     raise CacheModelMismatchError(
         f"The activation cache at {path} was harvested {what}, not from {model_path!r} "
         f"(fingerprint {model_hash}); SAEs would train on the wrong activations. To "
@@ -191,10 +196,13 @@ def _cache(
     path = _cache_path(sae_config, workdir)
     if cache_lib.is_complete(path):
         cache = cache_lib.ActivationCache.open(path)
-        _check_cache_model(cache, path, model_path, model_hash)
+        _check_cache_model(cache.metadata, path, model_path, model_hash)
         missing = set(harvested) - set(cache.sites)
         cached_exclusions = cache.metadata.get("extra", {}).get("exclusions")
         same_positions = cached_exclusions == _json_exclusions(excluded)
+        # A harvest asked for as many rows ends where its text does (excluded positions make
+        # the rows fewer than batches x positions): the same request would get no more.
+        asked = cache.metadata.get("requested_rows") or 0
         if not same_positions:
             logging.info(
                 "The cache at %s kept other positions (%s, now %s); harvesting again.",
@@ -202,22 +210,26 @@ def _cache(
                 cached_exclusions,
                 _json_exclusions(excluded),
             )
-        elif not missing and cache.num_rows >= sae_config.harvest_rows:
+        elif not missing and max(cache.num_rows, asked) >= sae_config.harvest_rows:
             logging.info("Reusing %d cached activation rows at %s.", cache.num_rows, path)
             return cache
+    elif (partial := cache_lib.read_metadata(path)) is not None:
+        # A harvest that was stopped: continued below when its settings are these.
+        _check_cache_model(partial, path, model_path, model_hash)
     rows_per_batch = sae_config.harvest_batch_size * (config.data.seq_len - 1)
     batches_needed = math.ceil(sae_config.harvest_rows / rows_per_batch)
     needed = batches_needed * sae_config.harvest_batch_size
     tokens = pack_rows(config.data, train_docs, tokenizer, needed)
     order = np.random.default_rng(config.seed).permutation(len(tokens))[:needed]
+    rows = tokens[np.sort(order)]
+    batch_size = sae_config.harvest_batch_size
     logging.info("Harvesting %d rows at %s.", sae_config.harvest_rows, list(sae_config.sites))
-    stream = activations.harvest(
-        model,
-        params,
-        _token_batches(tokens[np.sort(order)], sae_config.harvest_batch_size),
-        harvested,
-        **excluded,
-    )
+
+    def stream(start):
+        # Token batches from the start-th on: the same batches, whatever the start.
+        batches = _token_batches(rows[start * batch_size :], batch_size)
+        return activations.harvest(model, params, batches, harvested, **excluded)
+
     return cache_lib.write_cache(
         path,
         stream,
@@ -225,8 +237,19 @@ def _cache(
         num_rows=sae_config.harvest_rows,
         model_config=model.config,
         model_name=model_path,
-        extra={"model_fingerprint": model_hash, "exclusions": _json_exclusions(excluded)},
+        extra={
+            "model_fingerprint": model_hash,
+            "exclusions": _json_exclusions(excluded),
+            # What decides the rows, so a stopped harvest is continued only by the same one.
+            "rows_from": {
+                "seed": config.seed,
+                "data": config.data.to_dict(),
+                "batch_size": batch_size,
+            },
+        },
         overwrite=True,
+        resume=True,
+        commit_seconds=sae_config.harvest_commit_seconds,
     )
 
 

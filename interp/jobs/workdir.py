@@ -41,6 +41,7 @@ RESUMABLE_FIELDS = (
     "eval_every",
     "checkpoint_every",
     "keep_checkpoints",
+    "harvest_commit_seconds",  # How often a harvest commits its progress, not what it writes.
 )
 
 # Fields added to the job configs after workdirs had saved theirs, each with the value that

@@ -1,15 +1,18 @@
 """The on-disk activation cache: local and gs:// round trips, atomicity, shuffled reads."""
 
 import itertools
+import os
 import pathlib
+import signal
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
+import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec
 
-from interp import parallel
+from interp import parallel, paths, preemption
 from interp.data import activations
 from interp.data import cache as cache_lib
 from tests.data import testing
@@ -115,6 +118,95 @@ def test_partially_written_cache_is_not_complete(tmp_path):
     with pytest.raises(RuntimeError):
         cache_lib.write_cache(path, dying_stream(), chunk_rows=8, overwrite=True)
     assert not cache_lib.is_complete(path)
+
+
+class _Source:
+    """A deterministic stream as `write_cache(resume=True)` takes it: `source(start)` yields
+    the items from `start` on. Records each start; raises at item `die` (a crash) or sends
+    this process SIGTERM while producing item `signal_at` (a preemption notice)."""
+
+    def __init__(self, die=None, signal_at=None):
+        self.items = list(_synthetic_stream())  # 7 items of 13 rows.
+        self.die, self.signal_at, self.starts = die, signal_at, []
+
+    def __call__(self, start):
+        self.starts.append(start)
+        for index in range(start, len(self.items)):
+            if index == self.die:
+                raise RuntimeError("harvest died")
+            if index == self.signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # Handled: the write stops after it.
+            yield self.items[index]
+
+
+def _objects(path) -> dict[str, bytes]:
+    """Every object (file) of a cache, local or gs://, as bytes."""
+    store = ts.KvStore.open(paths.kvstore(path)).result()
+    return {key.decode(): store.read(key).result().value for key in store.list().result()}
+
+
+# Arrays that grow (length unknown) or are trimmed (the stream is longer), locally and on gs://.
+@pytest.mark.parametrize("where,num_rows", [("local", None), ("local", 70), ("gs", 70)])
+def test_a_stopped_write_continues_to_the_files_of_one_write(tmp_path, where, num_rows, request):
+    base = str(tmp_path)
+    if where == "gs":
+        base = f"{request.getfixturevalue('gcs_bucket')}/run"
+    options = dict(num_rows=num_rows, chunk_rows=16, extra={"corpus": "toy"})
+    want = cache_lib.write_cache(f"{base}/want", _synthetic_stream(), **options)
+    path, total = f"{base}/cache", "" if num_rows is None else f" of {num_rows}"
+    resumable = dict(options, resume=True, commit_seconds=0)  # A commit after every item.
+
+    # A crash while item 4 is computed: items 0-3 are committed, the cache is incomplete.
+    with pytest.raises(RuntimeError, match="harvest died"):
+        cache_lib.write_cache(path, _Source(die=4), **resumable)
+    assert cache_lib.progress(path)["items"] == 4 and cache_lib.progress(path)["rows"] == 52
+    assert not cache_lib.is_complete(path)
+    with pytest.raises(ValueError, match="incomplete"):
+        cache_lib.ActivationCache.open(path)
+
+    # Continued; SIGTERM while item 4 is computed: it is written and committed, then the stop.
+    handler = signal.getsignal(signal.SIGTERM)
+    source = _Source(signal_at=4)
+    with pytest.raises(preemption.Preempted) as stopped:
+        cache_lib.write_cache(path, source, **resumable)
+    assert source.starts == [4]  # Items 0-3 were not computed again.
+    assert stopped.value.exit_code == 143
+    assert str(stopped.value) == (
+        f"The harvest preempted (SIGTERM) at row 65{total}; rerun the same command to resume."
+    )
+    assert cache_lib.progress(path)["rows"] == 65 and not cache_lib.is_complete(path)
+    assert signal.getsignal(signal.SIGTERM) is handler  # Restored.
+
+    # Continued to the end: the same files as one uninterrupted write, bit for bit.
+    source = _Source()
+    cache = cache_lib.write_cache(path, source, **resumable)
+    assert source.starts == [5]
+    assert _objects(path) == _objects(f"{base}/want")
+    assert cache.metadata == want.metadata and cache_lib.progress(path) is None
+
+
+def test_a_notice_during_the_last_item_stops_after_the_cache_is_complete(tmp_path):
+    path = tmp_path / "cache"
+    with pytest.raises(preemption.Preempted, match="at row 70 of 70"):
+        cache_lib.write_cache(path, _Source(signal_at=5), num_rows=70, resume=True)
+    assert cache_lib.is_complete(path)  # A rerun reuses it.
+
+
+def test_a_stopped_write_of_other_settings_is_not_continued(tmp_path):
+    path = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="harvest died"):
+        cache_lib.write_cache(path, _Source(die=3), extra={"corpus": "a"}, resume=True,
+                              commit_seconds=0)  # fmt: skip
+    other = dict(extra={"corpus": "b"}, resume=True)
+    with pytest.raises(FileExistsError, match=r"cannot be continued \(its extra was"):
+        cache_lib.write_cache(path, _Source(), **other)
+    source = _Source()
+    cache = cache_lib.write_cache(path, source, overwrite=True, **other)
+    assert source.starts == [0] and cache.num_rows == 91
+    with pytest.raises(FileExistsError, match="it is complete"):
+        cache_lib.write_cache(path, _Source(), **other)
+    with pytest.raises(TypeError, match="function of the first input item"):
+        cache_lib.write_cache(tmp_path / "new", _synthetic_stream(), resume=True)
 
 
 def test_harvest_into_cache(tmp_path, model_and_params):

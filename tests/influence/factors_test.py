@@ -223,13 +223,34 @@ def test_sigterm_saves_the_batches_done_and_a_rerun_equals_one_fit(setup, tmp_pa
     whole = influence.fit_factors(model, params, batches, **{**options, "checkpoint_dir": None})
     with pytest.raises(preemption.Preempted) as stopped:
         influence.fit_factors(model, params, _Signalling(batches, at), **options)
-    stage, done = ("covariance", 2) if at == 1 else ("correction", 2)
-    assert (stopped.value.step, stopped.value.total, stopped.value.exit_code) == (done, 3, 143)
+    # The correction pass's checkpoint steps (its sync ids) follow the covariance pass's 3.
+    stage, saved = ("covariance", 2) if at == 1 else ("correction", 3 + 2)
+    assert (stopped.value.step, stopped.value.total, stopped.value.exit_code) == (2, 3, 143)
     assert str(stopped.value).startswith(f"The {stage} pass preempted (SIGTERM) at step 2 of 3")
-    assert checkpoint.Checkpointer(tmp_path / stage).all_steps() == [done]
+    assert checkpoint.Checkpointer(tmp_path / stage).all_steps() == [saved]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Handler restored.
     resumed = influence.fit_factors(model, params, batches, **options)
     _assert_same_factors(resumed, whole)
+
+
+def test_a_correction_checkpoint_numbered_from_0_still_resumes(setup, tmp_path, monkeypatch):
+    """Before the correction pass's steps followed the covariance pass's, it numbered them
+    from 0; such a checkpoint (here: correction step 5 renamed 2) resumes after its batches."""
+    model, params, batch, _ = setup
+    batches = testing.split(batch, 4)  # 3 batches a pass.
+    options = dict(modules=MODULES, sample_labels=True, seed=3, checkpoint_dir=tmp_path,
+                   checkpoint_every=10)  # fmt: skip
+    whole = influence.fit_factors(model, params, batches, **{**options, "checkpoint_dir": None})
+    with pytest.raises(preemption.Preempted):
+        influence.fit_factors(model, params, _Signalling(batches, 4), **options)
+    (tmp_path / "correction" / "5").rename(tmp_path / "correction" / "2")
+    calls = []
+    original = factors_lib._correction_sums
+    monkeypatch.setattr(factors_lib, "_correction_sums", lambda *a: calls.append(1) or original(*a))
+    resumed = influence.fit_factors(model, params, batches, **options)
+    _assert_same_factors(resumed, whole)
+    assert len(calls) == 1  # Only the correction pass's last batch.
+    assert checkpoint.Checkpointer(tmp_path / "correction").all_steps() == [2, 3 + 3]
 
 
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal", "identity"])

@@ -75,3 +75,64 @@ def test_two_processes_fit_and_score_as_one(tmp_path):
             np.testing.assert_allclose(got["own"], want_own, rtol=1e-4)
     # Both processes checkpointed one fit: the last covariance pass is on disk once.
     assert (tmp_path / "partial" / "covariance").is_dir()
+
+
+_NOTICE_BETWEEN_PASSES = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from interp import parallel, preemption
+
+    port, process_id, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes=2,
+                                    process_id=process_id)
+    from interp import influence
+    from tests.influence import testing
+
+    model, params = testing.model_and_params()
+    batches = testing.split(testing.data(24, seed=0), 8)  # 3 batches a pass.
+
+    class NoticeBetweenPasses:
+        # Process 0 gets SIGTERM as the correction pass reads its first batch, after the
+        # covariance pass's last sync id (3). The wait lets JAX's sync protocol agree on its
+        # point (one past the largest id any process reported) before the next id is given.
+        read = 0
+
+        def __len__(self):
+            return len(batches)
+
+        def __iter__(self):
+            for batch in batches:
+                if self.read == len(batches):
+                    if process_id == 0:
+                        os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier catches it.
+                    time.sleep(3)
+                self.read += 1
+                yield batch
+
+    try:
+        influence.fit_factors(model, params, NoticeBetweenPasses(), sample_labels=False,
+                              mesh=parallel.make_mesh(data=4, model=2),
+                              checkpoint_dir=os.path.join(out_dir, "partial"),
+                              checkpoint_every=10)
+        print("RESULT finished")
+    except preemption.Preempted as stopped:
+        print(f"RESULT {stopped}")
+    """
+)
+
+
+def test_a_notice_between_the_passes_stops_both_processes_in_the_second(tmp_path):
+    port = multiprocess.free_port()
+    outputs = multiprocess.start_workers(
+        _NOTICE_BETWEEN_PASSES, [(port, i, tmp_path) for i in range(2)], timeout=100
+    ).wait()
+    for output in outputs:
+        results = [line for line in output.splitlines() if line.startswith("RESULT")]
+        # Not missed: the correction pass's sync ids follow the covariance pass's (4, 5, 6),
+        # so its first batch is the agreed point on both processes.
+        assert results == [
+            "RESULT The correction pass preempted (SIGTERM) at step 1 of 3; rerun the same "
+            "command to resume."
+        ], output[-3000:]
+    # Saved there as step 3 + 1, the ids and steps being one numbering.
+    assert sorted(p.name for p in (tmp_path / "partial" / "correction").iterdir()) == ["4"]

@@ -245,3 +245,47 @@ def test_per_head_and_all_heads_saes_train_on_attn_z(pipeline_run, tmp_path):
     config.sae.saes = ({"architecture": "topk", "k": 4, "hook_head_index": heads},)
     with pytest.raises(ValueError, match=f"hook_head_index {heads} outside 0..{heads - 1}"):
         job.run(config, str(tmp_path / "bad"))
+
+
+def _cache_arguments(workdir, config):
+    """The arguments `job.run` gives `job._cache` (which harvests or reuses the cache)."""
+    from interp.data.documents import documents
+    from interp.models.fingerprint import fingerprint
+
+    config.sae.model_path = os.path.join(workdir, "lm", "export")
+    model, params, tokenizer = models.from_pretrained(config.sae.model_path)
+    train_docs, _ = documents(config.data)
+    return (config, workdir, config.sae.model_path, model, params, tokenizer, train_docs,
+            fingerprint(model.config, params), job.exclusions(config.sae, tokenizer))  # fmt: skip
+
+
+def test_a_cache_whose_text_ran_out_is_reused_not_harvested_again(pipeline_run, tmp_path):
+    workdir, _ = pipeline_run
+    config = _config()
+    config.sae.cache_path = str(tmp_path / "activations")
+    config.sae.harvest_rows = 10**6  # More than the tiny corpus holds.
+    arguments = _cache_arguments(workdir, config)
+    cache = job._cache(*arguments)
+    assert cache.num_rows < config.sae.harvest_rows
+    metadata = os.path.join(config.sae.cache_path, "metadata.json")
+    before = os.path.getmtime(metadata)
+    # The same request would end at the same place: the rerun reuses the cache.
+    assert job._cache(*arguments).num_rows == cache.num_rows
+    assert os.path.getmtime(metadata) == before
+
+
+def test_a_stopped_harvest_of_another_model_is_refused(pipeline_run, tmp_path):
+    workdir, _ = pipeline_run
+    config = _config()
+    config.sae.cache_path = str(tmp_path / "activations")
+
+    def stopped(start):
+        yield {config.sae.sites[0]: np.ones((8, 32), np.float32)}
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        cache_lib.write_cache(config.sae.cache_path, stopped, extra={"model_fingerprint": "x"},
+                              resume=True, commit_seconds=0)  # fmt: skip
+    with pytest.raises(job.CacheModelMismatchError, match=r"\(in part: its harvest was stop"):
+        job._cache(*_cache_arguments(workdir, config))
+    assert cache_lib.progress(config.sae.cache_path)["rows"] == 8  # Left as it was.
