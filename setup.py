@@ -10,7 +10,7 @@ setuptools.setup(
     # (`python -m experiments.pipeline --config=configs/demo.py`); installed, such generic
     # top-level names would collide with other projects' in site-packages.
     packages=setuptools.find_packages(include=["interp", "interp.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10 and flax 0.12 require it.
     # What interp/, experiments/ and configs/ import, plus gcsfs, which fsspec and etils.epath
     # load for gs:// paths (never imported by name).
     install_requires=[
