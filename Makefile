@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt
 WORKDIR ?= workdir/demo
-PYTEST_ARGS ?= -n 2
+# loadgroup: one worker per test file (and per shared pipeline fixture; tests/conftest.py).
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 # An index to take torch from first, e.g. https://download.pytorch.org/whl/cpu for the CPU
 # build (README). Empty: whatever the default index gives for torch==2.13.0.
 TORCH_INDEX_URL ?=

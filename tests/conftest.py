@@ -27,6 +27,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# --- Scheduling under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) ----------------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Puts each test file's tests on one worker, and every test of the session fixture
+    `tiny_pipeline` on one worker: module and session fixtures (a pipeline run, a trained LM)
+    are then built once, not once per worker that happens to get one of their tests.
+
+    Runs before xdist's own hook, which reads these marks under `--dist loadgroup`; a test's
+    own `xdist_group` mark wins.
+    """
+    del config
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        shared = "tiny_pipeline" in getattr(item, "fixturenames", ())
+        group = "tiny_pipeline" if shared else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 # --- gs:// against a local fake-gcs-server (see shared/ENVIRONMENT.md) ----------------------
 #
 # These four are read when gcsfs/fsspec are imported, so they are set here, before any test
