@@ -32,9 +32,7 @@ def get_config(arg=None):
     c = demo.get_config()
     c.data.text_path = "gs://YOUR_BUCKET/data/fineweb/sample-10BT/*.parquet"
     c.data.seq_len = 1024  # Gemma Scope's SAEs were trained on 1024-token contexts.
-    # The SAE job packs its documents in memory: 150k web pages (~1k tokens each) give the
-    # ~100k rows of 1024 tokens that harvest_rows needs, with room to spare.
-    c.data.max_documents = 150_000
+    # Parquet is streamed: the job reads only the documents its ~100k rows of 1024 tokens need.
     c.mesh = dict(data=-1, fsdp=1, model=tpu.devices)  # Latents over every chip.
     site = f"blocks_{arg.layer}/resid_post"
     c.sae.update(

@@ -20,7 +20,6 @@ def get_config(arg=None):
     c = demo.get_config()
     c.data.text_path = "data/openwebtext/*.parquet"
     c.data.seq_len = 1024  # GPT-2's context.
-    c.data.max_documents = 80_000  # ~1k tokens each: the ~49k rows harvest_rows needs, and more.
     c.mesh = dict(data=gpu.devices, fsdp=1, model=1)
     c.sae.update(
         model_path="models/gpt2",

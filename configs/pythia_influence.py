@@ -26,9 +26,7 @@ def get_config(arg=None):
     c = demo.get_config()
     c.data.text_path = "gs://YOUR_BUCKET/data/pile-deduped/*.parquet"
     c.data.seq_len = 2048  # Pythia's training context.
-    # The influence job packs its documents in memory; 200k Pile documents give the ~130k
-    # rows of 2048 tokens that fit_rows and search_rows draw from.
-    c.data.max_documents = 200_000
+    # Parquet is streamed: the job reads only the documents its fit and search rows need.
     c.mesh = dict(data=devices, fsdp=1, model=1)
     c.influence.update(
         model_path="gs://YOUR_BUCKET/models/pythia-410m-deduped",
