@@ -324,6 +324,24 @@ def _slot_dots(vectors, cols, table, dtype):
     return jax.lax.fori_loop(0, k, dot_slot, zeros, unroll=min(k, 32))
 
 
+def _slot_scatter(values, cols, grad, shape):
+    """sum_j of values[:, j] * grad scattered into rows cols[:, j]: [B, k], [B, k], [B, D] ->
+    `shape` ([X, D]) float32.
+
+    W_dec's gradient one slot at a time, so no [B * k, D] product is ever materialised (at an
+    AuxK k of d_in / 2 that temporary is B * d_in^2 / 2 floats: 43 GB per device for B=4096,
+    d_in=2304).
+    """
+    batch, k = cols.shape
+    grad = grad.astype(jnp.float32)
+
+    def add_slot(j, total):
+        return total.at[cols[:, j]].add(values[:, j, None].astype(jnp.float32) * grad)
+
+    zeros = jnp.zeros(shape, jnp.float32)
+    return jax.lax.fori_loop(0, k, add_slot, zeros, unroll=min(k, 8))
+
+
 def _sparse_decode_fwd(num_rows, dtype, values, rows, cols, w_dec):
     return sparse_decode(num_rows, dtype, values, rows, cols, w_dec), (values, rows, cols, w_dec)
 
@@ -331,15 +349,16 @@ def _sparse_decode_fwd(num_rows, dtype, values, rows, cols, w_dec):
 def _sparse_decode_bwd(num_rows, dtype, residuals, grad):
     del num_rows
     values, rows, cols, w_dec = residuals
+    if rows is None:  # Per row: slot by slot, no [B * k, D] temporaries.
+        d_values = _slot_dots(grad, cols, w_dec, dtype)
+        d_w_dec = _slot_scatter(values, cols, grad, w_dec.shape)
+        return d_values.astype(values.dtype), None, None, d_w_dec
     rows_, cols_, values_ = _flat(rows, cols, values, None)
     grad_rows = grad[rows_]  # [N, D]
-    if rows is None:
-        d_values = _slot_dots(grad, cols, w_dec, dtype)
-    else:
-        gathered = w_dec.astype(dtype)[cols_]
-        d_values = jnp.einsum(
-            "ND,ND->N", grad_rows.astype(dtype), gathered, preferred_element_type=jnp.float32
-        )
+    gathered = w_dec.astype(dtype)[cols_]
+    d_values = jnp.einsum(
+        "ND,ND->N", grad_rows.astype(dtype), gathered, preferred_element_type=jnp.float32
+    )
     # Only the active rows of W_dec get gradient: a scatter-add of N rows.
     d_w_dec = (
         jnp.zeros(w_dec.shape, jnp.float32)
@@ -388,9 +407,14 @@ def _gather_bwd(residuals, grad):
     centered = x.astype(jnp.float32) - shift
     # dW_enc[:, i] = sum over active (b, j) with cols = i of dpre_bj * centered_b; built as
     # [X, D] rows (a scatter of contiguous rows) and transposed.
-    d_w_enc = (
-        jnp.zeros(w_enc.shape[::-1], jnp.float32).at[cols_].add(grad_[:, None] * centered[rows_])
-    )
+    if rows is None:  # Slot by slot: no [B * k, D] temporary.
+        d_w_enc = _slot_scatter(grad, cols, centered, w_enc.shape[::-1])
+    else:
+        d_w_enc = (
+            jnp.zeros(w_enc.shape[::-1], jnp.float32)
+            .at[cols_]
+            .add(grad_[:, None] * centered[rows_])
+        )
     d_b_enc = jnp.zeros(w_enc.shape[1:], jnp.float32).at[cols_].add(grad_)
     # d/dshift = -sum_b dx_b = -W_enc @ d_b_enc: a matvec, not a [B, D] scatter.
     d_shift = -(w_enc @ d_b_enc)
