@@ -232,7 +232,19 @@ def _check_and_save_config(
         if not differences:
             return
     workdir.mkdir(parents=True, exist_ok=True)
-    paths.write_text(path, text)  # Atomic: a temporary file and a rename locally.
+    try:
+        paths.write_text(path, text)  # Atomic: a temporary file and a rename locally.
+    except FileNotFoundError as error:
+        # gcsfs names only the upload URL. Checked only now: reading a bucket's own metadata
+        # takes a permission (storage.buckets.get) that writing objects does not.
+        bucket = f"gs://{str(workdir).split('/')[2]}"
+        if paths.scheme(workdir) != "gs" or epath.Path(bucket).exists():
+            raise
+        raise FileNotFoundError(
+            f"The bucket {bucket} of the workdir {workdir} does not exist, or these "
+            f"credentials cannot see it: create it (gcloud storage buckets create {bucket}) "
+            "or correct the name."
+        ) from error
     logging.info("Config (%s):\n%s", path, text)
 
 

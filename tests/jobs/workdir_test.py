@@ -208,3 +208,9 @@ def test_a_config_alone_is_replaced(tmp_path, gcs_bucket):
         (epath.Path(workdir) / "checkpoints" / "1").write_text("")
         with pytest.raises(workdir_lib.ConfigMismatchError, match="saved 'toy', now 'other'"):
             workdir_lib.prepare_workdir(_config(**{"model.name": "other"}), workdir)
+
+
+def test_a_missing_bucket_is_named(gcs_bucket):
+    missing = gcs_bucket.replace("gs://t-", "gs://t-missing-")
+    with pytest.raises(FileNotFoundError, match=f"The bucket {missing} of the workdir .* does not"):
+        workdir_lib.prepare_workdir(_config(), f"{missing}/runs/a")
