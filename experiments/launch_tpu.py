@@ -10,8 +10,9 @@ copy this checkout's committed files to every worker, install them with jax[tpu]
 `python -m experiments.<main> --config=... --workdir=gs://... --distributed` on all workers.
 `--action=delete` deletes the slice; `--action=run` re-runs the experiment (it resumes from the
 workdir's last checkpoint), `--action=setup` re-copies the code. The config is loaded here first,
-so a typo in an override, a mesh that does not fit the slice, or a path still holding
-YOUR_BUCKET fails before anything is created. README: "Cloud TPU launch".
+so a typo in an override, a mesh that does not fit the slice, a path still holding
+YOUR_BUCKET, or a config file that the shipped commit does not hold as it is here fails before
+anything is created (the dry run names them). README: "Cloud TPU launch".
 """
 
 import pathlib
@@ -69,12 +70,21 @@ def main(argv):
         shape = parallel.mesh_shape(tpu.devices, **dict(config.get("mesh") or {}))
     except ValueError as error:
         raise app.UsageError(f"The config's mesh does not fit {tpu.name}: {error}") from None
+    try:
+        config_arg = launch.config_for_workers(
+            config_flags.get_config_filename(flags.FLAGS["config"]), ROOT
+        )
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+    # Copied from this checkout: the workers run its committed config (with --repo, the
+    # clone's, which cannot be checked from here).
+    unshipped = "" if _REPO.value else launch.uncommitted(config_arg, ROOT, _REF.value)
     run = launch.TpuRun(
         name=_NAME.value,
         zone=_ZONE.value,
         slice=_SLICE.value,
         main=_MAIN.value,
-        config=config_flags.get_config_filename(flags.FLAGS["config"]),
+        config=config_arg,
         workdir=_WORKDIR.value,
         overrides=config_overrides(sys.argv[1:]),
         project=_PROJECT.value,
@@ -90,8 +100,12 @@ def main(argv):
         print(f"# {tpu.name}: {tpu.devices} devices on {tpu.hosts} workers, mesh {mesh}")
         for name in unset:
             print(f"# {name} still holds {launch.PLACEHOLDER}: set --{name}=gs://...")
+        if unshipped:
+            print(f"# {unshipped}")
         print(launch.format_steps(steps))
         return
+    if unshipped and _ACTION.value in ("all", "run"):
+        raise app.UsageError(f"{unshipped}.")
     if unset and _ACTION.value in ("all", "run"):
         raise app.UsageError(
             f"{', '.join(unset)} still hold {launch.PLACEHOLDER}; set them, e.g. "

@@ -38,6 +38,8 @@ virtual environment (`uv venv --python 3.11`, which downloads a standalone Pytho
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 import re
 import shlex
 import subprocess
@@ -328,6 +330,61 @@ def execute(
             echo(f"  state {state or '(none yet)'}; checking again in {poll_seconds:.0f} s")
             sleep(poll_seconds)
             waited += poll_seconds
+
+
+def config_for_workers(config: str, root: str | os.PathLike) -> str:
+    """The --config argument as the workers must get it: its file relative to the checkout.
+
+    The workers run from their copy of the checkout, so a config given by an absolute path
+    (or as ../interp/configs/x.py) must reach them as configs/x.py.
+
+    Args:
+      config: The --config argument, 'FILE[:ARGS]', FILE relative to the current directory
+        or absolute.
+      root: The checkout's root folder.
+
+    Returns:
+      'configs/x.py[:ARGS]': the file relative to `root`, then the arguments unchanged.
+
+    Raises:
+      ValueError: The file is not inside `root`: the workers would not have it.
+    """
+    file, colon, args = config.partition(":")
+    root = pathlib.Path(root).resolve()
+    try:
+        relative = pathlib.Path(file).resolve().relative_to(root)
+    except ValueError:
+        raise ValueError(
+            f"The config {file} is outside the checkout {root}, and the workers get only the "
+            "checkout's files: put it under configs/ and commit it."
+        ) from None
+    return relative.as_posix() + colon + args
+
+
+def uncommitted(config: str, root: str | os.PathLike, ref: str = "HEAD") -> str:
+    """Why the workers would not run the config file checked here ('' when they would).
+
+    The launch ships `git archive REF` (committed files only), while the config is loaded
+    here from the working tree: an uncommitted or changed config would be checked here and
+    another (or none) run on the pod.
+
+    Args:
+      config: From `config_for_workers` ('configs/x.py[:ARGS]').
+      root: The checkout's root folder (a git work tree).
+      ref: The commit shipped.
+    """
+    file = config.partition(":")[0]
+    shipped = subprocess.run(
+        ["git", "-C", os.fspath(root), "show", f"{ref}:{file}"], capture_output=True, check=False
+    )
+    if shipped.returncode != 0:
+        return f"{file} is not committed at {ref}, which is what the workers get: commit it"
+    if shipped.stdout != (pathlib.Path(root) / file).read_bytes():
+        return (
+            f"{file} differs from its version committed at {ref}, which the workers would "
+            "run instead of the one checked here: commit it"
+        )
+    return ""
 
 
 def placeholders(values: Mapping[str, Any], prefix: str = "config") -> list[str]:

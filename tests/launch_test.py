@@ -171,3 +171,48 @@ def test_execute_stops_on_a_failed_queued_resource(tmp_path, monkeypatch):
         launch.execute(launch.steps(SPOT, "all"), echo=lambda _: None, sleep=lambda _: None)
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert [c.split()[3] for c in calls] == ["create", "describe", "describe"]
+
+
+def test_the_config_reaches_the_workers_relative_to_the_checkout(tmp_path):
+    # The workers run from their copy of the checkout: an absolute path is made relative, a
+    # config outside the checkout is refused (they would not have it).
+    absolute = pathlib.Path(ROOT, "configs", "gemma2_2b_sae.py")
+    assert launch.config_for_workers(f"{absolute}:slice=v4-8", ROOT) == (
+        "configs/gemma2_2b_sae.py:slice=v4-8"
+    )
+    assert launch.config_for_workers("configs/demo.py", ROOT) == "configs/demo.py"
+    outside = tmp_path / "mine.py"
+    with pytest.raises(ValueError, match="outside the checkout"):
+        launch.config_for_workers(f"{outside}:tiny=True", ROOT)
+
+
+def test_an_uncommitted_config_is_named(tmp_path):
+    # The launch ships `git archive REF`; a config checked here but not committed there
+    # would not be what the workers run.
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "a.py").write_text("A = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
+    assert launch.uncommitted("configs/a.py:x=1", tmp_path) == ""
+    (tmp_path / "configs" / "a.py").write_text("A = 2\n")
+    assert "configs/a.py differs from its version committed at HEAD" in launch.uncommitted(
+        "configs/a.py", tmp_path
+    )
+    (tmp_path / "configs" / "b.py").write_text("B = 1\n")
+    assert "configs/b.py is not committed at HEAD" in launch.uncommitted("configs/b.py", tmp_path)
+
+
+def test_launcher_main_forwards_an_absolute_config_path_relative():
+    args = [
+        "--name=gemma-sae", "--zone=us-west4-a", "--slice=v5litepod-16", "--main=train_sae",
+        f"--config={pathlib.Path(ROOT, 'configs', 'gemma2_2b_sae.py')}:slice=v5litepod-16",
+        "--workdir=gs://my-bucket/runs/gemma-sae", "--dry_run", "--action=run",
+    ]  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "experiments.launch_tpu", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert " --config=configs/gemma2_2b_sae.py:slice=v5litepod-16 " in out.stdout

@@ -67,7 +67,8 @@ _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "c
 
 
 class CorruptCacheError(RuntimeError):
-    """A chunk of an activation cache is damaged or missing (its checksum or size is wrong)."""
+    """A chunk of an activation cache is damaged or missing (its checksum or size is wrong),
+    or its metadata.json does not parse."""
 
 
 METADATA = "metadata.json"
@@ -91,7 +92,15 @@ def _array_spec(path, site: str) -> dict[str, Any]:
 
 def _read_metadata(path) -> dict[str, Any] | None:
     result = ts.KvStore.open(_kvstore(path)).result().read(METADATA).result()
-    return json.loads(result.value) if result.state == "value" else None
+    if result.state != "value":
+        return None
+    try:
+        return json.loads(result.value)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCacheError(
+            f"The activation cache at {path} is damaged: its {METADATA} is not valid JSON "
+            f"({e}). Re-harvest it: delete the cache (the SAE job then harvests it again)."
+        ) from e
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:

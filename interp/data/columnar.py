@@ -160,6 +160,8 @@ def _check_column(schema: pa.Schema, url: str, text_field: str) -> None:
             f"column (config.data.text_field, or text_field=) to the one holding the text."
         )
     column_type = schema.field(text_field).type
+    if pa.types.is_dictionary(column_type):  # A categorical column (pandas) stays encoded.
+        column_type = column_type.value_type  # Its values decode in `_strings`.
     if column_type not in _STRING_TYPES:
         raise ValueError(
             f"{url}'s column {text_field!r} holds {column_type}, not strings; set the text "
@@ -168,5 +170,5 @@ def _check_column(schema: pa.Schema, url: str, text_field: str) -> None:
 
 
 def _strings(column: pa.Array) -> Iterator[str]:
-    """The non-null values of a string column, as Python strings."""
+    """The non-null values of a string column (or dictionary-encoded one), as Python strings."""
     return (value for value in column.to_pylist() if value is not None)

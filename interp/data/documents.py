@@ -127,19 +127,33 @@ def pack_rows(
       needed: Rows the job uses at most, >= 0.
 
     Returns:
-      int32 [N, seq_len]; N <= `needed` for a stream.
+      int32 [N, seq_len]; N <= `needed` for a stream; N >= 1 when `needed` >= 1.
 
     Raises:
-      ValueError: As `text.pack` raises (e.g. prepend_bos='always' and no bos token).
+      ValueError: As `text.pack` raises (e.g. prepend_bos='always' and no bos token), or
+        `needed` >= 1 and the documents give no whole row (none at all, every value null or
+        blank, or fewer than `seq_len` tokens in all): a job would otherwise fail later on
+        an empty array with no word on the text.
     """
     max_rows = None if isinstance(docs, Sequence) else needed
-    return text.pack(
+    rows = text.pack(
         docs,
         tokenizer,
         data_config.seq_len,
         add_bos=bos_option(data_config),
         max_rows=max_rows,
     )
+    if needed >= 1 and not len(rows):
+        what = docs.description if isinstance(docs, text.DocumentStream) else (
+            f"{len(docs)} documents"
+        )  # fmt: skip
+        raise ValueError(
+            f"No row of {data_config.seq_len} tokens from {what}: the text (non-blank values "
+            f"of its {data_config.get('text_field', 'text')!r} field) holds fewer tokens than "
+            "that, or none. Check config.data.text_path, text_field and split, or lower "
+            "config.data.seq_len."
+        )
+    return rows
 
 
 def _streams(data_config, path, files, text_field) -> tuple[text.DocumentStream, ...]:

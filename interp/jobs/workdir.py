@@ -142,7 +142,9 @@ def prepare_workdir(
     A workdir that already holds a `config.json` is a run being resumed. Resuming with a
     different config (a changed model width, a new seed) silently mixes two experiments, so
     that is refused unless only `resumable_fields` changed (then the new config replaces the
-    saved one), or `overwrite_config` is set.
+    saved one), or `overwrite_config` is set, or the workdir holds nothing but the config
+    (a run that failed before writing anything, e.g. on a mistyped model path: the
+    corrected command replaces its config, with a warning listing the differences).
 
     In multi-process runs process 0 checks and writes while the others wait for it
     (`parallel.on_main_process`): a process that looked after process 0 wrote would see
@@ -200,7 +202,7 @@ def _check_and_save_config(
             f"  {field}: saved {old!r}, now {new!r}"
             for field, old, new in (blocking or differences)
         )
-        if blocking and not overwrite_config:
+        if blocking and not overwrite_config and not _holds_only_config(workdir):
             hint = ""
             if any(field.endswith("schedule_steps") for field, _, _ in blocking):
                 hint = (
@@ -214,7 +216,14 @@ def _check_and_save_config(
                 "overwrite_config=True if the checkpoints still fit the new config). Fields "
                 f"that may change on resume: {', '.join(resumable_fields)}.{hint}"
             )
-        if blocking:
+        if blocking and not overwrite_config:
+            logging.warning(
+                "Replacing the config of %s, which holds no other file (the run that saved "
+                "it stopped before writing anything); differences:\n%s",
+                workdir,
+                listing,
+            )
+        elif blocking:
             logging.warning("Overwriting the config in %s; differences:\n%s", path, listing)
         elif differences:
             logging.info("Resuming %s with changed fields:\n%s", workdir, listing)
@@ -223,8 +232,27 @@ def _check_and_save_config(
         if not differences:
             return
     workdir.mkdir(parents=True, exist_ok=True)
-    paths.write_text(path, text)  # Atomic: a temporary file and a rename locally.
+    try:
+        paths.write_text(path, text)  # Atomic: a temporary file and a rename locally.
+    except FileNotFoundError as error:
+        # gcsfs names only the upload URL. Checked only now: reading a bucket's own metadata
+        # takes a permission (storage.buckets.get) that writing objects does not.
+        bucket = f"gs://{str(workdir).split('/')[2]}"
+        if paths.scheme(workdir) != "gs" or epath.Path(bucket).exists():
+            raise
+        raise FileNotFoundError(
+            f"The bucket {bucket} of the workdir {workdir} does not exist, or these "
+            f"credentials cannot see it: create it (gcloud storage buckets create {bucket}) "
+            "or correct the name."
+        ) from error
     logging.info("Config (%s):\n%s", path, text)
+
+
+def _holds_only_config(workdir: epath.Path) -> bool:
+    """Whether `workdir` holds its `config.json` and nothing else: a run that saved its config
+    and then failed (a typo in a model or data path) before writing any work, whose config a
+    corrected rerun replaces instead of refusing."""
+    return all(entry.name == CONFIG_FILE for entry in workdir.iterdir())
 
 
 # Libraries whose INFO lines (a dozen per checkpoint for orbax) bury the progress line.

@@ -308,3 +308,13 @@ def test_a_damaged_chunk_is_an_error_naming_it_never_data(tmp_path, damage):
     with pytest.raises(cache_lib.CorruptCacheError, match="of 'site_1' \\(chunk 2"):
         for _ in cache.batches(["site_0", "site_1"], batch_size=8, num_steps=12):
             pass  # An epoch of shuffled batches reads every chunk.
+
+
+def test_a_damaged_metadata_file_is_an_error_naming_the_cache(tmp_path):
+    path = tmp_path / "cache"
+    cache_lib.write_cache(path, _synthetic_stream(), chunk_rows=16)
+    metadata = path / cache_lib.METADATA
+    metadata.write_bytes(metadata.read_bytes()[:300])  # Cut short: not JSON.
+    for read in (cache_lib.is_complete, cache_lib.read_metadata, cache_lib.ActivationCache.open):
+        with pytest.raises(cache_lib.CorruptCacheError, match=r"cache.*metadata.json is not valid"):
+            read(path)

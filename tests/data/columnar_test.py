@@ -190,3 +190,18 @@ def test_reading_the_first_rows_reads_one_row_group_not_the_file(tmp_path, kind)
     if kind == "parquet":
         _, peak = _bytes_read_and_arrow_peak(lambda: pq.read_table(path))
         assert peak > 30 * group_bytes
+
+
+def test_a_dictionary_encoded_text_column_is_read_as_its_strings(tmp_path):
+    # pandas writes a categorical column (repeated texts) dictionary-encoded; Parquet keeps
+    # that type. Its values are strings, not a wrong column.
+    table = pa.table({"text": pa.array(TEXTS + [None] + TEXTS[:3]).dictionary_encode()})
+    pq.write_table(table, tmp_path / "dict.parquet")
+    with pa.ipc.new_file(tmp_path / "dict.arrow", table.schema) as writer:
+        writer.write_table(table)
+    for name in ("dict.parquet", "dict.arrow"):
+        assert text.read_documents(tmp_path / name) == TEXTS + TEXTS[:3]
+    ints = pa.table({"text": pa.array([1, 2, 1]).dictionary_encode()})
+    pq.write_table(ints, tmp_path / "ints.parquet")
+    with pytest.raises(ValueError, match="holds int64, not strings"):
+        text.read_documents(tmp_path / "ints.parquet")

@@ -122,3 +122,18 @@ def test_prepend_bos_always_without_a_bos_token_is_an_error():
         documents_lib.pack_rows(config, TEXTS[:3], tok, needed=0)
     config.prepend_bos = "never"
     assert documents_lib.pack_rows(config, TEXTS[:3], tok, needed=0).size
+
+
+def test_no_whole_row_is_an_error_naming_the_source(tmp_path):
+    # A corpus of nulls and blanks (or too short) gives no row: said here, not as an empty
+    # activation stream or batch later.
+    tok = tokenizer_lib.train_bpe(TEXTS, vocab_size=300)
+    path = tmp_path / "blank.parquet"
+    pq.write_table(pa.table({"text": pa.array([None, "", "  \n", None], pa.string())}), path)
+    config = _config(path, heldout_fraction=0.5)
+    train, heldout = documents_lib.documents(config)
+    with pytest.raises(ValueError, match=r"No row of 16 tokens from train documents of .*blank"):
+        documents_lib.pack_rows(config, train, tok, needed=4)
+    with pytest.raises(ValueError, match="No row of 16 tokens from 1 documents"):
+        documents_lib.pack_rows(config, ["Too short."], tok, needed=4)
+    assert documents_lib.pack_rows(config, train, tok, needed=0).shape == (0, 16)

@@ -21,6 +21,14 @@ def _config(**overrides):
     return runs.override(c, **overrides)
 
 
+def _started(config, workdir, **kwargs):
+    """`prepare_workdir`, then a file standing for the run's work (checkpoints, metrics): a
+    workdir holding only its config.json takes a new one (test_a_config_alone_is_replaced)."""
+    path = workdir_lib.prepare_workdir(config, workdir, **kwargs)
+    (path / "metrics.jsonl").write_text("{}\n")
+    return path
+
+
 def test_writes_config_json(tmp_path):
     workdir = workdir_lib.prepare_workdir(_config(), tmp_path / "run")
     assert isinstance(workdir, epath.Path)
@@ -58,7 +66,7 @@ def test_the_schedule_length_is_saved_resolved(tmp_path):
 
 
 def test_more_steps_stretching_the_schedule_are_refused_with_a_hint(tmp_path):
-    workdir_lib.prepare_workdir(_pinned(_config(**{"train.schedule_steps": 0})), tmp_path)
+    _started(_pinned(_config(**{"train.schedule_steps": 0})), tmp_path)
     longer = _pinned(_config(**{"train.steps": 900, "train.schedule_steps": 0}))
     with pytest.raises(workdir_lib.ConfigMismatchError) as error:
         workdir_lib.prepare_workdir(longer, tmp_path)
@@ -94,7 +102,7 @@ def test_resumable_names_match_whole_dotted_parts():
 
 
 def test_mismatched_config_is_refused_with_the_differences(tmp_path):
-    workdir_lib.prepare_workdir(_config(), tmp_path)
+    _started(_config(), tmp_path)
     changed = _config(seed=1, log_every=20, **{"model.d_model": 128})
     with pytest.raises(workdir_lib.ConfigMismatchError) as error:
         workdir_lib.prepare_workdir(changed, tmp_path)
@@ -109,7 +117,7 @@ def test_mismatched_config_is_refused_with_the_differences(tmp_path):
 
 
 def test_added_field_is_a_mismatch(tmp_path):
-    workdir_lib.prepare_workdir(_config(), tmp_path)
+    _started(_config(), tmp_path)
     with pytest.raises(workdir_lib.ConfigMismatchError, match="sae.k: saved '<absent>', now 32"):
         workdir_lib.prepare_workdir(_config(sae=dict(k=32)), tmp_path)
 
@@ -123,7 +131,7 @@ def test_fields_added_later_read_as_their_backward_compatible_value(tmp_path):
     added = [field.split(".")[1] for field in workdir_lib.ADDED_FIELDS]
     old = {k: v for k, v in data.items() if k not in added}
     assert len(old) < len(data)  # The demo config has the added fields.
-    workdir_lib.prepare_workdir(_config(data=old), tmp_path)
+    _started(_config(data=old), tmp_path)
     workdir_lib.prepare_workdir(_config(data=data), tmp_path)  # Resumes, nothing rewritten.
     assert "prepend_bos" not in json.loads((tmp_path / "config.json").read_text())["data"]
     with pytest.raises(workdir_lib.ConfigMismatchError, match="saved 'tokenizer', now 'always'"):
@@ -131,7 +139,7 @@ def test_fields_added_later_read_as_their_backward_compatible_value(tmp_path):
 
 
 def test_retired_fields_saved_by_earlier_versions_are_no_difference(tmp_path):
-    workdir_lib.prepare_workdir(_config(old=dict(a=1)), tmp_path)
+    _started(_config(old=dict(a=1)), tmp_path)
     with pytest.raises(workdir_lib.ConfigMismatchError, match="old.a: saved 1, now '<absent>'"):
         workdir_lib.prepare_workdir(_config(), tmp_path)
     workdir_lib.prepare_workdir(_config(), tmp_path, retired_fields=("old",))
@@ -147,21 +155,21 @@ def test_overwrite_config(tmp_path):
 
 
 def test_custom_resumable_fields(tmp_path):
-    workdir_lib.prepare_workdir(_config(), tmp_path)
+    _started(_config(), tmp_path)
     workdir_lib.prepare_workdir(_config(seed=3), tmp_path, resumable_fields=("seed",))
     with pytest.raises(workdir_lib.ConfigMismatchError):
         workdir_lib.prepare_workdir(_config(log_every=5), tmp_path, resumable_fields=("seed",))
 
 
 def test_plain_dict_config(tmp_path):
-    workdir_lib.prepare_workdir({"a": 1, "b": {"c": (1, 2)}}, tmp_path)
+    _started({"a": 1, "b": {"c": (1, 2)}}, tmp_path)
     workdir_lib.prepare_workdir({"a": 1, "b": {"c": [1, 2]}}, tmp_path)
     with pytest.raises(workdir_lib.ConfigMismatchError, match="b.c"):
         workdir_lib.prepare_workdir({"a": 1, "b": {"c": [1, 3]}}, tmp_path)
 
 
 def test_a_flag_and_a_number_differ(tmp_path):
-    workdir_lib.prepare_workdir({"a": 1, "b": 1.0}, tmp_path)
+    _started({"a": 1, "b": 1.0}, tmp_path)
     workdir_lib.prepare_workdir({"a": 1.0, "b": 1}, tmp_path)  # JSON numbers: the same.
     with pytest.raises(workdir_lib.ConfigMismatchError, match="a: saved 1, now True"):
         workdir_lib.prepare_workdir({"a": True, "b": 1}, tmp_path)
@@ -175,7 +183,7 @@ def test_corrupt_config_json(tmp_path):
 
 def test_gcs_workdir(gcs_bucket):
     workdir = f"{gcs_bucket}/runs/a"
-    assert str(workdir_lib.prepare_workdir(_config(), workdir)) == workdir
+    assert str(_started(_config(), workdir)) == workdir
     assert json.loads((epath.Path(workdir) / "config.json").read_text())["seed"] == 0
     workdir_lib.prepare_workdir(_config(log_every=3), workdir)
     with pytest.raises(workdir_lib.ConfigMismatchError, match="seed: saved 0, now 1"):
@@ -186,3 +194,23 @@ def test_a_relative_workdir_comes_back_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     workdir = workdir_lib.prepare_workdir(_config(), "runs/a")
     assert workdir.is_absolute() and workdir == epath.Path(tmp_path / "runs" / "a")
+
+
+def test_a_config_alone_is_replaced(tmp_path, gcs_bucket):
+    # A run that saved its config and failed before writing anything (a mistyped model or
+    # data path) must not lock the workdir: the corrected command replaces the config.
+    for workdir in (tmp_path / "run", f"{gcs_bucket}/run"):
+        workdir_lib.prepare_workdir(_config(**{"model.name": "typo"}), workdir)
+        workdir_lib.prepare_workdir(_config(), workdir)
+        saved = json.loads((epath.Path(workdir) / "config.json").read_text())
+        assert saved["model"]["name"] == "toy"
+        (epath.Path(workdir) / "checkpoints").mkdir()  # Work: the config is now the run's.
+        (epath.Path(workdir) / "checkpoints" / "1").write_text("")
+        with pytest.raises(workdir_lib.ConfigMismatchError, match="saved 'toy', now 'other'"):
+            workdir_lib.prepare_workdir(_config(**{"model.name": "other"}), workdir)
+
+
+def test_a_missing_bucket_is_named(gcs_bucket):
+    missing = gcs_bucket.replace("gs://t-", "gs://t-missing-")
+    with pytest.raises(FileNotFoundError, match=f"The bucket {missing} of the workdir .* does not"):
+        workdir_lib.prepare_workdir(_config(), f"{missing}/runs/a")
