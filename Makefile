@@ -5,8 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt
 WORKDIR ?= workdir/demo
-# loadgroup: one worker per test file (and per shared pipeline fixture; tests/conftest.py).
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+# loadfile: each test file on one worker, so its module fixtures (an LM or pipeline run) are
+# built once (--dist loadgroup does not group with pytest 9.2 and xdist 3.8: checked).
+PYTEST_ARGS ?= -n 2 --dist loadfile
 # An index to take torch from first, e.g. https://download.pytorch.org/whl/cpu for the CPU
 # build (README). Empty: whatever the default index gives for torch==2.13.0.
 TORCH_INDEX_URL ?=

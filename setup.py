@@ -44,6 +44,7 @@ setuptools.setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "pytest-timeout>=2.3",  # A hung test fails instead of eating CI's 90 minutes.
+            "filelock>=3.12",  # xdist workers share one tiny pipeline run (tests/conftest.py).
             "nbclient>=0.10",  # Runs notebooks/ top to bottom (tests/notebooks_test.py).
             "nbformat>=5.10",
             "ipykernel>=6.29",

@@ -27,27 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# --- Scheduling under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) ----------------
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Puts each test file's tests on one worker, and every test of the session fixture
-    `tiny_pipeline` on one worker: module and session fixtures (a pipeline run, a trained LM)
-    are then built once, not once per worker that happens to get one of their tests.
-
-    Runs before xdist's own hook, which reads these marks under `--dist loadgroup`; a test's
-    own `xdist_group` mark wins.
-    """
-    del config
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        shared = "tiny_pipeline" in getattr(item, "fixturenames", ())
-        group = "tiny_pipeline" if shared else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 # --- gs:// against a local fake-gcs-server (see shared/ENVIRONMENT.md) ----------------------
 #
 # These four are read when gcsfs/fsspec are imported, so they are set here, before any test
@@ -236,11 +215,28 @@ def browser():
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory):
+def tiny_pipeline(tmp_path_factory, worker_id):
     """(workdir, completed process) of `experiments.pipeline` on the tiny config: about a
-    minute, so the tests of its later stages and the notebooks share it (read-only)."""
+    minute, so the tests of its later stages and the notebooks share it (read-only).
+
+    Under pytest-xdist the workers share one run too: the first to ask builds it in their
+    common temporary folder under a file lock, the others read its recorded output.
+    """
+    import filelock
+
     from tests import runs
 
-    workdir = str(tmp_path_factory.mktemp("pipeline"))
-    result = runs.run_main("experiments.pipeline", "configs/demo.py:tiny=True", workdir)
-    return workdir, result
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # Every worker's basetemp lies in the session's one folder.
+    workdir, done = root / "tiny_pipeline", root / "tiny_pipeline.done.json"
+    with filelock.FileLock(str(root / "tiny_pipeline.lock")):
+        if not done.exists():
+            result = runs.run_main("experiments.pipeline", "configs/demo.py:tiny=True",
+                                   str(workdir))  # fmt: skip
+            done.write_text(json.dumps({"args": result.args, "stdout": result.stdout,
+                                        "stderr": result.stderr}))  # fmt: skip
+        recorded = json.loads(done.read_text())
+    result = subprocess.CompletedProcess(recorded["args"], 0, recorded["stdout"],
+                                         recorded["stderr"])  # fmt: skip
+    return str(workdir), result
