@@ -43,7 +43,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from interp import paths
+from interp import parallel, paths
 
 PyTree = Any
 STATE, CHECKSUMS = "default", "checksums"  # The items of a step (subfolders).
@@ -297,15 +297,14 @@ class Checkpointer:
 
     def _set_aside(self, step: int) -> None:
         """Moves a damaged step to `<step>.corrupt-<time>` (process 0; all wait for it)."""
-        if jax.process_index() == 0:
+
+        def move():
             source = self.directory / str(step)
             destination = self.directory / f"{step}.corrupt-{int(time.time())}"
             source.rename(destination)
             logging.warning("Moved damaged step %s to %s.", source, destination)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
+        parallel.on_main_process(move)
         self._manager.reload()
 
     def wait(self) -> None:
