@@ -2,7 +2,9 @@
 
 A tracked layer y = W x + b is a pair of hook sites around one projection: its input site
 (`mlp/in` for the up/gate projections, `mlp/post_act` for the down projection) and its output
-site (`mlp/pre_act`, `mlp/up`, `mlp/out`). Capturing the input and differentiating at the output
+site (`mlp/pre_act`, `mlp/up`, `mlp/down`): the projection's own input and output, never a site a
+family places something after (`mlp/out` follows Gemma's post-MLP norm, so its gradient is not
+the down projection's output gradient). Capturing the input and differentiating at the output
 (`hooks.hook_grads`) gives, for every token t of every sequence,
 
     a_t = [x_t; 1]  (the 1 only where the layer has a bias)      [B, T, I]
@@ -57,7 +59,7 @@ def _mlp_modules(config, layer: int) -> list[TrackedModule]:
         if config.gated_mlp
         else [("up", "in", "pre_act")]
     )
-    projections.append(("down", "post_act", "out"))
+    projections.append(("down", "post_act", "down"))
     out = []
     for proj, source, target in projections:
         path = (f"blocks_{layer}", "mlp")

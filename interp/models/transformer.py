@@ -9,7 +9,8 @@ Hook points per block `blocks_{i}`: resid_pre, attn/q, attn/k, attn/v (after rot
 attn/pattern [B, N, T, S], attn/z [B, T, N, H], attn_out (after the output projection),
 resid_mid (sequential residual only), mlp/in (normed MLP input), mlp/pre_act (up projection,
 or gate projection when gated), mlp/up (gated only), mlp/post_act (input of the down
-projection), mlp/out, resid_post; attn_out and mlp/out are what the sublayer adds to the
+projection), mlp/down (the down projection's output), mlp/out (mlp/down after Gemma's post-MLP
+norm; equal to it elsewhere), resid_post; attn_out and mlp/out are what the sublayer adds to the
 residual stream (after Gemma's post-norms), so resid_mid = resid_pre + attn_out and
 resid_post = resid_mid + mlp/out in every family. Every norm (ln_1, ln_2, ln_f, post norms,
 q/k norms) has a `normalized` point before its learned scale and bias (TransformerLens's
@@ -292,7 +293,9 @@ class Mlp(nn.Module):
         else:
             hidden = act(HookPoint(name="pre_act")(dense("up", x, d, f, ("embed", "mlp"))))
         hidden = HookPoint(name="post_act")(hidden)
-        out = dense("down", hidden, f, d, ("mlp", "embed"))
+        # The down projection's own output: what its weight gradient is built from (influence
+        # tracks it here), before whatever a family places after it (Gemma's post-norm).
+        out = HookPoint(name="down")(dense("down", hidden, f, d, ("mlp", "embed")))
         if post_norm is not None:
             out = post_norm(out)
         return HookPoint(name="out")(out)

@@ -17,8 +17,8 @@ transformers = references.require_module("transformers", "pip install -e '.[test
 class _LanguageModelTask(kronfluence.Task):
     """The conventions of the issue: summed NLL of scored targets; NLL as the measurement."""
 
-    def __init__(self, num_layers):
-        self.num_layers = num_layers
+    def __init__(self, modules):
+        self.modules = modules
 
     def compute_train_loss(self, batch, model, sample=False):
         logits = model(input_ids=batch["tokens"]).logits[:, :-1].float()
@@ -35,11 +35,7 @@ class _LanguageModelTask(kronfluence.Task):
         return self.compute_train_loss(batch, model)
 
     def get_influence_tracked_modules(self):
-        return [
-            f"gpt_neox.layers.{i}.mlp.{name}"
-            for i in range(self.num_layers)
-            for name in ("dense_h_to_4h", "dense_4h_to_h")
-        ]
+        return self.modules
 
     def get_attention_mask(self, batch):
         return batch["attention_mask"]
@@ -58,13 +54,19 @@ class _Rows(torch.utils.data.Dataset):
         return {k: v[index] for k, v in self.batch.items()}
 
 
-def _kronfluence_scores(folder, train, queries, output_dir, strategy):
+def _neox_modules(num_layers):
+    """kronfluence's names of the NeoX MLP projections (ours: blocks_*/mlp/{up,down})."""
+    names = ("dense_h_to_4h", "dense_4h_to_h")
+    return [f"gpt_neox.layers.{i}.mlp.{name}" for i in range(num_layers) for name in names]
+
+
+def _kronfluence_scores(folder, train, queries, output_dir, strategy, modules=None):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
     hf.eval()
-    task = _LanguageModelTask(testing.CONFIG.num_layers)
+    task = _LanguageModelTask(modules or _neox_modules(testing.CONFIG.num_layers))
     hf = prepare_model(hf, task)
     analyzer = Analyzer("parity", hf, task, cpu=True, disable_tqdm=True, output_dir=output_dir)
     factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=True)
@@ -96,4 +98,29 @@ def test_scores_rank_like_kronfluence(tmp_path, strategy):
           np.abs(ours - theirs).max() / np.abs(theirs).max())  # fmt: skip
     assert min(rho) >= 0.99, rho
     # Measured 2026-11-30: ekfac 1.2e-6, kfac 6.1e-7 of the largest score apart.
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * np.abs(theirs).max())
+
+
+def test_ekfac_equals_kronfluence_on_a_post_norm_family(tmp_path):
+    # Gemma 2 normalises each MLP's output again (post_feedforward_layernorm) after the down
+    # projection; kronfluence hooks the nn.Linear itself, so its statistics are the layer's
+    # own input and output gradient, which ours must be too.
+    from tests.models import hf_testing  # Builds a transformers model: needs torch.
+
+    _, hf, folder, model, params = hf_testing.converted("gemma2")
+    layers = hf.config.num_hidden_layers
+    modules = [f"model.layers.{i}.mlp.{name}_proj" for i in range(layers)
+               for name in ("gate", "up", "down")]  # fmt: skip
+    rng = np.random.default_rng(0)
+    train = {"tokens": rng.integers(2, hf_testing.VOCAB, (16, 8)).astype(np.int32)}
+    train["loss_mask"] = np.ones((16, 8), np.float32)
+    queries = {"tokens": rng.integers(2, hf_testing.VOCAB, (4, 8)).astype(np.int32)}
+    queries["loss_mask"] = (np.arange(8) >= 4)[None].repeat(4, 0).astype(np.float32)
+    train["loss_mask"][:, 0] = 0
+    fitted = influence.fit_factors(model, params, testing.split(train, 8), "ekfac", False)
+    ours = influence.pairwise_scores(model, params, fitted, [queries], testing.split(train, 8))
+    theirs = _kronfluence_scores(
+        str(folder), train, queries, str(tmp_path / "kronfluence"), "ekfac", modules
+    )
+    assert theirs.shape == ours.shape == (4, 16)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * np.abs(theirs).max())
