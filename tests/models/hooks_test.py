@@ -15,6 +15,7 @@ EXPECTED_BLOCK_SITES = [
     "attn_out",
     "mlp/in",
     "mlp/pre_act",
+    "mlp/down",
     "mlp/out",
     "resid_post",
 ]
