@@ -161,7 +161,7 @@ def _spellings(name: str, config: Any) -> set[str]:
     except UnknownTransformerLensName:
         return {name}
     if config is None and depends_on_model(name) and name.endswith(".hook_mlp_in"):
-        return {ours, ours.replace("/mlp/in", "/resid_pre")}  # A parallel residual's.
+        return {ours, ours.replace("/resid_mid", "/resid_pre")}  # A parallel residual's.
     return {ours}
 
 
