@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -63,9 +62,31 @@ def _is_concrete(value) -> bool:
     return not isinstance(value, jax.core.Tracer)
 
 
+# The edits' coefficients are stored as float32 (`feature_intervention`).
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _check_number(value, what: str) -> None:
-    if _is_concrete(value) and np.any(np.isnan(np.asarray(value, np.float64))):
-        raise ValueError(f"{what} is NaN; steering needs a finite number.")
+    """Refuses a concrete coefficient that is not a finite (float32) real number.
+
+    An infinite coefficient (Clamp to inf, Add -inf, Scale by inf) turns the site's rows, and
+    so every later activation and logit, into inf/NaN: a completion of nothing, not a
+    stronger push. Tracers (a sweep inside jit) cannot be checked here.
+    """
+    if not _is_concrete(value):
+        return
+    array = np.asarray(value)
+    if array.dtype.kind not in "iuf":  # bool, str, None (object), complex...
+        raise TypeError(f"{what} must be a real number, got {value!r}.")
+    numbers = array.astype(np.float64)
+    if not np.all(np.isfinite(numbers)):
+        kind = "NaN" if np.any(np.isnan(numbers)) else "infinite"
+        raise ValueError(f"{what} is {kind} ({value!r}); steering needs a finite number.")
+    if np.any(np.abs(numbers) > _FLOAT32_MAX):
+        raise ValueError(
+            f"{what} is {value!r}, beyond float32's range (it would be stored as inf); "
+            "steering needs a finite number."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +104,8 @@ class Clamp:
         """Clamps to `multiple` times the feature's observed maximum (`max_activations`)."""
         maxima = np.asarray(maxima)
         _check_feature(feature, maxima.shape[-1])
+        _check_number(multiple, f"Clamp multiple for feature {feature}")
+        _check_number(maxima[feature], f"The maximum activation of feature {feature}")
         return cls(feature, multiple * float(maxima[feature]))
 
     def coefficients(self):
@@ -162,6 +185,7 @@ class FeatureIntervention:
     hook: str | None = flax.struct.field(pytree_node=False, default=None)
     head_index: int | None = flax.struct.field(pytree_node=False, default=None)
     keep_error: bool = flax.struct.field(pytree_node=False, default=True)
+    allow_other_site: bool = flax.struct.field(pytree_node=False, default=False)
 
     def edit_rows(self, x):
         """The edited rows [..., D] (float32) of rows x [..., D]."""
@@ -196,19 +220,11 @@ class FeatureIntervention:
         return sites.from_rows(layout, value, self.edit_rows(rows), self.head_index)
 
     def check_site(self, model: nn.Module, name: str) -> None:
-        """Warns when placed at a site other than the SAE's (called by `hooks`)."""
-        if not self.hook:
-            return
-        try:
-            (own,) = hooks.resolve(model, [self.hook])
-        except ValueError:
-            own = self.hook
-        if own != name:
-            warnings.warn(
-                f"Steering with an SAE trained on {self.hook!r} at hook {name!r}; its "
-                "features mean nothing there unless the two sites hold the same activations.",
-                stacklevel=2,
-            )
+        """Refuses a placement at a site other than the SAE's, unless built with
+        `allow_other_site` (called by `hooks`; `activations.check_sae_site`)."""
+        activations.check_sae_site(
+            self.sae, name, model=model, allow_other_site=self.allow_other_site
+        )
 
 
 def feature_intervention(
@@ -219,6 +235,7 @@ def feature_intervention(
     keep_error: bool = True,
     hook: str | None = None,
     head_index: int | None = None,
+    allow_other_site: bool = False,
 ) -> FeatureIntervention:
     """An intervention that edits SAE features at the SAE's site.
 
@@ -231,18 +248,25 @@ def feature_intervention(
       keep_error: Keep the SAE's reconstruction error (x - decode(f) + decode(f')); False
         writes the reconstruction decode(f') itself.
       hook: The site the SAE reads (ours or TransformerLens's name); default the SAE
-        config's `hook_name`. Only its layout (attention patterns or not) matters here; a
-        different site than the config's is warned about.
+        config's `hook_name`. Only its layout (attention patterns or not) matters here.
       head_index: For a per-head SAE, its head; default the config's `hook_head_index`.
+      allow_other_site: Accept a `hook`, or a placement (`interventions={name: ...}`), at
+        a site other than the SAE config's; refused by default
+        (`interp.data.activations.check_sae_site`).
 
     Returns:
       A `FeatureIntervention`, for `interventions={hook: fn}` of `hooks.run_with_hooks` and
       `generate`, eager or jitted.
 
     Raises:
-      ValueError: for a transcoder, a feature index outside the SAE's latents, or a NaN
-        coefficient (checked here when concrete); a site whose rows are not d_in wide is
-        refused when the model runs.
+      ValueError: for a transcoder, a `hook` other than the SAE's own site (see
+        `allow_other_site`; a placement elsewhere is refused when the model runs), a
+        feature index outside the SAE's latents, or a
+        coefficient that is not finite (NaN, +-inf, or past float32's range; checked when
+        the edit is made, where concrete); a site whose rows are not d_in wide is refused
+        when the model runs.
+      TypeError: for an edit that is not one of the four, a feature index that is not an
+        integer, or a coefficient that is not a real number (a string, a bool).
     """
     config = sae.config
     if config.is_transcoder:
@@ -250,15 +274,8 @@ def feature_intervention(
             "Steering edits one site's features in place; this is a transcoder (its output "
             "is another site), which steering does not support."
         )
-    own = config.hook_name
-    if hook and own:
-        if sites.from_transformer_lens(hook) != sites.from_transformer_lens(own):
-            warnings.warn(
-                f"Steering with an SAE trained on {own!r} at hook {hook!r}; its features "
-                "mean nothing there unless the two sites hold the same activations.",
-                stacklevel=2,
-            )
-    hook = hook or own
+    activations.check_sae_site(sae, hook, allow_other_site=allow_other_site)
+    hook = hook or config.hook_name
     if hook and sites.is_transformer_lens_name(hook) and not sites.depends_on_model(hook):
         hook = sites.from_transformer_lens(hook)
     head_index = config.hook_head_index if head_index is None else head_index
@@ -286,6 +303,7 @@ def feature_intervention(
         hook=hook,
         head_index=head_index,
         keep_error=keep_error,
+        allow_other_site=allow_other_site,
     )
 
 
@@ -305,6 +323,7 @@ def max_activations(
     skip_first: bool = False,
     exclude_ids: Sequence[int] = (),
     max_batches: int | None = None,
+    allow_other_site: bool = False,
 ) -> np.ndarray:
     """Each feature's largest activation over the tokens of `batches` (the "max" of "10x max").
 
@@ -318,16 +337,20 @@ def max_activations(
       bos_id, skip_first, exclude_ids: Positions left out, as in harvesting and SAE
         evaluation (`interp.data.activations.keep_mask`); padding is always left out.
       max_batches: Stop after this many batches.
+      allow_other_site: Accept a `hook` other than the SAE config's.
 
     Returns:
       float32 [X]: the maximum of each latent's code over the kept positions (a latent that
       never fires has its largest code, 0 for the ReLU-like architectures).
 
     Raises:
-      ValueError: with no site or one of another width (`activations.resolve_sae_site`), or
-        no kept positions.
+      ValueError: with no site, one other than the SAE's own or of another width
+        (`activations.resolve_sae_site`), batches longer than the model's max_len, or no
+        kept positions.
     """
-    site = activations.resolve_sae_site(model, sae, hook, head_index)  # Widths checked too.
+    site = activations.resolve_sae_site(  # Widths checked too.
+        model, sae, hook, head_index, allow_other_site=allow_other_site
+    )
     name, head_index = site.input, site.head_index
     exclusions = dict(bos_id=bos_id, skip_first=skip_first, exclude_ids=tuple(exclude_ids))
     best = None
@@ -335,6 +358,7 @@ def max_activations(
         if max_batches is not None and count >= max_batches:
             break
         tokens, mask = activations.split_batch(batch)
+        model.config.check_length(tokens.shape[1], "max_activations' batches")
         keep = activations.keep_mask(tokens, mask, **exclusions)
         batch_max = _jit_batch_max(model, sae, name, head_index, params, sae_params,
                                    tokens, mask, keep)  # fmt: skip

@@ -275,6 +275,17 @@ def test_max_activations_equal_a_brute_force_max_over_kept_positions():
         (lambda: Clamp(3, float("nan")), ValueError, "NaN"),
         (lambda: Clamp(3, np.array(np.nan, np.float32)), ValueError, "NaN"),
         (lambda: Add(3, float("nan")), ValueError, "NaN"),
+        (lambda: Scale(3, np.float32(np.nan)), ValueError, "NaN"),
+        (lambda: Clamp(3, float("inf")), ValueError, "Clamp value .* infinite"),
+        (lambda: Add(3, -float("inf")), ValueError, "Add scale .* infinite"),
+        (lambda: Scale(3, float("inf")), ValueError, "Scale factor .* infinite"),
+        (lambda: Clamp(3, np.array([1.0, np.inf])), ValueError, "infinite"),
+        (lambda: Add(3, 1e39), ValueError, "beyond float32"),  # Stored as float32: inf.
+        (lambda: Clamp.to_max(3, float("inf"), np.ones(64)), ValueError, "multiple .* infinite"),
+        (lambda: Clamp.to_max(3, 2.0, np.full(64, np.inf)), ValueError, "maximum .* infinite"),
+        (lambda: Clamp(3, "5.0"), TypeError, "real number"),
+        (lambda: Scale(3, True), TypeError, "real number"),
+        (lambda: Add(3, None), TypeError, "real number"),
         (lambda: Clamp.to_max(99, 10.0, np.ones(64)), ValueError, "outside"),
         (lambda: feature_intervention(SAE_, SAE_PARAMS, ["clamp"]), TypeError, "Clamp, Add"),
         (lambda: feature_intervention(*_sae(d_out=16, subtract_decoder_bias=False), []),
@@ -297,13 +308,29 @@ def test_an_sae_of_another_width_is_refused():
         _logits({HEAD_SITE: steer})
 
 
-def test_a_site_the_sae_was_not_trained_on_is_warned_about_with_both_names():
+def test_a_site_the_sae_was_not_trained_on_is_refused_with_both_names():
     steer = feature_intervention(SAE_, SAE_PARAMS, [])
-    with pytest.warns(
-        UserWarning, match="trained on 'blocks_1/resid_post' at hook 'blocks_0/resid_post'"
-    ):
+    other = "trained on 'blocks_1/resid_post'.*used at 'blocks_0/resid_post'.*allow_other_site"
+    with pytest.raises(ValueError, match=other):
         _logits({"blocks_0/resid_post": steer})
-    with pytest.warns(UserWarning, match="'blocks_1/resid_post' at hook 'blocks.0.hook_resid"):
+    with pytest.raises(ValueError, match="'blocks_1/resid_post'.*used at 'blocks.0.hook_resid"):
         feature_intervention(SAE_, SAE_PARAMS, [], hook="blocks.0.hook_resid_pre")
-    with pytest.warns(UserWarning, match="trained on 'blocks_1/resid_post'"):
+    with pytest.raises(ValueError, match="trained on 'blocks_1/resid_post'.*'final_norm'"):
         generate(MODEL, PARAMS, TOKENS[:, :2], 1, interventions={"final_norm": steer})
+    with pytest.raises(ValueError, match="used at 'blocks_0/resid_post'"):
+        steering.max_activations(MODEL, PARAMS, SAE_, SAE_PARAMS, [TOKENS],
+                                 hook="blocks_0/resid_post")  # fmt: skip
+
+
+def test_the_sae_own_site_in_either_spelling_and_an_allowed_other_site_run():
+    clean = _logits()
+    for hook in (None, "blocks.1.hook_resid_post", SITE):
+        steer = feature_intervention(SAE_, SAE_PARAMS, [], hook=hook)
+        np.testing.assert_array_equal(_logits({"blocks.1.hook_resid_post": steer}), clean)
+    # Asked for, another site of the same width runs (and edits there).
+    steer = feature_intervention(SAE_, SAE_PARAMS, [Clamp(3, 5.0)], hook="blocks_0/resid_post",
+                                 allow_other_site=True)  # fmt: skip
+    assert not np.allclose(_logits({"blocks_0/resid_post": steer}), clean)
+    other = dict(hook="blocks_0/resid_post", allow_other_site=True)
+    maxima = steering.max_activations(MODEL, PARAMS, SAE_, SAE_PARAMS, [TOKENS], **other)
+    assert maxima.shape == (64,)

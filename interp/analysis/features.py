@@ -312,6 +312,7 @@ def feature_stats(
     skip_first: bool = False,
     exclude_ids: Sequence[int] = (),
     max_batches: int | None = None,
+    allow_other_site: bool = False,
 ) -> FeatureStats:
     """Streams token batches through the model and SAE and gathers per-feature statistics.
 
@@ -330,14 +331,16 @@ def feature_stats(
       bos_id, skip_first, exclude_ids: Positions the SAE does not see, as in
         `interp.data.activations.keep_mask` (use the SAE's training values).
       max_batches: Stop after this many batches.
+      allow_other_site: Accept a `site` other than the SAE config's (see `resolve_site`).
 
     Returns:
       A `FeatureStats`.
 
     Raises:
-      ValueError: see `resolve_site`; with no batches; for a bad histogram range.
+      ValueError: see `resolve_site`; with no batches; for a bad histogram range; for
+        batches longer than the model's max_len.
     """
-    resolved = resolve_site(model, sae, site, head_index)
+    resolved = resolve_site(model, sae, site, head_index, allow_other_site=allow_other_site)
     lo, hi = histogram_range
     if not 0 < lo < hi:
         raise ValueError(f"histogram_range={histogram_range} must satisfy 0 < lo < hi.")
@@ -352,6 +355,7 @@ def feature_stats(
         if max_batches is not None and num_batches >= max_batches:
             break
         tokens, mask = activations.split_batch(batch)
+        model.config.check_length(tokens.shape[1], "feature_stats' batches")
         keep = activations.keep_mask(tokens, mask, bos_id=bos_id, skip_first=skip_first,
                                      exclude_ids=tuple(exclude_ids))  # fmt: skip
         state, counts, batch_sums = _jit_step(
@@ -430,6 +434,7 @@ def search_features(
     bos_id: int | None = None,
     skip_first: bool = False,
     exclude_ids: Sequence[int] = (),
+    allow_other_site: bool = False,
 ) -> SearchResult:
     """The features that fire most on a text (Neuronpedia's search by text / by token).
 
@@ -448,20 +453,23 @@ def search_features(
         that never fired in that dataset are left out.
       attention_mask: Optional [T] (or [1, T]), 1 for real tokens (a padded row).
       bos_id, skip_first, exclude_ids: Positions left out, as in `feature_stats`.
+      allow_other_site: As for `feature_stats`.
 
     Returns:
       A `SearchResult` (features with zero score are not returned).
 
     Raises:
-      ValueError: see `resolve_site`; for positions outside the text.
+      ValueError: see `resolve_site`; for positions outside the text; for a text longer
+        than the model's max_len.
     """
-    resolved = resolve_site(model, sae, site, head_index)
+    resolved = resolve_site(model, sae, site, head_index, allow_other_site=allow_other_site)
     tokens = np.asarray(tokens)
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[0] != 1:
         raise ValueError(f"search_features takes one text, [T] or [1, T]; got {tokens.shape}.")
     length = tokens.shape[1]
+    model.config.check_length(length, "The searched text")
     mask = None if attention_mask is None else np.asarray(attention_mask).reshape(1, length)
     keep = activations.keep_mask(tokens, mask, bos_id=bos_id, skip_first=skip_first,
                                  exclude_ids=tuple(exclude_ids))[0]  # fmt: skip

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from interp.analysis.features import check_features
+from interp.data import activations
 from interp.models import hooks
 
 _CHUNK = 256  # Features per matmul with W_U (on device): [256, V] float32 is 256 MB at V = 256k.
@@ -153,6 +154,7 @@ def logit_effects(
     *,
     sae: nn.Module | None = None,
     site: str | None = None,
+    allow_other_site: bool = False,
 ) -> LogitEffects:
     """The k tokens each feature's decoder direction most raises and most lowers.
 
@@ -167,14 +169,17 @@ def logit_effects(
         is the default `site`. (An SAE that normalises each token rescales its output by a
         per-token positive factor, which leaves the order of effects unchanged.)
       site: The hook site the SAE writes (ours or TransformerLens's); None: the residual
-        stream.
+        stream. With `sae`, another site than the one it writes is refused unless
+        `allow_other_site` (`interp.data.activations.check_sae_site`).
+      allow_other_site: Accept that.
 
     Returns:
       `LogitEffects`.
 
     Raises:
       ValueError: for a feature outside the SAE, a decoder not as wide as the residual
-        stream, or a site whose direct effect on the logits is not the final norm and W_U.
+        stream, a site whose direct effect on the logits is not the final norm and W_U, or
+        a site other than the SAE's (see `allow_other_site`).
     """
     config = model.config
     w_dec = np.asarray(sae_params["W_dec"], np.float32)
@@ -184,6 +189,10 @@ def logit_effects(
     if not features.size:
         raise ValueError("logit_effects got no features.")
     scale = 1.0 if sae is None else float(sae.config.input_scale)
+    if sae is not None:
+        activations.check_sae_site(
+            sae, site, model=model, allow_other_site=allow_other_site, end="output"
+        )
     why = why_no_direct_effect(model, sae_params, sae=sae, site=site)
     if why:
         raise ValueError(why)

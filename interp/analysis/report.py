@@ -61,7 +61,9 @@ def analyse(
     site = stats.site if sae.config.output_hook_name is None else None  # Else its output.
     effects = None  # attn/z, MLP hidden units, ...: no direct path through W_U alone.
     if why_no_direct_effect(model, sae_params, sae=sae, site=site) is None:
-        effects = logit_effects(model, params, sae_params, k=logit_k, sae=sae, site=site)
+        # feature_stats checked (or was allowed) the site.
+        effects = logit_effects(model, params, sae_params, k=logit_k, sae=sae, site=site,
+                                allow_other_site=True)  # fmt: skip
     title = title or f"SAE at {stats.site}"
 
     def write():

@@ -377,8 +377,59 @@ def _one_site(model: nn.Module, name: str, what: str) -> str:
     return names[0]
 
 
+def check_sae_site(
+    sae: Any,
+    site: str | None,
+    *,
+    model: nn.Module | None = None,
+    allow_other_site: bool = False,
+    end: str = "input",
+) -> None:
+    """Refuses an SAE used at a site other than its own: the one check of "this SAE at this
+    site" for every consumer (steering, feature statistics, search and logit effects,
+    influence's feature queries, evaluation).
+
+    An SAE's features are directions in the activations it was trained on; at another site
+    of the same width they run without complaint and mean nothing. Names are compared as
+    sites, so TransformerLens's spelling of the SAE's own site is the same site.
+
+    Args:
+      sae: An SAE module with a `config` (hook_name; a transcoder's output_hook_name), used
+        only through its config; one that names no site is not checked.
+      site: Where it is used (ours or TransformerLens's name); None or '' checks nothing.
+      model: The model, when at hand: names whose site depends on it (hook_mlp_in) are
+        compared exactly.
+      allow_other_site: Use it there anyway (e.g. a site that holds the same activations
+        under another name, or an experiment on purpose).
+      end: 'input', the site the SAE reads, or 'output', the one it writes (a transcoder's
+        output site, else its input).
+
+    Raises:
+      ValueError: naming both sites and the override.
+    """
+    config = getattr(sae, "config", None)
+    own = getattr(config, "hook_name", None)
+    if end == "output":
+        own = getattr(config, "output_hook_name", None) or own
+    if not site or not own or allow_other_site:
+        return
+    if sites_lib.same_site(site, own, getattr(model, "config", None)):
+        return
+    what = "writes" if end == "output" and own != getattr(config, "hook_name", None) else "reads"
+    raise ValueError(
+        f"This SAE was trained on {own!r} (the site it {what}) but is used at {site!r}; its "
+        "features mean nothing at another site, even one of the same width. Use the SAE's "
+        f"own site, or pass allow_other_site=True if {site!r} holds the same activations."
+    )
+
+
 def resolve_sae_site(
-    model: nn.Module, sae: nn.Module, site: str | None = None, head_index: int | None = None
+    model: nn.Module,
+    sae: nn.Module,
+    site: str | None = None,
+    head_index: int | None = None,
+    *,
+    allow_other_site: bool = False,
 ) -> SaeSite:
     """The site an SAE reads and writes, checked against the model: the one definition for
     evaluation, feature analysis and steering.
@@ -387,13 +438,16 @@ def resolve_sae_site(
       model: A `Transformer`.
       sae: An SAE module with a `config` (hook_name, hook_head_index, output_hook_name,
         d_in, output_width); used only through its config, so this layer needs no SAE code.
-      site: A hook name (ours or TransformerLens's) overriding the config's.
+      site: A hook name (ours or TransformerLens's) overriding the config's: another site
+        than the config's is refused unless `allow_other_site` (`check_sae_site`).
       head_index: A head overriding the config's.
+      allow_other_site: Accept a `site` other than the SAE's own.
 
     Raises:
-      ValueError: when no site is known, a name matches no or several hook points, a
-        transcoder's output comes before its input, or the SAE's widths do not match the
-        sites' rows (naming both, and the head-index hint for head-shaped sites).
+      ValueError: when no site is known, a name matches no or several hook points, `site`
+        is not the SAE's own (see `allow_other_site`), a transcoder's output comes before
+        its input, or the SAE's widths do not match the sites' rows (naming both, and the
+        head-index hint for head-shaped sites).
     """
     config = sae.config
     site = site or getattr(config, "hook_name", None)
@@ -404,6 +458,7 @@ def resolve_sae_site(
         )
     head_index = getattr(config, "hook_head_index", None) if head_index is None else head_index
     name = _one_site(model, site, "SAE site")
+    check_sae_site(sae, name, model=model, allow_other_site=allow_other_site)
     resolved = SaeSite(name, name, head_index, head_index)
     if getattr(config, "is_transcoder", False):
         if not config.output_hook_name:

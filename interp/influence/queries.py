@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from interp.data import activations
 from interp.influence import gradients
 from interp.models import sites
 
@@ -78,6 +79,7 @@ def sae_feature(
     feature: int = 0,
     *,
     head_index: int | None = None,
+    allow_other_site: bool = False,
 ) -> Measurement:
     """An SAE feature's activation at `hook`, summed over the positions loss_mask marks.
 
@@ -93,11 +95,14 @@ def sae_feature(
         default the SAE config's `hook_name`.
       feature: The latent's index.
       head_index: For a per-head SAE, its head; default the config's `hook_head_index`.
+      allow_other_site: Accept a `hook` other than the SAE config's `hook_name`
+        (`interp.data.activations.check_sae_site`, the check steering and analysis make).
 
     Raises:
       ValueError: when neither `hook` nor the SAE's config names a site, `hook` is a
-        pattern, or `feature` is not one of the SAE's latents. A name that matches no site of
-        the model is refused when scoring.
+        pattern or another site than the SAE's own (see `allow_other_site`), or `feature`
+        is not one of the SAE's latents. A name that matches no site of the model is
+        refused when scoring.
     """
     config = getattr(sae, "config", None)
     hook = hook or getattr(config, "hook_name", None)
@@ -107,6 +112,7 @@ def sae_feature(
         )
     if any(c in hook for c in "*?["):
         raise ValueError(f"sae_feature reads one site; {hook!r} is a pattern.")
+    activations.check_sae_site(sae, hook, allow_other_site=allow_other_site)
     layout = hook  # Only whether it holds patterns matters here; the model resolves the name.
     if sites.is_transformer_lens_name(hook) and not sites.depends_on_model(hook):
         layout = sites.from_transformer_lens(hook)  # Unknown TransformerLens names fail here.

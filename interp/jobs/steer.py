@@ -21,6 +21,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
+import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -67,13 +70,35 @@ class SteeringConfig:
     max_rows: int = 256
     batch_size: int = 16
 
+    def __post_init__(self):
+        # Checked here, before any model is loaded: a bad strength would otherwise surface
+        # only after the maxima pass (a string), or as an empty completion (inf).
+        strengths = self.strengths
+        if isinstance(strengths, str | bytes) or not isinstance(strengths, Sequence):
+            raise ValueError(
+                f"config.steering.strengths must be a list of numbers, e.g. (0.0, 2.0, 5.0); "
+                f"got {strengths!r}."
+            )
+        for strength in strengths:
+            if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+                raise ValueError(
+                    f"config.steering.strengths holds {strength!r}, which is not a number; "
+                    "strengths are multiples of the feature's maximum activation, e.g. 5.0."
+                )
+            if not math.isfinite(strength):
+                raise ValueError(
+                    f"config.steering.strengths holds {strength!r}; strengths must be finite "
+                    "numbers (an infinite clamp makes the completion empty)."
+                )
+
 
 def run(config, workdir: str) -> dict[str, Any]:
     """Runs the steering job; returns {'feature', 'hook', 'max_activation', 'prompt',
     'completions': [{'strength', 'value', 'text'}, ...]} (strength None: unsteered).
 
     Raises:
-      ValueError: for unknown fields, a feature outside the SAE, NaN strengths (see
+      ValueError: for unknown fields, strengths that are not finite numbers (before any
+        model is loaded), a feature outside the SAE (see
         `interp.steering.feature_intervention`).
     """
     steer_config = records.from_dict(SteeringConfig, config.steering, where="config.steering")
@@ -89,6 +114,12 @@ def run(config, workdir: str) -> dict[str, Any]:
     if not sae.config.hook_name:
         raise ValueError("The SAE names no hook site (hook_name); steering needs it.")
     (hook,) = hooks.resolve(model, [sae.config.hook_name])
+    prompt_ids = tokenizer.encode(steer_config.prompt, add_eos=False)
+    model.config.check_length(  # Before the maxima pass, not after it.
+        len(prompt_ids) + steer_config.max_new_tokens,
+        f"config.steering.prompt's {len(prompt_ids)} tokens + config.steering.max_new_tokens "
+        f"{steer_config.max_new_tokens}",
+    )
 
     _, heldout = documents(config.data)
     rows = pack_rows(config.data, heldout, tokenizer, steer_config.max_rows)
@@ -108,11 +139,8 @@ def run(config, workdir: str) -> dict[str, Any]:
             steer_config.context, k=1, relative_to=maxima, where="config.steering",
         )  # fmt: skip
         feature = int(found.features[0])
-    prompt_ids = tokenizer.encode(steer_config.prompt, add_eos=False)
     prompt = jnp.asarray([prompt_ids], jnp.int32)
     length = steer_config.max_new_tokens
-    if model.config.positions == "learned":
-        length = min(length, model.config.max_len - len(prompt_ids))
 
     def complete(interventions=None):
         tokens = generate(model, params, prompt, length, interventions=interventions)

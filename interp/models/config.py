@@ -163,6 +163,47 @@ class ModelConfig:
         # Lists from JSON/ml_collections become tuples so the config stays hashable.
         object.__setattr__(self, "sliding_layers", tuple(int(i) for i in self.sliding_layers))
 
+    def check_length(
+        self, length: int, what: str, *, allow_longer: bool = False, option: str | None = None
+    ) -> None:
+        """Refuses running the model on `length` tokens when that is past `max_len`.
+
+        The one rule for every entry point that runs the model on lengths a user chooses
+        (generation, steering, feature search and statistics, SAE evaluation; influence's
+        `gradients.check_batch`): a model has seen no position past `max_len`. Learned
+        position embeddings end there; rotary ones compute any position, but what the model
+        does there was never trained, so it is refused unless asked for (`allow_longer`,
+        e.g. for a model whose rope scaling is meant to stretch it).
+
+        Args:
+          length: Tokens per sequence (a prompt plus the tokens to generate).
+          what: What is that long, for the message ("prompt of 70 tokens + max_new_tokens
+            20").
+          allow_longer: Accept lengths past `max_len` for rotary positions.
+          option: The argument that sets `allow_longer` where the caller has one, named in
+            the message.
+
+        Raises:
+          ValueError: naming both lengths.
+        """
+        if length <= self.max_len:
+            return
+        if self.positions == "learned":
+            fix = "its learned position embeddings stop there; shorten the input."
+        elif allow_longer:
+            return
+        else:
+            fix = "shorten the input" + (
+                f", or pass {option}=True to run past it (rotary positions extrapolate, e.g. "
+                "with rope scaling, but the model never saw such lengths)."
+                if option
+                else "."
+            )
+        raise ValueError(
+            f"{what}: {length} tokens, more than the {self.max_len} positions this model "
+            f"was trained for (max_len); {fix}"
+        )
+
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rotary_fraction)

@@ -222,6 +222,7 @@ def generate(
     interventions: Mapping[str, Intervention] | None = None,
     use_cache: bool = True,
     return_mask: bool = False,
+    allow_longer: bool = False,
 ):
     """Generates `max_new_tokens` tokens after each prompt.
 
@@ -254,26 +255,35 @@ def generate(
         what `run_with_hooks` on that sequence would.
       return_mask: Also return the mask of real tokens: the prompt's mask, then 1 for each
         generated token up to and including the row's first `eos_id`, 0 after.
+      allow_longer: Let a rotary model run past its `max_len` (the prompt's length plus
+        `max_new_tokens`), e.g. one whose rope scaling is meant to stretch its context
+        (dynamic NTK grows its base with the length). By default that is an error naming
+        both lengths, as it always is for learned positions.
 
     Returns:
       [B, T + max_new_tokens] token ids: the prompts followed by the generated tokens; with
       `return_mask`, (tokens, mask), both [B, T + max_new_tokens].
+
+    Raises:
+      ValueError: for T + max_new_tokens past the model's max_len (see `allow_longer`), a
+        prompt that is not [B, T], sampling without rng, a mask of another shape, or an
+        unknown hook name.
     """
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim != 2:
         raise ValueError(f"prompt must be [batch, length] token ids, got shape {prompt.shape}.")
     if temperature > 0 and rng is None:
         raise ValueError("Sampling (temperature > 0) needs rng=jax.random.key(seed).")
-    total = prompt.shape[1] + max_new_tokens
-    if model.config.positions == "learned" and total > model.config.max_len:
-        raise ValueError(
-            f"Prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
-            f"exceeds the model's max_len {model.config.max_len}."
-        )
     mask = jnp.ones_like(prompt) if attention_mask is None else jnp.asarray(attention_mask)
     mask = mask.astype(jnp.int32)
     if mask.shape != prompt.shape:
         raise ValueError(f"attention_mask {mask.shape} does not match prompt {prompt.shape}.")
+    model.config.check_length(  # Columns, padding included: what the cache holds.
+        prompt.shape[1] + max_new_tokens,
+        f"A prompt of {prompt.shape[1]} tokens + max_new_tokens {max_new_tokens}",
+        allow_longer=allow_longer,
+        option="allow_longer",
+    )
     if interventions:
         hooks.resolve(model, list(interventions))  # Fail early, outside the trace.
     keys = jax.random.split(jax.random.key(0) if rng is None else rng, max_new_tokens)

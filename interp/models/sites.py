@@ -153,6 +153,30 @@ def to_transformer_lens(name: str, config: Any = None) -> str:
     )
 
 
+def _spellings(name: str, config: Any) -> set[str]:
+    """interp's names `name` may stand for: one with the model's config (or a name that
+    needs no model), both candidates of hook_mlp_in without it."""
+    try:
+        ours = from_transformer_lens(name, config)
+    except UnknownTransformerLensName:
+        return {name}
+    if config is None and depends_on_model(name) and name.endswith(".hook_mlp_in"):
+        return {ours, ours.replace("/resid_mid", "/resid_pre")}  # A parallel residual's.
+    return {ours}
+
+
+def same_site(name: str, other: str, config: Any = None) -> bool:
+    """Whether two hook names (ours or TransformerLens's) name the same site.
+
+    Args:
+      name, other: e.g. 'blocks_1/resid_post' and 'blocks.1.hook_resid_post' (the same).
+      config: The model's `ModelConfig`, when known; without it a TransformerLens name whose
+        site depends on the model (hook_mlp_in: resid_pre under a parallel residual) counts
+        as the same as either of its sites.
+    """
+    return bool(_spellings(name, config) & _spellings(other, config))
+
+
 # ----------------------------------------------------------------------------- layouts
 
 

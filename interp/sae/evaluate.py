@@ -276,6 +276,7 @@ def spliced_loss(
     bos_id: int | None = None,
     skip_first: bool = False,
     exclude_ids: Sequence[int] = (),
+    allow_other_site: bool = False,
 ) -> dict[str, float]:
     """Next-token loss with the SAE's reconstruction in place of the activations at `site`.
 
@@ -291,6 +292,7 @@ def spliced_loss(
       attention_mask: Optional [B, T], 1 for real tokens.
       head_index: For a per-head SAE, its head (default the config's `hook_head_index`).
       bos_id, skip_first, exclude_ids: Positions the SAE does not see (see `evaluate`).
+      allow_other_site: Accept a `site` other than the SAE config's (see `resolve_site`).
 
     Returns:
       {'clean_loss', 'spliced_loss', 'zero_ablation_loss', 'kl', 'loss_recovered',
@@ -298,9 +300,10 @@ def spliced_loss(
       over the same positions, loss_recovered = (zero - spliced) / (zero - clean).
 
     Raises:
-      ValueError: see `resolve_site`.
+      ValueError: see `resolve_site`; for tokens longer than the model's max_len.
     """
-    resolved = resolve_site(model, sae, site, head_index)
+    resolved = resolve_site(model, sae, site, head_index, allow_other_site=allow_other_site)
+    model.config.check_length(np.shape(tokens)[-1], "spliced_loss's tokens")
     exclusions = dict(bos_id=bos_id, skip_first=skip_first, exclude_ids=tuple(exclude_ids))
     keep = _keep(tokens, attention_mask, exclusions)
     sums, _, _ = _jit_loss_sums(
@@ -323,6 +326,7 @@ def evaluate(
     exclude_ids: Sequence[int] = (),
     dense_threshold: float = DENSE_THRESHOLD,
     max_batches: int | None = None,
+    allow_other_site: bool = False,
 ) -> dict[str, float]:
     """Reconstruction, sparsity and spliced-loss metrics of an SAE over token batches.
 
@@ -344,15 +348,17 @@ def evaluate(
         loss is still over every predicted token.
       dense_threshold: A latent firing on more than this fraction of tokens is dense.
       max_batches: Stop after this many batches.
+      allow_other_site: Accept a `site` other than the SAE config's (see `resolve_site`).
 
     Returns:
       The keys of `ReconstructionAccumulator.result` and `LossAccumulator.result`, with
       'num_batches'.
 
     Raises:
-      ValueError: see `resolve_site`; with no batches.
+      ValueError: see `resolve_site`; with no batches, or batches longer than the model's
+        max_len.
     """
-    resolved = resolve_site(model, sae, site, head_index)
+    resolved = resolve_site(model, sae, site, head_index, allow_other_site=allow_other_site)
     exclusions = dict(bos_id=bos_id, skip_first=skip_first, exclude_ids=tuple(exclude_ids))
     reconstruction, losses = ReconstructionAccumulator(dense_threshold), LossAccumulator()
     num_batches = 0
@@ -360,6 +366,7 @@ def evaluate(
         if max_batches is not None and num_batches >= max_batches:
             break
         tokens, mask = activations.split_batch(batch)
+        model.config.check_length(tokens.shape[1], "evaluate's batches")
         keep = _keep(tokens, mask, exclusions)
         loss_sums, recon_sums = _jit_batch_sums(
             model, sae, resolved, params, sae_params, tokens, mask, keep

@@ -177,3 +177,32 @@ def test_search_finds_the_features_firing_most_on_a_text(lm):
     ratio = np.where(stats.max > 0, best / np.where(stats.max > 0, stats.max, 1), 0)
     np.testing.assert_array_equal(relative.features, np.argsort(-ratio)[:4])
     np.testing.assert_allclose(relative.scores, np.sort(ratio)[::-1][:4], rtol=1e-5)
+
+
+def test_an_sae_at_another_site_than_its_own_is_refused_unless_allowed(lm):
+    model, params = lm
+    sae, sae_params = _sae(16, "blocks.1.hook_resid_post")
+    other = "trained on 'blocks.1.hook_resid_post'.*used at 'blocks_0/resid_post'"
+    with pytest.raises(ValueError, match=other):
+        analysis.feature_stats(model, params, sae, sae_params, _batches(),
+                               site="blocks_0/resid_post")  # fmt: skip
+    text = _batches()[0]["tokens"][0]
+    with pytest.raises(ValueError, match=other):
+        analysis.search_features(model, params, sae, sae_params, text, site="blocks_0/resid_post")
+    own = analysis.search_features(model, params, sae, sae_params, text, k=3,
+                                   site="blocks_1/resid_post")  # fmt: skip
+    assert len(own.features) == 3
+    moved = analysis.search_features(model, params, sae, sae_params, text, k=3,
+                                     site="blocks_0/resid_post", allow_other_site=True)  # fmt: skip
+    assert not np.array_equal(moved.per_token, own.per_token)
+
+
+def test_texts_past_the_model_context_are_refused_for_rotary_positions_too():
+    model = Transformer(TINY.replace(positions="rotary", max_len=8))
+    params = None  # Refused before the model runs.
+    sae, sae_params = _sae(16, "blocks_1/resid_post")
+    too_long = "12 tokens, more than the 8 positions this model was trained for"
+    with pytest.raises(ValueError, match=f"The searched text: {too_long}"):
+        analysis.search_features(model, params, sae, sae_params, _batches()[0]["tokens"][0])
+    with pytest.raises(ValueError, match=f"feature_stats' batches: {too_long}"):
+        analysis.feature_stats(model, params, sae, sae_params, _batches())

@@ -124,3 +124,19 @@ def test_sites_and_bad_input():
         analysis.logit_effects(model, params, {"W_dec": w_dec[:, :16]})
     with pytest.raises(ValueError, match="output projection"):
         analysis.logit_effects(model, params, {"W_dec": w_dec}, site="blocks_0/attn/z")
+
+
+def test_an_sae_at_another_site_than_the_one_it_writes_is_refused():
+    model, params = _model("gpt2")
+    w_dec = _w_dec(model.config)
+    sae = SAE(SAEConfig(architecture="relu", d_in=model.config.d_model, num_latents=NUM_LATENTS,
+                        hook_name="blocks.1.hook_resid_post"))  # fmt: skip
+    with pytest.raises(ValueError, match="trained on 'blocks.1.hook_resid_post'.*used at "
+                       "'blocks_0/resid_post'"):  # fmt: skip
+        analysis.logit_effects(model, params, {"W_dec": w_dec}, 0, sae=sae,
+                               site="blocks_0/resid_post")  # fmt: skip
+    own = analysis.logit_effects(model, params, {"W_dec": w_dec}, 0, sae=sae,
+                                 site="blocks_1/resid_post")  # fmt: skip
+    other = analysis.logit_effects(model, params, {"W_dec": w_dec}, 0, sae=sae,
+                                   site="blocks_0/resid_post", allow_other_site=True)  # fmt: skip
+    np.testing.assert_array_equal(own.top_tokens, other.top_tokens)  # The same stream.

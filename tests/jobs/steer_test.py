@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -74,3 +76,57 @@ def test_a_chosen_feature_outside_the_sae_is_refused(folders, tmp_path):
     config.steering.feature = 64
     with pytest.raises(ValueError, match="outside 0..63"):
         job.run(config, str(tmp_path / "bad"))
+
+
+def _no_model_overrides(tmp_path, **more):
+    """A config whose model is missing: a check that comes first must fail before that."""
+    return {"steering.model_path": str(tmp_path / "no-model"), **more}
+
+
+@pytest.mark.parametrize(
+    "strengths, match",
+    [
+        ((2.0, "5"), "holds '5', which is not a number"),
+        ((2.0, float("inf")), "holds inf; strengths must be finite"),
+        ((-float("inf"),), "holds -inf"),
+        ((float("nan"),), "holds nan"),
+        ((True, 2.0), "holds True, which is not a number"),
+        ("2.0", "must be a list of numbers"),
+        (2.0, "must be a list of numbers"),
+    ],
+)
+def test_strengths_that_are_not_finite_numbers_fail_before_the_model_loads(
+    tmp_path, strengths, match
+):
+    from configs import demo
+
+    config = runs.override(demo.get_config("tiny=True"), **_no_model_overrides(tmp_path))
+    steering = config.steering.to_dict()  # A config file may hold any type here.
+    steering["strengths"] = strengths
+    config.steering = steering
+    with pytest.raises(ValueError, match=f"config.steering.strengths {match}"):
+        job.run(config, str(tmp_path / "steering"))
+    assert not (tmp_path / "steering").exists()  # Not even the workdir was prepared.
+
+
+def test_main_refuses_a_string_strength_before_loading_the_model(tmp_path):
+    """`--config.steering.strengths=abc` parses as ('abc',): refused by the real main."""
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.steer", "--config=configs/demo.py:tiny=True",
+         f"--workdir={tmp_path / 'steering'}", "--config.steering.strengths=abc",
+         *runs.flags(**_no_model_overrides(tmp_path))],
+        cwd=runs.ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "config.steering.strengths holds 'abc', which is not a number" in result.stderr
+    assert "no-model" not in result.stderr
+
+
+def test_a_prompt_past_the_model_context_fails_before_the_maxima(folders, tmp_path):
+    from configs import demo
+
+    config = runs.override(demo.get_config("tiny=True"), **_overrides(folders))
+    config.steering.max_new_tokens = 64  # The model's max_len.
+    with pytest.raises(ValueError, match=r"prompt's \d+ tokens \+ config.steering.max_new_tok"):
+        job.run(config, str(tmp_path / "long"))
+    assert not (tmp_path / "long" / "max_activations.npy").exists()

@@ -118,8 +118,11 @@ def test_bad_arguments_are_clear_errors():
     model, params = _model(GPT2_LIKE)
     with pytest.raises(ValueError, match="needs rng"):
         generate(model, params, jnp.ones((1, 2), jnp.int32), 3, temperature=1.0)
-    with pytest.raises(ValueError, match="exceeds the model's max_len"):
+    too_long = r"60 tokens \+ max_new_tokens 10: 70 tokens, more than the 64 positions"
+    with pytest.raises(ValueError, match=too_long):
         generate(model, params, jnp.ones((1, 60), jnp.int32), 10)
+    with pytest.raises(ValueError, match="learned position embeddings stop there"):
+        generate(model, params, jnp.ones((1, 60), jnp.int32), 10, allow_longer=True)
     with pytest.raises(ValueError, match="Unknown hook name"):
         generate(
             model,
@@ -128,6 +131,18 @@ def test_bad_arguments_are_clear_errors():
             3,
             interventions={"blocks_0/nope": lambda x: x},
         )
+
+
+def test_a_rotary_model_past_its_max_len_is_refused_unless_allowed():
+    config = ALL["llama"].replace(max_len=8)
+    model, params = _model(config)
+    prompt = jax.random.randint(jax.random.key(1), (1, 6), 0, config.vocab_size)
+    with pytest.raises(ValueError, match=r"A prompt of 6 tokens \+ max_new_tokens 3: 9 tokens, "
+                       r"more than the 8 positions .*allow_longer=True"):  # fmt: skip
+        generate(model, params, prompt, 3)
+    with pytest.raises(ValueError, match="A prompt of 9 tokens"):  # The prompt alone.
+        generate(model, params, jnp.ones((1, 9), jnp.int32), 0)
+    assert generate(model, params, prompt, 3, allow_longer=True).shape == (1, 9)
 
 
 # ----------------------------------------------------------------- what interventions see

@@ -119,3 +119,25 @@ def test_transformer_lens_names_that_differ_here_are_refused():
     assert hooks.resolve(model, ["blocks.1.ln2_post.hook_normalized"]) == [
         "blocks_1/post_mlp_norm/normalized"
     ]
+
+
+@pytest.mark.parametrize(
+    "name, other, config, same",
+    [
+        ("blocks_1/resid_post", "blocks.1.hook_resid_post", None, True),
+        ("blocks.0.attn.hook_z", "blocks_0/attn/z", None, True),
+        ("ln_final.hook_normalized", "ln_f/normalized", None, True),
+        ("blocks_1/resid_post", "blocks_0/resid_post", None, False),
+        ("blocks_1/resid_post", "blocks.1.hook_resid_pre", None, False),
+        # hook_mlp_in is resid_pre under a parallel residual: either, without the model.
+        ("blocks.2.hook_mlp_in", "blocks_2/resid_pre", None, True),
+        ("blocks.2.hook_mlp_in", "blocks_2/resid_pre", NEOX_LIKE, True),
+        ("blocks.2.hook_mlp_in", "blocks_2/resid_pre", LLAMA_LIKE, False),
+        ("blocks.2.hook_mlp_in", "blocks_2/resid_mid", LLAMA_LIKE, True),
+        ("blocks.2.hook_mlp_in", "blocks_2/resid_mid", None, True),
+        ("blocks.2.hook_nonsense", "blocks_2/resid_pre", None, False),
+    ],
+)
+def test_same_site_compares_sites_not_spellings(name, other, config, same):
+    assert sites.same_site(name, other, config) is same
+    assert sites.same_site(other, name, config) is same

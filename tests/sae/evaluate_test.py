@@ -362,3 +362,19 @@ def test_excluded_positions_keep_their_activations_and_are_not_scored(lm):
     assert metrics["num_tokens"] == int(keep.sum()) == len(rows[site])
     by_hand = evaluate.reconstruction_metrics(topk, topk_params, rows[site])
     assert metrics["fvu"] == pytest.approx(by_hand["fvu"], rel=1e-5)
+
+
+def test_an_sae_at_another_site_than_its_own_is_refused_unless_allowed(lm):
+    model, params, tokens = lm
+    sae, sae_params = _exact_sae(TINY.d_model)
+    sae = SAE(sae.config.replace(hook_name="blocks.1.hook_resid_post"))
+    other = "trained on 'blocks.1.hook_resid_post'.*used at 'blocks_0/resid_post'"
+    with pytest.raises(ValueError, match=other):
+        evaluate.spliced_loss(model, params, sae, sae_params, tokens, "blocks_0/resid_post")
+    with pytest.raises(ValueError, match=other):
+        evaluate.evaluate(model, params, sae, sae_params, [tokens], "blocks_0/resid_post")
+    own = evaluate.spliced_loss(model, params, sae, sae_params, tokens, "blocks_1/resid_post")
+    assert own["kl"] == pytest.approx(0.0, abs=1e-7)
+    allowed = evaluate.spliced_loss(model, params, sae, sae_params, tokens,
+                                    "blocks_0/resid_post", allow_other_site=True)  # fmt: skip
+    assert allowed["kl"] == pytest.approx(0.0, abs=1e-7)  # An exact SAE is exact anywhere.
