@@ -46,7 +46,8 @@ CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _ROLES = ("bos", "eos", "pad")
-REPLACEMENT = "\ufffd"  # What a decoder writes for bytes that are not (yet) a whole character.
+REPLACEMENT = "\ufffd"
+_BLOCK, _LOOKBACK = 64, 16  # Tokens per block of a long window, and context before each.  # What a decoder writes for bytes that are not (yet) a whole character.
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback: <0xC3>.
 # Tokenizer classes whose default padding side in transformers is 'left' (their class
 # attribute `padding_side`); every other class pads on the right unless its config says.
@@ -338,12 +339,31 @@ class Tokenizer:
         if ids.ndim != 1:
             raise ValueError(f"token_pieces takes a 1-D window of ids, got shape {ids.shape}.")
         ids = ids.tolist()
-        # One batched decode (in parallel, in Rust) of every prefix: O(W^2) ids for W tokens,
-        # about 10 ms for a 512-token row.
-        prefixes = self.backend.decode_batch(
-            [ids[: k + 1] for k in range(len(ids))], skip_special_tokens=skip_special_tokens
-        )
-        return split_decoded(prefixes)
+        if len(ids) <= _BLOCK + _LOOKBACK:
+            return self._pieces(ids, skip_special_tokens, True, True)
+        # Long rows: blocks of tokens, each read after the _LOOKBACK tokens before it (what a
+        # completed character or a clean-up reaches back into), so the work is linear in the
+        # row's length, not quadratic (2048 tokens: 3.4 s in one piece). Checked against the
+        # whole decoding; any decoder for which the context was too short gets the slow way.
+        pieces = []
+        for start in range(0, len(ids), _BLOCK):
+            context = max(0, start - _LOOKBACK)
+            stop = min(len(ids), start + _BLOCK)
+            # A character cut by the block's end goes whole to the next block's token that
+            # completes it (read with this one's end as context): its bytes here get ''.
+            block = self._pieces(ids[context:stop], skip_special_tokens, context == 0, True)
+            pieces += block[start - context :]
+        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        if "".join(pieces) == text.strip(REPLACEMENT):
+            return pieces
+        return self._pieces(ids, skip_special_tokens, True, True)
+
+    def _pieces(self, ids: list[int], skip_special_tokens: bool, start: bool, end: bool):
+        """`split_decoded` of the decodings of every prefix of `ids`."""
+        # One decode call each: `decode_batch` costs 10x more on short rows (threads).
+        decode = self.backend.decode
+        prefixes = [decode(ids[: k + 1], skip_special_tokens) for k in range(len(ids))]
+        return split_decoded(prefixes, strip_start=start, strip_end=end)
 
     def token_label(self, token_id: int) -> str:
         """One token's text on its own, for lists of tokens (e.g. logit effects).
@@ -428,7 +448,9 @@ class Tokenizer:
         )
 
 
-def split_decoded(prefixes: Sequence[str]) -> list[str]:
+def split_decoded(
+    prefixes: Sequence[str], *, strip_start: bool = True, strip_end: bool = True
+) -> list[str]:
     """Per-token text of a window from the decodings of its prefixes.
 
     Works with any decoder (byte-level BPE, Metaspace with byte fallback, WordPiece's '##'
@@ -443,6 +465,9 @@ def split_decoded(prefixes: Sequence[str]) -> list[str]:
 
     Args:
         prefixes: prefixes[k] is the decoding of the window's first k + 1 tokens.
+        strip_start: Leave out the U+FFFD run that starts the window (False: the window
+            continues one already shown, so its start is no edge).
+        strip_end: The same for the run that ends it.
 
     Returns:
         len(prefixes) strings.
@@ -458,8 +483,10 @@ def split_decoded(prefixes: Sequence[str]) -> list[str]:
             excess, k = excess - cut, k - 1
         pieces.append(prefix[common:])
         text = prefix
-    _strip_edge(pieces, range(len(pieces)), str.lstrip)  # The window's start...
-    _strip_edge(pieces, range(len(pieces) - 1, -1, -1), str.rstrip)  # ...and its end.
+    if strip_start:
+        _strip_edge(pieces, range(len(pieces)), str.lstrip)
+    if strip_end:
+        _strip_edge(pieces, range(len(pieces) - 1, -1, -1), str.rstrip)
     return pieces
 
 

@@ -606,6 +606,18 @@ def test_token_pieces_of_windows_cut_anywhere(any_tok):
         any_tok.token_pieces(np.zeros((2, 3), np.int32))
 
 
+def test_token_pieces_of_long_rows_equal_those_of_every_prefix(any_tok):
+    """Rows longer than a block are read block by block: the same pieces as the decodings of
+    all their prefixes give, and still none with U+FFFD."""
+    ids = any_tok.encode(" ".join(SPLIT_TEXTS * 6))[3:]  # Starts inside a character.
+    assert len(ids) > 200
+    pieces = any_tok.token_pieces(ids)
+    prefixes = any_tok.backend.decode_batch([ids[: k + 1] for k in range(len(ids))], False)
+    assert pieces == tokenizer_lib.split_decoded(prefixes)
+    assert "".join(pieces) == any_tok.decode(ids, False).strip("\ufffd")
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
 def test_split_decoded_gives_a_character_to_the_token_that_completes_it():
     # Byte-level: ' Ã' (0x20 0xC3), '\x89' (completes É), 'mile'.
     assert tokenizer_lib.split_decoded(["said", "said \ufffd", "said É", "said Émile"]) == [
