@@ -46,8 +46,8 @@ CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _ROLES = ("bos", "eos", "pad")
-REPLACEMENT = "\ufffd"
-_BLOCK, _LOOKBACK = 64, 16  # Tokens per block of a long window, and context before each.  # What a decoder writes for bytes that are not (yet) a whole character.
+REPLACEMENT = "\ufffd"  # What a decoder writes for bytes that are not (yet) a whole character.
+_BLOCK, _LOOKBACK = 64, 16  # Tokens per block of a long window, and context before each.
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback: <0xC3>.
 # Tokenizer classes whose default padding side in transformers is 'left' (their class
 # attribute `padding_side`); every other class pads on the right unless its config says.
