@@ -12,7 +12,8 @@ activation histogram (inline SVG from the binned counts), the tokens the feature
 direction most raises and lowers, and its top contexts with each token highlighted by the
 feature's activation (the value on hover). The density histogram of all features is embedded
 as a PNG. Everything is inline (styles, script, images as data: URIs): the file can be opened
-from disk or a bucket. Token text is HTML-escaped.
+from disk or a bucket. Token text is HTML-escaped; a context's tokens read as its decoded text
+(a character split over byte tokens is shown whole, on the token that completes it).
 
 Size: about 25 kB per feature with 20 contexts of 13 tokens, so by default only the first
 `max_features` features that fired are written; pass `features=` to choose.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -31,31 +32,56 @@ from interp import paths
 from interp.analysis import plots
 from interp.analysis.features import FeatureStats, check_features
 from interp.analysis.logits import LogitEffects
+from interp.models import tokenizer as tokenizer_lib
 
 MAX_FEATURES = 2000
 _HISTOGRAM_BARS = 40
 
 
-def _token_text(tokenizer: Any) -> Callable[[int], str]:
-    """id -> display string, from a tokenizer (`decode`), a callable, or None (ids)."""
-    cache: dict[int, str] = {}
+class _TokenText:
+    """Token ids as text, from a tokenizer (`decode`), a callable id -> str, or None (ids).
 
-    def text(token: int) -> str:
+    `window(ids)` gives one string per token of a context, joined the window's text
+    (`interp.models.tokenizer.split_decoded`: a character made of several byte tokens is
+    shown once, on the token that completes it); `label(id)` is one token on its own.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.labels: dict[int, str] = {}
+
+    def window(self, ids: Sequence[int]) -> list[str]:
+        ids = [int(t) for t in ids]
+        tokenizer = self.tokenizer
+        if hasattr(tokenizer, "token_pieces"):
+            pieces = tokenizer.token_pieces(ids, skip_special_tokens=False)
+        elif hasattr(tokenizer, "decode"):  # E.g. a transformers tokenizer.
+            prefixes = [self._decode(ids[: k + 1]) for k in range(len(ids))]
+            pieces = tokenizer_lib.split_decoded(prefixes)
+        else:
+            pieces = [self.label(t) for t in ids]
+        return [_visible(str(piece)) for piece in pieces]
+
+    def label(self, token: int) -> str:
         token = int(token)
-        if token not in cache:
+        if token not in self.labels:
+            tokenizer = self.tokenizer
             if tokenizer is None:
                 value = f"<{token}>"
+            elif hasattr(tokenizer, "token_label"):
+                value = tokenizer.token_label(token)
             elif hasattr(tokenizer, "decode"):
-                try:
-                    value = tokenizer.decode([token], skip_special_tokens=False)
-                except TypeError:  # A decode without that option.
-                    value = tokenizer.decode([token])
+                value = self._decode([token])
             else:
                 value = tokenizer(token)
-            cache[token] = _visible(str(value))
-        return cache[token]
+            self.labels[token] = _visible(str(value))
+        return self.labels[token]
 
-    return text
+    def _decode(self, ids: list[int]) -> str:
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+        except TypeError:  # A decode without that option.
+            return self.tokenizer.decode(ids)
 
 
 def _visible(text: str) -> str:
@@ -104,14 +130,14 @@ def _histogram_svg(stats: FeatureStats, feature: int) -> str:
     )
 
 
-def _context_html(context: dict[str, Any], scale: float, text) -> str:
+def _context_html(context: dict[str, Any], scale: float, pieces: list[str]) -> str:
     spans = []
-    for i, (token, act) in enumerate(zip(context["tokens"], context["acts"], strict=True)):
+    for i, (piece, act) in enumerate(zip(pieces, context["acts"], strict=True)):
         alpha = 0.0 if scale <= 0 else min(1.0, max(act, 0.0) / scale) * 0.9
         cls = "tok peak" if i == context["index"] else "tok"
         spans.append(
             f'<span class="{cls}" style="background:rgba(255, 120, 0, {alpha:.3f})" '
-            f'title="{act:.4g}" data-act="{act:.6g}">{html.escape(text(token))}</span>'
+            f'title="{act:.4g}" data-act="{act:.6g}">{html.escape(piece)}</span>'
         )
     return (
         f'<div class="context" data-row="{context["row"]}" '
@@ -129,7 +155,7 @@ def _logits_html(effects: LogitEffects | None, row: int | None, text) -> str:
         ("Lowers", effects.bottom_tokens[row], effects.bottom_values[row], "neg"),
     ):
         items = "".join(
-            f'<li class="logit {cls}"><span class="ltok">{html.escape(text(t))}</span> '
+            f'<li class="logit {cls}"><span class="ltok">{html.escape(text.label(t))}</span> '
             f'<span class="lval">{v:+.3f}</span></li>'
             for t, v in zip(tokens, values, strict=True)
         )
@@ -154,13 +180,14 @@ def _panel(stats, feature, effects, row, text) -> tuple[str, str]:
         for key, value in stat_rows
     )
     scale = float(stats.max[feature]) if np.isfinite(stats.max[feature]) else 0.0
-    shown = "".join(_context_html(c, scale, text) for c in contexts) or (
+    pieces = [text.window(c["tokens"]) for c in contexts]
+    shown = "".join(_context_html(c, scale, p) for c, p in zip(contexts, pieces, strict=True)) or (
         '<p class="empty">No activating contexts.</p>'
     )
-    words = [text(t) for c in contexts for t in c["tokens"]]
+    words = ["".join(p) for p in pieces]  # Whole contexts: 'Émile' may span tokens.
     if effects is not None and row is not None:
-        words += [text(t) for t in effects.top_tokens[row]]
-        words += [text(t) for t in effects.bottom_tokens[row]]
+        words += [text.label(t) for t in effects.top_tokens[row]]
+        words += [text.label(t) for t in effects.bottom_tokens[row]]
     panel = (
         f'<section class="feature" id="feature-{feature}" data-feature="{feature}" hidden>'
         f'<h2>Feature {feature}</h2><div class="head"><table class="stats">{table}</table>'
@@ -191,6 +218,9 @@ svg.hist rect { fill: #d0603a; } svg.hist text { font-size: 10px; fill: #555; }
 .context { margin: 0.3em 0; line-height: 1.8; }
 .ctxval { font-family: monospace; color: #555; display: inline-block; width: 5em; }
 .tok { border-radius: 2px; } .tok.peak { outline: 1px solid #b45309; }
+/* A token with no text of its own (the first bytes of a character a later token completes)
+   keeps a thin bar, so that its colour and value still show. */
+.tok:empty { display: inline-block; width: 2px; height: 1.1em; vertical-align: text-bottom; }
 .empty { color: #888; } #count { padding: 0 0.8em; }
 """
 
@@ -237,7 +267,9 @@ def write_dashboard(
       stats: The SAE's `feature_stats`.
       logit_effects: Its `logit_effects` (any features; those given are shown).
       tokenizer: Turns token ids into text: an `interp.models.tokenizer.Tokenizer` (or any
-        object with `decode(ids)`), a callable id -> str, or None (ids shown as <id>).
+        object with `decode(ids)`: a context's tokens are shown so that together they read
+        as its decoding, see `Tokenizer.token_pieces`), a callable id -> str, or None (ids
+        shown as <id>).
       features: The features to show, in this order (default: those that fired, up to
         `max_features`, by index).
       max_features: Cap on the default list.
@@ -252,7 +284,7 @@ def write_dashboard(
     if features is None:
         features = np.nonzero(stats.fires > 0)[0][:max_features]
     features = [int(f) for f in check_features(np.asarray(features, np.int64), stats.num_latents)]
-    text = _token_text(tokenizer)
+    text = _TokenText(tokenizer)
     rows = {}
     if logit_effects is not None:
         rows = {int(f): i for i, f in enumerate(logit_effects.features)}

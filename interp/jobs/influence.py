@@ -230,7 +230,8 @@ def _entry(scores, i, chosen, search_index, searched, tokenizer) -> dict[str, An
     return {
         "row": int(search_index[chosen[i]]),
         "score": float(scores.total[0, i]),
-        "tokens": [tokenizer.decode([int(t)], skip_special_tokens=False) for t in tokens],
+        # Joined, the row's text: a character split over byte tokens is not U+FFFD per byte.
+        "tokens": tokenizer.token_pieces(tokens, skip_special_tokens=False),
         "token_scores": [float(v) for v in scores.per_token[0, i, : len(tokens)]],
         "layer_scores": [float(v) for v in scores.per_layer[0, i]],
     }

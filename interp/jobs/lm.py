@@ -308,7 +308,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         top_p=0.95,
         rng=jax.random.key(config.seed),
     )
-    sample_text = tok.decode(np.asarray(sample[0]).tolist())
+    # Joined pieces: no U+FFFD for a character cut by sample_tokens.
+    sample_text = "".join(tok.token_pieces(np.asarray(sample[0]), skip_special_tokens=True))
     logging.info("Sample: %s", sample_text)
     summary = {
         "sample": sample_text,

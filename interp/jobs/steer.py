@@ -144,7 +144,8 @@ def run(config, workdir: str) -> dict[str, Any]:
 
     def complete(interventions=None):
         tokens = generate(model, params, prompt, length, interventions=interventions)
-        return tokenizer.decode([int(t) for t in np.asarray(tokens[0, len(prompt_ids) :])])
+        # Joined pieces: no U+FFFD for a character cut by max_new_tokens.
+        return "".join(tokenizer.token_pieces(np.asarray(tokens[0, len(prompt_ids) :]), True))
 
     completions = [{"strength": None, "value": None, "text": complete()}]
     for strength in steer_config.strengths:

@@ -15,10 +15,21 @@ ignores `add_bos_token` / `add_eos_token` in `tokenizer_config.json` when a `tok
 present (the post-processor decides), and so does this module. Special-token strings that occur
 *inside* a text (e.g. a literal '<|endoftext|>') become their special ids, as in Hugging Face;
 `decode(..., skip_special_tokens=True)` then drops them.
+
+Per-token text (pages that colour each token): `tok.token_pieces(ids)` gives one string per
+token such that `''.join(pieces)` is the window's decoding. One token's own decoding is not its
+text: a character made of several byte tokens (byte-level BPE, SentencePiece byte fallback)
+decodes to U+FFFD piece by piece, and decoders join, strip and clean up across tokens. So the
+pieces come from the decodings of the window's prefixes (`split_decoded`): each token gets what
+its prefix adds, and a multi-byte character belongs to the token that completes it (the tokens
+before it in the character get ''). `tok.token_label(id)` is one token's text on its own (lists
+of tokens), with the bytes of a partial character written as \\xNN.
 """
 
+import functools
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -35,6 +46,9 @@ CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _ROLES = ("bos", "eos", "pad")
+REPLACEMENT = "\ufffd"  # What a decoder writes for bytes that are not (yet) a whole character.
+_BLOCK, _LOOKBACK = 64, 16  # Tokens per block of a long window, and context before each.
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback: <0xC3>.
 # Tokenizer classes whose default padding side in transformers is 'left' (their class
 # attribute `padding_side`); every other class pads on the right unless its config says.
 _LEFT_PADDING_CLASSES = frozenset(
@@ -301,6 +315,84 @@ class Tokenizer:
             )
         return self.backend.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
 
+    def token_pieces(
+        self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = False
+    ) -> list[str]:
+        """The text of each token of a window, such that the pieces joined are its decoding.
+
+        A character made of several tokens (the bytes of 'É' in byte-level BPE, byte-fallback
+        tokens like <0xC3><0x89>) is the text of the token that completes it; the tokens
+        before it in that character get ''. Characters cut by the window's edges (a window of
+        a packed row can start or end inside one) are left out, with no U+FFFD for them: the
+        joined pieces are `decode(ids)` without the U+FFFD run at either end (see
+        `split_decoded`). U+FFFD inside the window (bytes that are no text wherever the
+        window is cut) stays.
+
+        Args:
+            ids: The window's token ids (1-D).
+            skip_special_tokens: Give special tokens '' (default: their text, e.g. '<s>').
+
+        Returns:
+            One string per token.
+        """
+        ids = np.asarray(ids)
+        if ids.ndim != 1:
+            raise ValueError(f"token_pieces takes a 1-D window of ids, got shape {ids.shape}.")
+        ids = ids.tolist()
+        if len(ids) <= _BLOCK + _LOOKBACK:
+            return self._pieces(ids, skip_special_tokens, True, True)
+        # Long rows: blocks of tokens, each read after the _LOOKBACK tokens before it (what a
+        # completed character or a clean-up reaches back into), so the work is linear in the
+        # row's length, not quadratic (2048 tokens: 3.4 s in one piece). Checked against the
+        # whole decoding; any decoder for which the context was too short gets the slow way.
+        pieces = []
+        for start in range(0, len(ids), _BLOCK):
+            context = max(0, start - _LOOKBACK)
+            stop = min(len(ids), start + _BLOCK)
+            # A character cut by the block's end goes whole to the next block's token that
+            # completes it (read with this one's end as context): its bytes here get ''.
+            block = self._pieces(ids[context:stop], skip_special_tokens, context == 0, True)
+            pieces += block[start - context :]
+        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        if "".join(pieces) == text.strip(REPLACEMENT):
+            return pieces
+        return self._pieces(ids, skip_special_tokens, True, True)
+
+    def _pieces(self, ids: list[int], skip_special_tokens: bool, start: bool, end: bool):
+        """`split_decoded` of the decodings of every prefix of `ids`."""
+        # One decode call each: `decode_batch` costs 10x more on short rows (threads).
+        decode = self.backend.decode
+        prefixes = [decode(ids[: k + 1], skip_special_tokens) for k in range(len(ids))]
+        return split_decoded(prefixes, strip_start=start, strip_end=end)
+
+    def token_label(self, token_id: int) -> str:
+        """One token's text on its own, for lists of tokens (e.g. logit effects).
+
+        Its decoding, except for a token that is not whole characters by itself (a byte of a
+        multi-byte character, in byte-level BPE or byte fallback): then its bytes, with those
+        that are no character written as \\xNN ('\\xc3' for the first byte of 'É').
+        """
+        text = self.backend.decode([int(token_id)], skip_special_tokens=False)
+        if REPLACEMENT not in text:
+            return text
+        data = self._token_bytes(int(token_id))
+        return text if data is None else data.decode("utf-8", "backslashreplace")
+
+    def _token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes a byte-level or byte-fallback token stands for, or None if unknown."""
+        token = self.backend.id_to_token(token_id)
+        if token is None:
+            return None
+        byte = _BYTE_TOKEN.fullmatch(token)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        # A byte-level token is spelled in GPT-2's alphabet of 256 characters (U+FFFD is not
+        # one of them, so a token of that literal character is not taken for bytes).
+        inverse = _byte_level_inverse()
+        if all(char in inverse for char in token):
+            return bytes(inverse[char] for char in token)
+        return None
+
     def save(self, folder: str | os.PathLike) -> None:
         """Writes `tokenizer.json` and a `tokenizer_config.json` to `folder`.
 
@@ -354,6 +446,67 @@ class Tokenizer:
             f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
             f"eos={self.eos_token!r}, pad={self.pad_token!r})"
         )
+
+
+def split_decoded(
+    prefixes: Sequence[str], *, strip_start: bool = True, strip_end: bool = True
+) -> list[str]:
+    """Per-token text of a window from the decodings of its prefixes.
+
+    Works with any decoder (byte-level BPE, Metaspace with byte fallback, WordPiece's '##'
+    and clean-up, `transformers` tokenizers): token k gets what decoding the first k + 1
+    tokens adds to decoding the first k. Where it also changes the end of that text (a byte
+    that completes a character whose first bytes decoded to U+FFFD; a clean-up that joins
+    " '" to the next word), the changed end moves to token k, so the earlier tokens keep only
+    what stays. The pieces joined are then the decoding of the whole window, except at its
+    edges: a U+FFFD run that starts the window (the end of a character cut by the window's
+    start) or ends it (the start of one cut by its end) is left out, so that a window cut
+    anywhere shows no replacement characters for what it cut.
+
+    Args:
+        prefixes: prefixes[k] is the decoding of the window's first k + 1 tokens.
+        strip_start: Leave out the U+FFFD run that starts the window (False: the window
+            continues one already shown, so its start is no edge).
+        strip_end: The same for the run that ends it.
+
+    Returns:
+        len(prefixes) strings.
+    """
+    pieces: list[str] = []
+    text = ""  # "".join(pieces)
+    for prefix in prefixes:
+        common = len(os.path.commonprefix([text, prefix]))
+        excess, k = len(text) - common, len(pieces) - 1
+        while excess:  # Take the changed end back from the tokens that had it, last first.
+            cut = min(excess, len(pieces[k]))
+            pieces[k] = pieces[k][: len(pieces[k]) - cut]
+            excess, k = excess - cut, k - 1
+        pieces.append(prefix[common:])
+        text = prefix
+    if strip_start:
+        _strip_edge(pieces, range(len(pieces)), str.lstrip)
+    if strip_end:
+        _strip_edge(pieces, range(len(pieces) - 1, -1, -1), str.rstrip)
+    return pieces
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_inverse() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: character -> the byte it stands for."""
+    # The alphabet lists the 256 characters; their order is GPT-2's bytes_to_unicode().
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    mapping = {chr(b): b for b in printable}
+    mapping.update({chr(256 + i): b for i, b in enumerate(others)})
+    return mapping
+
+
+def _strip_edge(pieces: list[str], order: Iterable[int], strip) -> None:
+    """Strips U+FFFD from the pieces in `order` until one has text left."""
+    for k in order:
+        pieces[k] = strip(pieces[k], REPLACEMENT)
+        if pieces[k]:
+            return
 
 
 def load(folder: str | os.PathLike, **overrides) -> Tokenizer | None:

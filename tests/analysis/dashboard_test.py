@@ -1,5 +1,6 @@
 """The SAE dashboard (loaded in a real headless Chromium) and the feature plots."""
 
+import dataclasses
 import io
 import os
 
@@ -10,6 +11,7 @@ import pytest
 
 from interp import analysis, paths
 from interp.analysis import dashboard, plots
+from interp.models import tokenizer as tokenizer_lib
 from interp.models.config import ModelConfig
 from interp.models.transformer import Transformer, init_params
 from interp.sae.modules import SAE, SAEConfig
@@ -165,3 +167,65 @@ def test_dashboard_in_chromium(analysed, browser, tmp_path):
     assert os.path.getsize(tmp_path / "shot.png") > 10_000
     colours = Image.open(tmp_path / "shot.png").convert("RGB").getcolors(maxcolors=1 << 20)
     assert len(colours) > 50
+
+
+# Accented letters, an em dash, CJK and emoji: several bytes each, so several byte-level tokens.
+SPLIT_TEXT = "Émile said — 日本語 🌍 done. Then Émile wrote: café, naïve. "
+
+
+class _DecodeOnly:
+    """A tokenizer known only by its `decode` (as a transformers tokenizer is)."""
+
+    def __init__(self, tok):
+        self.backend = tok.backend
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def test_contexts_read_as_their_decoded_text_in_chromium(analysed, browser, tmp_path):
+    """Byte-level BPE (the demo's): every context's tokens, as the page shows them, read as
+    the decoding of its window ('Émile', not U+FFFD twice), including windows that start or
+    end inside a character; lone byte tokens in the logit lists show their bytes."""
+    from selenium.webdriver.common.by import By
+
+    stats, effects = analysed
+    tok = tokenizer_lib.train_bpe(["Alice was beginning to get very tired, said the Rabbit."]
+                                  * 5, vocab_size=300)  # fmt: skip
+    ids = tok.encode(SPLIT_TEXT * 3)
+    shape = (*stats.top_values.shape, 12)  # [X, K, W]: windows of 12 tokens.
+    starts = np.arange(np.prod(shape[:2])) * 7 % (len(ids) - shape[-1])
+    windows = np.stack([ids[s : s + shape[-1]] for s in starts])  # Cut at every token.
+    acts = np.random.default_rng(1).uniform(0, 1, shape)
+    stats = dataclasses.replace(stats, top_tokens=windows.reshape(shape), top_acts=acts)
+    script = """return Array.from(document.querySelectorAll('.context')).map(
+        c => Array.from(c.querySelectorAll('.tok')).map(t => t.textContent));"""
+    for tokenizer in (tok, _DecodeOnly(tok)):
+        path = dashboard.write_dashboard(tmp_path / "split.html", stats, logit_effects=effects,
+                                         tokenizer=tokenizer)  # fmt: skip
+        browser.get(f"file://{path}")
+        shown = browser.execute_script(script)
+        want = [c["tokens"] for f in np.nonzero(stats.fires)[0] for c in stats.contexts(f)]
+        assert [len(pieces) for pieces in shown] == [len(w) for w in want]
+        for pieces, window in zip(shown, want, strict=True):
+            decoded = tok.decode(window, skip_special_tokens=False).strip("\ufffd")
+            assert "".join(pieces) == dashboard._visible(decoded)
+        everything = browser.execute_script("return document.body.textContent")
+        assert "\ufffd" not in everything
+        for word in ("Émile said", "—", "日本語", "🌍", "café"):
+            assert word in everything
+        # What the page shows (the first panel, rendered) and what search finds.
+        visible = browser.find_element(By.CSS_SELECTOR, "section.feature:not([hidden])").text
+        assert visible and "\ufffd" not in visible
+        search = browser.find_element(By.ID, "search")
+        search.clear()
+        search.send_keys("émile")
+        items = browser.find_elements(By.CSS_SELECTOR, ".feature-item")
+        found = {int(i.get_attribute("data-feature")) for i in items if i.is_displayed()}
+        having = {
+            int(f)
+            for f in np.nonzero(stats.fires)[0]
+            if any("Émile" in tok.decode(c["tokens"]) for c in stats.contexts(f))
+        }
+        assert found == having and found
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

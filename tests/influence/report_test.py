@@ -1,10 +1,13 @@
 """The influence report, loaded in a real headless Chromium (Debian's chromium + driver)."""
 
 import os
+import types
 
 import numpy as np
 
 from interp.influence import report
+from interp.jobs import influence as influence_job
+from interp.models import tokenizer as tokenizer_lib
 
 
 def _results(queries=2, rows=3, tokens=6):
@@ -60,3 +63,39 @@ def test_the_report_renders_in_chromium_with_every_token_and_heatmap(browser, tm
     assert severe == []
     browser.save_screenshot(str(tmp_path / "report.png"))
     assert os.path.getsize(tmp_path / "report.png") > 10_000
+
+
+def test_rows_read_as_their_text_in_chromium(browser, tmp_path):
+    """Training rows of a byte-level BPE (the demo's), packed so that they start and end
+    inside characters: the report's tokens read as the rows' text ('Émile', not U+FFFD per
+    byte token), as rendered by Chromium."""
+    from selenium.webdriver.common.by import By as by
+
+    tok = tokenizer_lib.train_bpe(["Alice was beginning to get very tired, said the Rabbit."]
+                                  * 5, vocab_size=300)  # fmt: skip
+    ids = tok.encode("Émile said — 日本語 🌍 done. " * 4)
+    searched = np.stack([ids[start : start + 40] for start in (0, 1, 9, 20)])  # [C, T]
+    count, length = searched.shape
+    scores = types.SimpleNamespace(
+        total=np.arange(count, dtype=np.float32)[None] - 1.5,  # [1, C]
+        per_token=np.random.default_rng(0).normal(size=(1, count, length)),
+        per_layer=np.ones((1, count, 2)),
+    )
+    chosen, index = np.arange(count), np.arange(100, 100 + count)
+    entries = [influence_job._entry(scores, i, chosen, index, searched, tok) for i in range(4)]
+    result = {"name": "query 0", "prompt": "Émile", "completion": " said",
+              "measurement": "log p(completion)", "modules": ["a", "b"],
+              "positive": entries[2:], "negative": entries[:2]}  # fmt: skip
+    written = report.write_report(tmp_path, [result])
+    browser.get(f"file://{written['html']}")
+    rows = browser.execute_script("""return Array.from(document.querySelectorAll('.row')).map(
+        r => Array.from(r.querySelectorAll('.tok')).map(t => t.textContent));""")
+    for pieces, entry in zip(rows, entries[2:] + entries[:2], strict=True):
+        row = searched[chosen == entry["row"] - 100][0]
+        assert len(pieces) == length
+        assert "".join(pieces) == tok.decode(row, skip_special_tokens=False).strip("\ufffd")
+    text = browser.find_element(by.TAG_NAME, "body").text
+    assert "\ufffd" not in text
+    for word in ("Émile said", "—", "日本語", "🌍"):
+        assert word in text
+    assert "\ufffd" not in influence_job.format_summary([result])

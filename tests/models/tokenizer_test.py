@@ -489,3 +489,154 @@ def test_add_bos_false_drops_the_templates_prefix_even_when_no_bos_is_named(tmp_
     assert tok.add_bos_token and tok.add_eos_token
     assert tok.encode("a b", add_bos=False) == [2, 3, 1]
     assert tok.encode("a b", add_bos=False, add_eos=False) == [2, 3]
+
+
+# ------------------------------------------------- per-token text of a window (pages)
+
+# Characters of several UTF-8 bytes: accented letters (2), an em dash and CJK (3), emoji (4,
+# and a ZWJ sequence); the first is the demo's "Émile said", whose É is two byte tokens.
+SPLIT_TEXTS = [
+    "Émile said",
+    "naïve café, Zürich",
+    "a pause — then more",
+    "emoji 🌍🚀 and 👩\u200d👩\u200d👧",
+    "日本語のテキスト、中文",
+    "Émile said — 日本 🌍 done.",
+]
+
+
+def _byte_tokens() -> dict[str, int]:
+    return {f"<0x{b:02X}>": b for b in range(256)}
+
+
+def _sentencepiece(decoder_steps, prepend_scheme):
+    """A BPE in the style of SentencePiece checkpoints (Llama, Gemma): '▁' for spaces, and the
+    256 byte-fallback tokens <0x00>..<0xFF> for what the vocabulary lacks (all non-ASCII
+    here), with <s> around texts."""
+    trained = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(prepend_scheme=prepend_scheme)
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=150, special_tokens=[PAD, BOS, EOS, "<unk>"], show_progress=False
+    )
+    trained.train_from_iterator(TRAINING_TEXT, trainer)
+    model = json.loads(trained.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for token in _byte_tokens():
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    backend = tokenizers.Tokenizer(
+        tokenizers.models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True)
+    )
+    backend.add_special_tokens([PAD, BOS, EOS])
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(prepend_scheme=prepend_scheme)
+    backend.decoder = tokenizers.decoders.Sequence(decoder_steps)
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return tokenizer_lib.Tokenizer(backend, BOS, EOS, PAD)
+
+
+def _wordpiece():
+    """A BERT-style WordPiece ('##' continuations, clean-up of spaces before punctuation)."""
+    backend = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=False)
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    backend.decoder = tokenizers.decoders.WordPiece(cleanup=True)
+    trainer = tokenizers.trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=["[UNK]", "[CLS]", "[SEP]"], show_progress=False
+    )
+    backend.train_from_iterator(TRAINING_TEXT + SPLIT_TEXTS, trainer)
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)]
+    )
+    return tokenizer_lib.Tokenizer(backend, "[CLS]", "[SEP]")
+
+
+_STRIP, _SPACE = tokenizers.decoders.Strip(" ", 1, 0), tokenizers.decoders.Replace("▁", " ")
+_FALLBACK = [tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse()]
+TOKENIZER_KINDS = {
+    # GPT-2 style, as the demo trains it: every non-ASCII character is split into bytes.
+    "byte_level": lambda: tokenizer_lib.train_bpe(TRAINING_TEXT, vocab_size=400),
+    # Trained on the texts too: tokens that join the bytes of one character with those of
+    # the next ("na\\xc3", "\\xbc\\xe2\\x80\\x8d\\xf0" at this size), and whole ones.
+    "byte_level_merged": lambda: tokenizer_lib.train_bpe(TRAINING_TEXT + SPLIT_TEXTS * 5, 450),
+    "llama": lambda: _sentencepiece([_SPACE, *_FALLBACK, _STRIP], "first"),
+    "gemma": lambda: _sentencepiece([_SPACE, *_FALLBACK], "never"),
+    "wordpiece": _wordpiece,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TOKENIZER_KINDS))
+def any_tok(request):
+    return TOKENIZER_KINDS[request.param]()
+
+
+def test_token_pieces_join_to_the_decoding_with_no_replacement_characters(any_tok):
+    split = 0
+    for text in SPLIT_TEXTS:
+        ids = any_tok.encode(text)
+        decoded = any_tok.decode(ids, skip_special_tokens=False)
+        assert "\ufffd" not in decoded
+        for skip in (False, True):
+            pieces = any_tok.token_pieces(ids, skip_special_tokens=skip)
+            assert len(pieces) == len(ids)
+            assert "".join(pieces) == any_tok.decode(ids, skip_special_tokens=skip)
+            assert not any("\ufffd" in piece for piece in pieces), pieces
+        split += pieces.count("")
+        if "É" in decoded:  # A split character belongs, whole, to the token completing it.
+            assert len([p for p in pieces if "É" in p]) == 1
+    # Token by token, the decodings are what the pages showed (U+FFFD where a character is
+    # split over byte tokens); those tokens have '' as their piece.
+    single = "".join(any_tok.decode([i], False) for t in SPLIT_TEXTS for i in any_tok.encode(t))
+    assert split > 0 or "\ufffd" not in single
+
+
+def test_token_pieces_of_windows_cut_anywhere(any_tok):
+    """Every window of a text (as a top context or a packed row cuts it): the pieces join to
+    its decoding, less the U+FFFD of characters cut at its edges, and hold no U+FFFD."""
+    ids = any_tok.encode(SPLIT_TEXTS[-1], add_bos=False)
+    for start in range(len(ids)):
+        for stop in range(start + 1, len(ids) + 1):
+            window = ids[start:stop]
+            pieces = any_tok.token_pieces(np.asarray(window, np.int32))
+            assert "".join(pieces) == any_tok.decode(window, False).strip("\ufffd")
+            assert not any("\ufffd" in piece for piece in pieces), (window, pieces)
+    assert any_tok.token_pieces([]) == []
+    with pytest.raises(ValueError, match="1-D window"):
+        any_tok.token_pieces(np.zeros((2, 3), np.int32))
+
+
+def test_token_pieces_of_long_rows_equal_those_of_every_prefix(any_tok):
+    """Rows longer than a block are read block by block: the same pieces as the decodings of
+    all their prefixes give, and still none with U+FFFD."""
+    ids = any_tok.encode(" ".join(SPLIT_TEXTS * 6))[3:]  # Starts inside a character.
+    assert len(ids) > 200
+    pieces = any_tok.token_pieces(ids)
+    prefixes = any_tok.backend.decode_batch([ids[: k + 1] for k in range(len(ids))], False)
+    assert pieces == tokenizer_lib.split_decoded(prefixes)
+    assert "".join(pieces) == any_tok.decode(ids, False).strip("\ufffd")
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_split_decoded_gives_a_character_to_the_token_that_completes_it():
+    # Byte-level: ' Ã' (0x20 0xC3), '\x89' (completes É), 'mile'.
+    assert tokenizer_lib.split_decoded(["said", "said \ufffd", "said É", "said Émile"]) == [
+        "said", " ", "É", "mile"]  # fmt: skip
+    # A clean-up that rewrites text of earlier tokens ("don ' t" -> "don't").
+    assert tokenizer_lib.split_decoded(["don", "don '", "don't"]) == ["don", "", "'t"]
+    # Edges: the end of a character cut by the start, the start of one cut by the end.
+    assert tokenizer_lib.split_decoded(["\ufffd", "\ufffd\ufffd", "\ufffd\ufffdmile"]) == [
+        "", "", "mile"]  # fmt: skip
+    assert tokenizer_lib.split_decoded(["said", "said \ufffd"]) == ["said", " "]
+    assert tokenizer_lib.split_decoded(["\ufffd"]) == [""]
+    # Bytes that are no text wherever the window is cut stay visible.
+    assert tokenizer_lib.split_decoded(["a\ufffd", "a\ufffd b"]) == ["a\ufffd", " b"]
+
+
+def test_token_label_writes_the_bytes_of_a_partial_character(any_tok):
+    ids = any_tok.encode("Émile said", add_bos=False, add_eos=False)
+    labels = [any_tok.token_label(i) for i in ids]
+    assert not any("\ufffd" in label for label in labels)
+    assert labels[-1].endswith("id")  # Whole characters: the token's own decoding.
+    if "" in any_tok.token_pieces(ids):  # É is split over tokens: their bytes, as written.
+        assert "\\xc3\\x89" in "".join(labels)
