@@ -7,8 +7,8 @@ Scores go to zarr arrays through tensorstore (`save_scores` / `load_scores`), so
 [queries, training sequences] matrix can be written and read in parts, locally or on gs://.
 
 Layout: `factors.safetensors` ('<module>/<array>' -> float32) is written first, `factors.json`
-(strategy, modules, counts, model and data fingerprints) last and atomically, so a folder with a JSON
-record holds complete arrays.
+(strategy, modules, counts, model and data fingerprints) last and atomically, so a folder with
+a JSON record holds complete arrays.
 """
 
 from __future__ import annotations
