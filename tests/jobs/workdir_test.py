@@ -227,7 +227,7 @@ def test_a_resume_that_reads_other_data_is_refused(tmp_path):
     workdir_lib.check_data(workdir, {"train": "b" * 16})
     (workdir / "checkpoints").mkdir()  # Work: now it is the run's data.
     with pytest.raises(workdir_lib.DataMismatchError,
-                       match=f"read other data.*train: saved {'b' * 16}, now {'d' * 16}.*"
+                       match=f"(?s)read other data.*train: saved {'b' * 16}, now {'d' * 16}.*"
                        "new workdir"):  # fmt: skip
         workdir_lib.check_data(workdir, {"train": "d" * 16, "stream": None})
     # Data no record covers (a stream, unfingerprinted) is not checked.
