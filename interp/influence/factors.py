@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from interp import checkpoint, paths, preemption
+from interp import checkpoint, parallel, paths, preemption
+from interp.data import fingerprint as data_fingerprint_lib
 from interp.influence import gradients
 from interp.influence.gradients import TrackedModule
 from interp.models.fingerprint import fingerprint
@@ -59,6 +60,9 @@ class Factors:
       num_sequences: Sequences the correction (or diagonal) averaged over.
       model_fingerprint: `interp.models.fingerprint.fingerprint` of the model they fit.
       sample_labels: Whether targets were sampled from the model.
+      num_batches: Training batches they were fitted on (0 for 'identity', which reads none).
+      data_fingerprint: `data_fingerprint(model, batches)` of those batches ('' for
+        'identity', and for factors saved before fits recorded their data).
     """
 
     strategy: str
@@ -68,6 +72,8 @@ class Factors:
     num_sequences: int
     model_fingerprint: str
     sample_labels: bool
+    num_batches: int = 0
+    data_fingerprint: str = ""
 
     def curvature(self, name: str) -> np.ndarray | None:
         """Lambda [O, I] of a module (None for 'identity')."""
@@ -101,8 +107,22 @@ def _reiterable(batches: Iterable[Any], passes: int) -> Iterable[Any]:
     return batches
 
 
-def _prepared(model, batch, placement) -> dict[str, jax.Array]:
-    return placement.batch(gradients.check_batch(batch, model.config.max_len, "training"))
+def _checked(model, batch) -> dict[str, np.ndarray]:
+    return gradients.check_batch(batch, model.config.max_len, "training")
+
+
+def data_fingerprint(model, batches: Iterable[Mapping[str, Any]]) -> str:
+    """16 hex digits identifying training batches as a fit reads them (`Factors.data_fingerprint`).
+
+    The digest of each batch's tokens and masks (with the defaults `fit_factors` fills in, so
+    a batch without an attention mask equals one with an all-ones mask), in order.
+
+    Raises:
+      ValueError: For malformed batches (see `gradients.check_batch`).
+    """
+    return data_fingerprint_lib.sequence_digest(
+        data_fingerprint_lib.batch_digest(_checked(model, batch)) for batch in batches
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -164,11 +184,16 @@ def fit_factors(
       seed: For the sampled targets.
       mesh, rules: Run data-parallel on this mesh (batches over the 'batch' axes, params by
         the rules); the sums are the same as on one device, up to float32 summation order.
-      checkpoint_dir: Local or gs:// folder for the running sums: an interrupted fit given
-        the same folder resumes where it stopped (the batches must come in the same order).
-        With it, SIGTERM/SIGINT stop the fit after the batch under way, once its sums are
-        saved (`preemption.Preempted`), and a damaged newest checkpoint falls back to the
-        one before it.
+      checkpoint_dir: Local or gs:// folder for the running sums, which record the
+        digest of every batch they summed: a fit given the same folder resumes where it
+        stopped when the batches it summed come first again, in the same order, and is
+        extended when more follow them (a finished fit over 4 batches, rerun with those 4
+        and 4 more, gives the 8-batch fit: the covariances go on, and the eigenvalue
+        correction, whose eigenbasis changed, is computed again over all 8). Other batches
+        at an index already summed, or fewer batches than the folder summed, are a
+        ValueError. With it, SIGTERM/SIGINT stop the fit after the batch under way, once
+        its sums are saved (`preemption.Preempted`), and a damaged newest checkpoint falls
+        back to the one before it.
       checkpoint_every: Batches between checkpoints.
 
     Returns:
@@ -176,7 +201,8 @@ def fit_factors(
 
     Raises:
       ValueError: For an unknown strategy or module name, malformed batches (see
-        `gradients.check_batch`), no data, or non-finite statistics.
+        `gradients.check_batch`), no data, non-finite statistics, or a `checkpoint_dir`
+        holding a fit of other batches (or of more batches than given).
       TypeError: If 'ekfac' gets a one-shot iterator.
       preemption.Preempted: On SIGTERM/SIGINT with a `checkpoint_dir`, after saving.
     """
@@ -212,7 +238,8 @@ class Resume:
       directory: Local or gs:// folder; each stage keeps an orbax checkpoint under it.
       every: Batches between checkpoints (the end of a stage is always saved).
       identity: What the sums belong to (model fingerprint, modules, labels, seed): a
-        checkpoint of another fit in the same folder is an error, never added to.
+        checkpoint of another fit in the same folder is an error, never added to. What data
+        they summed is recorded beside it, per batch (`_accumulate`).
     """
 
     directory: Any
@@ -220,14 +247,33 @@ class Resume:
     identity: Mapping[str, Any]
 
 
-def _accumulate(stage: str, batches, step, resume: Resume | None, first_step: int = 0):
-    """Sums `step(index, batch) -> ({name: {key: array}}, count)` over the batches; returns
-    (sums, count, batches in the pass).
+@dataclasses.dataclass(frozen=True)
+class _Pass:
+    """What a pass summed: the sums, their count, and the batches they cover."""
+
+    sums: dict[str, dict[str, jax.Array]]
+    count: int
+    batches: int  # How many batches the pass read (all of them, resumed or not).
+    data: str  # `data_fingerprint` of those batches.
+
+
+def _accumulate(stage: str, batches, step, check, resume: Resume | None, first_step: int = 0,
+                basis: str = "none") -> _Pass:  # fmt: skip
+    """Sums `step(index, checked batch) -> ({name: {key: array}}, count)` over the batches,
+    each first passed through `check` (-> {name: NumPy array}).
 
     With `resume`, restores the newest intact checkpoint of this stage, skips the batches it
     covered, and saves every `resume.every` batches and at the end; sums continue in the
     same order, so a resumed fit equals an uninterrupted one bit for bit. A preemption
     notice (`interp.preemption`) saves the batches done so far and raises `Preempted`.
+
+    Each checkpoint records the digest of every batch it summed (`data_fingerprint`), and
+    `basis`, what the pass's statistic depends on besides the batches (the covariance data
+    that gave the correction pass its eigenbasis). A rerun checks the batches it skips
+    against those digests: the same batches resume (and more after them extend the sums);
+    another batch at an index already summed, or fewer batches than were summed, is a
+    ValueError; a checkpoint of another `basis` is stale (sums in an eigenbasis that is no
+    more) and is deleted, the pass starting over.
 
     The checkpoint after `done` batches is step `first_step + done`, and that is also the
     preemption sync id (`Preemption.reached`): a later pass numbers on from the earlier
@@ -236,33 +282,53 @@ def _accumulate(stage: str, batches, step, resume: Resume | None, first_step: in
     second pass then reaches at its first batch, instead of never).
     """
     sums: dict[str, dict[str, jax.Array]] = {}
-    count, start, ckpt = 0, 0, None
+    count, start, ckpt, summed = 0, 0, None, None
     if resume is not None:
-        # Two kept: a damaged newest one falls back to the one before.
-        ckpt = checkpoint.Checkpointer(paths.resolve(resume.directory) / stage, max_to_keep=2)
-        if ckpt.latest_step():
-            saved_step, saved = ckpt.restore_newest_intact()
-            # A step up to `first_step` was numbered from 0 (interp did so for every pass
-            # before; a pass has as many batches as the first, so the two never overlap).
-            start = saved_step - first_step if saved_step > first_step else saved_step
-            if saved["identity"] != dict(resume.identity):
-                ckpt.close()
-                raise ValueError(
-                    f"{resume.directory}/{stage} holds a partial fit of something else "
-                    f"({saved['identity']}, now {dict(resume.identity)}); use another "
-                    "checkpoint directory or delete it."
-                )
-            sums, count = saved["sums"], int(saved["count"])
-            logging.info("Resuming the %s pass after %d batches.", stage, start)
-    done = start
+        ckpt, saved_step, saved = _open_stage(resume, stage)
+        if saved is not None:
+            record = saved.get("data")
+            if record is not None and record["basis"] != basis:
+                logging.info(
+                    "The %s pass in %s/%s was summed in another eigenbasis (the covariances "
+                    "now cover other batches): computing it again over all batches.",
+                    stage, resume.directory, stage,
+                )  # fmt: skip
+                ckpt = _discard_stage(ckpt, resume, stage)
+            else:
+                if record is None:
+                    # Saved before checkpoints recorded their data: its batches cannot be
+                    # checked. A step up to `first_step` was numbered from 0 (interp did so
+                    # for every pass before; a pass has as many batches as the first).
+                    start = saved_step - first_step if saved_step > first_step else saved_step
+                    logging.warning(
+                        "%s/%s was saved without a record of its batches; resuming after %d "
+                        "batches without checking that they are these.",
+                        resume.directory, stage, start,
+                    )  # fmt: skip
+                else:
+                    start = int(record["batches"])
+                    summed = _split_digests(record["digests"])
+                sums, count = saved["sums"], int(saved["count"])
+                logging.info("Resuming the %s pass after %d batches.", stage, start)
+    done, digests = start, []
     # Only with checkpoints: without, a stop would lose the work it was meant to keep.
     catcher = preemption.Preemption() if ckpt is not None else contextlib.nullcontext()
+
+    def snapshot():
+        data = {"batches": done, "digests": "".join(digests[:done]), "basis": basis}
+        return {"sums": sums, "count": int(count), "identity": dict(resume.identity),
+                "data": data}  # fmt: skip
+
     try:
         with catcher as preempt:
             for index, batch in enumerate(batches):
+                checked = check(batch)
+                digests.append(data_fingerprint_lib.batch_digest(checked))
                 if index < start:
+                    if summed is not None and digests[index] != summed[index]:
+                        raise _other_data(resume, stage, start, f"batch {index} differs")
                     continue
-                out, tokens = step(index, batch)
+                out, tokens = step(index, checked)
                 count = count + tokens
                 for name, values in out.items():
                     if name in sums:
@@ -271,20 +337,60 @@ def _accumulate(stage: str, batches, step, resume: Resume | None, first_step: in
                         sums[name] = dict(values)
                 done = index + 1
                 if ckpt is not None and done % resume.every == 0:
-                    ckpt.save(first_step + done, _snapshot(sums, count, resume))
+                    ckpt.save(first_step + done, snapshot())
                 # The checkpoint step is the sync id, as orbax's saves report it to the
                 # multi-process sync point.
                 if preempt is not None and preempt.reached(first_step + done):
                     if first_step + done not in ckpt.all_steps():
-                        ckpt.save(first_step + done, _snapshot(sums, count, resume))
+                        ckpt.save(first_step + done, snapshot())
                     ckpt.wait()
                     raise preempt.stop(done, _length(batches, done), f"The {stage} pass")
+        if len(digests) < start:
+            raise _other_data(resume, stage, start, f"only {len(digests)} batches are given")
         if ckpt is not None and done != start and first_step + done not in ckpt.all_steps():
-            ckpt.save(first_step + done, _snapshot(sums, count, resume))
+            ckpt.save(first_step + done, snapshot())
     finally:
         if ckpt is not None:
             ckpt.close()
-    return sums, int(count), done
+    return _Pass(sums, int(count), done, data_fingerprint_lib.sequence_digest(digests))
+
+
+def _open_stage(resume: Resume, stage: str):
+    """(checkpointer, newest intact step, its state) of a stage; (ckpt, None, None) if none."""
+    # Two kept: a damaged newest one falls back to the one before.
+    ckpt = checkpoint.Checkpointer(paths.resolve(resume.directory) / stage, max_to_keep=2)
+    if not ckpt.latest_step():
+        return ckpt, None, None
+    saved_step, saved = ckpt.restore_newest_intact()
+    if saved is not None and saved["identity"] != dict(resume.identity):
+        ckpt.close()
+        raise ValueError(
+            f"{resume.directory}/{stage} holds a partial fit of something else "
+            f"({saved['identity']}, now {dict(resume.identity)}); use another "
+            "checkpoint directory or delete it."
+        )
+    return ckpt, saved_step, saved
+
+
+def _discard_stage(ckpt, resume: Resume, stage: str):
+    """Deletes a stage's checkpoints (process 0; all wait) and opens it afresh, empty."""
+    ckpt.close()
+    parallel.on_main_process(lambda: (paths.resolve(resume.directory) / stage).rmtree())
+    return checkpoint.Checkpointer(paths.resolve(resume.directory) / stage, max_to_keep=2)
+
+
+def _split_digests(joined: str) -> list[str]:
+    width = data_fingerprint_lib.DIGEST_CHARS
+    return [joined[i : i + width] for i in range(0, len(joined), width)]
+
+
+def _other_data(resume: Resume, stage: str, summed: int, difference: str) -> ValueError:
+    return ValueError(
+        f"{resume.directory}/{stage} holds sums over {summed} other batches than these "
+        f"({difference}): a checkpoint resumes only with the batches it summed, in the same "
+        "order (more may follow them). Give those batches, or another checkpoint_dir (or "
+        "delete this one) to fit these from scratch."
+    )
 
 
 def _length(batches, done: int) -> int:
@@ -295,10 +401,6 @@ def _length(batches, done: int) -> int:
         return done
 
 
-def _snapshot(sums, count, resume):
-    return {"sums": sums, "count": int(count), "identity": dict(resume.identity)}
-
-
 def covariance_sums(
     model, params, batches, modules, *, sample_labels=True, seed=0, placement=None, resume=None
 ) -> tuple[dict[str, dict[str, jax.Array]], int]:
@@ -306,26 +408,26 @@ def covariance_sums(
 
     Sums, not averages: partial sums over disjoint batches add up to the whole.
     """
-    sums, tokens, _ = _covariance_pass(
+    summed = _covariance_pass(
         model, params, batches, modules, sample_labels=sample_labels, seed=seed,
         placement=placement, resume=resume,
     )  # fmt: skip
-    return sums, tokens
+    return summed.sums, summed.count
 
 
 def _covariance_pass(
     model, params, batches, modules, *, sample_labels=True, seed=0, placement=None, resume=None
-):
-    """`covariance_sums` and the number of batches in the pass."""
+) -> _Pass:
+    """`covariance_sums` with the batches it covers."""
     placement = placement or gradients.Placement()
 
     def step(index, batch):
-        prepared = _prepared(model, batch, placement)
         key = _label_key(seed, sample_labels, 0, index)
-        out, tokens = _covariance_sums(model, params, modules, prepared, key)
+        out, tokens = _covariance_sums(model, params, modules, placement.batch(batch), key)
         return {name: {"A": aa, "S": gg} for name, (aa, gg) in out.items()}, tokens
 
-    return _accumulate("covariance", batches, step, resume)
+    check = functools.partial(_checked, model)
+    return _accumulate("covariance", batches, step, check, resume)
 
 
 def eigendecompose(
@@ -379,13 +481,25 @@ def correction_sums(
     placement=None,
     resume=None,
     first_step=0,
+    basis="none",
 ) -> tuple[dict[str, dict[str, jax.Array]], int]:
     """Stage 3: ({module: {'Lambda': sum_n (Q_S^T G_n Q_A)^2 [O, I]}}, number of sequences).
 
     With `bases` None, the unrotated sum_n G_n^2 (the 'diagonal' strategy's statistic).
     `first_step`: the covariance pass's batch count, after which this pass's checkpoint
-    steps and preemption sync ids go on (see `_accumulate`).
+    steps and preemption sync ids go on (see `_accumulate`). `basis`: what `bases` were
+    computed from (the covariance pass's batches), so a checkpoint summed in other bases
+    is never continued.
     """
+    return _correction_pass(
+        model, params, batches, modules, bases, sample_labels=sample_labels, seed=seed,
+        placement=placement, resume=resume, first_step=first_step, basis=basis,
+    )[:2]  # fmt: skip
+
+
+def _correction_pass(model, params, batches, modules, bases, *, sample_labels, seed,
+                     placement, resume, first_step, basis) -> tuple:  # fmt: skip
+    """`correction_sums` with the batches it covers."""
     placement = placement or gradients.Placement()
     rotate = bases is not None
     if not rotate:
@@ -394,25 +508,30 @@ def correction_sums(
         bases = {n: (jnp.asarray(v["Q_A"]), jnp.asarray(v["Q_S"])) for n, v in bases.items()}
 
     def step(index, batch):
-        prepared = _prepared(model, batch, placement)
         key = _label_key(seed, sample_labels, 1, index)
-        out = _correction_sums(model, params, modules, prepared, key, rotate, bases)
-        return {name: {"Lambda": v} for name, v in out.items()}, prepared["tokens"].shape[0]
+        out = _correction_sums(model, params, modules, placement.batch(batch), key, rotate, bases)
+        return {name: {"Lambda": v} for name, v in out.items()}, batch["tokens"].shape[0]
 
-    return _accumulate("correction", batches, step, resume, first_step)[:2]
+    check = functools.partial(_checked, model)
+    summed = _accumulate("correction", batches, step, check, resume, first_step, basis)
+    return summed.sums, summed.count, summed.batches, summed.data
 
 
 def _fit(model, params, batches, strategy, sample_labels, tracked, identity, seed, placement,
          resume):  # fmt: skip
     options = dict(sample_labels=sample_labels, seed=seed, placement=placement, resume=resume)
     arrays: dict[str, dict[str, np.ndarray]] = {m.name: {} for m in tracked}
-    num_tokens = num_sequences = covariance_batches = 0
+    num_tokens = num_sequences = num_batches = 0
+    data, basis = "", "none"
     if strategy in ("kfac", "ekfac"):
         batches = _reiterable(batches, 2 if strategy == "ekfac" else 1)
         with placement.context():
-            sums, num_tokens, covariance_batches = _covariance_pass(
-                model, params, batches, tracked, **options
-            )
+            covariances = _covariance_pass(model, params, batches, tracked, **options)
+        sums, num_tokens = covariances.sums, covariances.count
+        num_batches, data = covariances.batches, covariances.data
+        # The eigenbases are those of these batches' covariances: a correction pass summed
+        # in the bases of other batches (a fit since extended) is not to be continued.
+        basis = f"covariances of {num_batches} batches {data}"
         # One process: deal the decompositions over the mesh's devices (multi-host: issue 12).
         single = placement.mesh is not None and jax.process_count() == 1
         devices = list(placement.mesh.devices.flat) if single else None
@@ -426,9 +545,10 @@ def _fit(model, params, batches, strategy, sample_labels, tracked, identity, see
     if strategy in ("ekfac", "diagonal"):
         bases = arrays if strategy == "ekfac" else None
         with placement.context():
-            totals, num_sequences = correction_sums(
-                model, params, batches, tracked, bases, first_step=covariance_batches, **options
-            )
+            totals, num_sequences, num_batches, data = _correction_pass(
+                model, params, batches, tracked, bases, first_step=num_batches,
+                basis=basis if strategy == "ekfac" else "none", **options,
+            )  # fmt: skip
         if num_sequences == 0:
             raise ValueError("batches held no sequences; give at least one training batch.")
         for name, values in totals.items():
@@ -443,6 +563,8 @@ def _fit(model, params, batches, strategy, sample_labels, tracked, identity, see
         num_sequences=num_sequences,
         model_fingerprint=identity,
         sample_labels=sample_labels,
+        num_batches=num_batches,
+        data_fingerprint=data,
     )
 
 

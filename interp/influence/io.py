@@ -7,8 +7,8 @@ Scores go to zarr arrays through tensorstore (`save_scores` / `load_scores`), so
 [queries, training sequences] matrix can be written and read in parts, locally or on gs://.
 
 Layout: `factors.safetensors` ('<module>/<array>' -> float32) is written first, `factors.json`
-(strategy, modules, counts, model fingerprint) last and atomically, so a folder with a JSON
-record holds complete arrays.
+(strategy, modules, counts, model and data fingerprints) last and atomically, so a folder with
+a JSON record holds complete arrays.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def save_factors(path: paths.PathLike, factors: Factors) -> None:
         "num_sequences": factors.num_sequences,
         "model_fingerprint": factors.model_fingerprint,
         "sample_labels": factors.sample_labels,
+        "num_batches": factors.num_batches,
+        "data_fingerprint": factors.data_fingerprint,
     }
     paths.write_text(folder / RECORD_FILE, json.dumps(record, indent=1) + "\n")
 
@@ -96,6 +98,9 @@ def load_factors(path: paths.PathLike) -> Factors:
         num_sequences=record["num_sequences"],
         model_fingerprint=record["model_fingerprint"],
         sample_labels=record["sample_labels"],
+        # Absent from records saved before factors recorded their data.
+        num_batches=record.get("num_batches", 0),
+        data_fingerprint=record.get("data_fingerprint", ""),
     )
 
 

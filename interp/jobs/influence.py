@@ -106,9 +106,17 @@ def _factors(config, workdir, model, params, fit_batches, mesh, rules) -> influe
     if (folder / influence_io.RECORD_FILE).exists():
         factors = influence.load_factors(folder)
         factors.check_model(model, params)  # Refuses factors of another model.
-        if factors.strategy == config.strategy:
+        # Fitted on these rows: not on a corpus since changed at the same path.
+        data = influence.factors.data_fingerprint(model, fit_batches)
+        same_data = config.strategy == "identity" or factors.data_fingerprint == data
+        if factors.strategy == config.strategy and same_data:
             logging.info("Reusing the factors in %s.", folder)
             return factors
+        if factors.strategy == config.strategy:
+            logging.info(
+                "The factors in %s were fitted on other rows (data fingerprint %r, these %s); "
+                "fitting them again.", folder, factors.data_fingerprint, data,
+            )  # fmt: skip
     factors = influence.fit_factors(
         model, params, fit_batches, config.strategy, config.sample_labels,
         modules=list(config.modules) or None, seed=0, mesh=mesh, rules=rules,

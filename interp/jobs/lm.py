@@ -25,6 +25,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from interp import metrics, parallel, paths, records
+from interp.data import fingerprint as data_fingerprint
 from interp.data import text
 from interp.data.documents import documents, pack_rows
 from interp.jobs import loop
@@ -227,6 +228,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "Packed %d train / %d held-out rows of %d tokens in %.1fs.",
         len(train_tokens), len(eval_tokens), config.data.seq_len, time.time() - start,
     )  # fmt: skip
+    # A resumed run trains on the rows the workdir's checkpoints were trained on.
+    workdir_lib.check_data(workdir, {
+        "train": data_fingerprint.batch_digest(train_tokens),
+        "heldout": data_fingerprint.batch_digest(eval_tokens),
+    })  # fmt: skip
     batches = text.Batches(train_tokens, batch_size, seed=config.seed)
     eval_rows = eval_tokens[: config.eval_batches * batch_size]
     baseline = unigram_loss(train_tokens, eval_rows, tok.vocab_size)

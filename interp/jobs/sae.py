@@ -31,6 +31,7 @@ from absl import logging
 from interp import metrics, parallel, paths
 from interp.data import activations
 from interp.data import cache as cache_lib
+from interp.data import fingerprint as data_fingerprint
 from interp.data.documents import documents, pack_rows
 from interp.jobs import loop
 from interp.jobs import workdir as workdir_lib
@@ -188,18 +189,32 @@ def _cache_path(sae_config, workdir) -> str:
     return sae_config.cache_path or str(workdir / "activations")
 
 
+def _harvest_rows(config, train_docs, tokenizer) -> np.ndarray:
+    """The token rows [N, T] a harvest of `config.sae` reads, in harvest order."""
+    sae_config = config.sae
+    rows_per_batch = sae_config.harvest_batch_size * (config.data.seq_len - 1)
+    batches_needed = math.ceil(sae_config.harvest_rows / rows_per_batch)
+    needed = batches_needed * sae_config.harvest_batch_size
+    tokens = pack_rows(config.data, train_docs, tokenizer, needed)
+    order = np.random.default_rng(config.seed).permutation(len(tokens))[:needed]
+    return tokens[np.sort(order)]
+
+
 def _cache(
-    config, workdir, model_path, model, params, tokenizer, train_docs, model_hash, excluded
+    config, workdir, model_path, model, params, rows, model_hash, excluded
 ) -> cache_lib.ActivationCache:
     sae_config = config.sae
     harvested = _sites(sae_config)
     path = _cache_path(sae_config, workdir)
+    # The harvested tokens themselves: the data config names a corpus path, not its text.
+    tokens = data_fingerprint.batch_digest(rows)
     if cache_lib.is_complete(path):
         cache = cache_lib.ActivationCache.open(path)
         _check_cache_model(cache.metadata, path, model_path, model_hash)
         missing = set(harvested) - set(cache.sites)
         cached_exclusions = cache.metadata.get("extra", {}).get("exclusions")
         same_positions = cached_exclusions == _json_exclusions(excluded)
+        cached_tokens = cache.metadata.get("extra", {}).get("rows_from", {}).get("tokens")
         # A harvest asked for as many rows ends where its text does (excluded positions make
         # the rows fewer than batches x positions): the same request would get no more.
         asked = cache.metadata.get("requested_rows") or 0
@@ -210,18 +225,17 @@ def _cache(
                 cached_exclusions,
                 _json_exclusions(excluded),
             )
+        elif cached_tokens != tokens:
+            logging.info(
+                "The cache at %s was harvested from other token rows (fingerprint %s, now "
+                "%s); harvesting again.", path, cached_tokens, tokens,
+            )  # fmt: skip
         elif not missing and max(cache.num_rows, asked) >= sae_config.harvest_rows:
             logging.info("Reusing %d cached activation rows at %s.", cache.num_rows, path)
             return cache
     elif (partial := cache_lib.read_metadata(path)) is not None:
         # A harvest that was stopped: continued below when its settings are these.
         _check_cache_model(partial, path, model_path, model_hash)
-    rows_per_batch = sae_config.harvest_batch_size * (config.data.seq_len - 1)
-    batches_needed = math.ceil(sae_config.harvest_rows / rows_per_batch)
-    needed = batches_needed * sae_config.harvest_batch_size
-    tokens = pack_rows(config.data, train_docs, tokenizer, needed)
-    order = np.random.default_rng(config.seed).permutation(len(tokens))[:needed]
-    rows = tokens[np.sort(order)]
     batch_size = sae_config.harvest_batch_size
     logging.info("Harvesting %d rows at %s.", sae_config.harvest_rows, list(sae_config.sites))
 
@@ -245,6 +259,7 @@ def _cache(
                 "seed": config.seed,
                 "data": config.data.to_dict(),
                 "batch_size": batch_size,
+                "tokens": tokens,
             },
         },
         overwrite=True,
@@ -294,12 +309,14 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
     train_docs, heldout_docs = documents(config.data)
     model_hash = fingerprint(model.config, params)
     excluded = exclusions(sae_config, tokenizer)
+    rows = _harvest_rows(config, train_docs, tokenizer)
+    # The workdir's SAEs were trained on the rows it harvested: never resumed on others.
+    workdir_lib.check_data(workdir, {"harvest": data_fingerprint.batch_digest(rows)})
     # One process harvests and writes the cache (its rows are host arrays, not shards); the
     # others wait for it, then read it like any reused cache.
     cache = parallel.on_main_process(
-        _cache, config, workdir, model_path, model, params, tokenizer, train_docs, model_hash,
-        excluded,
-    )  # fmt: skip
+        _cache, config, workdir, model_path, model, params, rows, model_hash, excluded
+    )
     if cache is None:  # Another process than 0.
         cache = cache_lib.ActivationCache.open(_cache_path(sae_config, workdir))
 

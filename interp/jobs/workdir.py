@@ -29,6 +29,7 @@ from etils import epath
 from interp import parallel, paths
 
 CONFIG_FILE = "config.json"
+DATA_FILE = "data.json"  # What the run read: {name: data fingerprint} (`check_data`).
 
 # Fields that may differ when resuming: they change where arrays live or how often a run
 # reports, not what it computes. A name matches a dotted field that is it, ends with it, or
@@ -61,6 +62,10 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 class ConfigMismatchError(ValueError):
     """The workdir holds a run whose config differs from the one given."""
+
+
+class DataMismatchError(ValueError):
+    """The workdir holds a run of the same config that read other data."""
 
 
 def config_to_json(config: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
@@ -252,7 +257,45 @@ def _holds_only_config(workdir: epath.Path) -> bool:
     """Whether `workdir` holds its `config.json` and nothing else: a run that saved its config
     and then failed (a typo in a model or data path) before writing any work, whose config a
     corrected rerun replaces instead of refusing."""
-    return all(entry.name == CONFIG_FILE for entry in workdir.iterdir())
+    return all(entry.name in (CONFIG_FILE, DATA_FILE) for entry in workdir.iterdir())
+
+
+def check_data(workdir: epath.PathLike, fingerprints: Mapping[str, str | None]) -> None:
+    """Records what a run reads in `workdir/data.json`; refuses a resume that reads other data.
+
+    The saved config names the data (a corpus path, a seed), not what it holds: a corpus file
+    edited at the same path would be read by a resumed run as if it were the same, its
+    checkpoints continuing on other text. So a job also records the fingerprint of what it
+    read (`interp.data.fingerprint`), and a later run on the workdir must read the same.
+
+    Args:
+      workdir: The job's workdir (after `prepare_workdir`).
+      fingerprints: {what: fingerprint}, e.g. {'train': ..., 'heldout': ...}; None for data
+        that cannot be fingerprinted cheaply (a streamed source), which is not checked.
+
+    Raises:
+      DataMismatchError: If the workdir recorded another fingerprint for one of them and
+        holds more than its config and this record (a run that wrote nothing is replaced).
+    """
+    record = {k: v for k, v in fingerprints.items() if v is not None}
+    parallel.on_main_process(_check_and_save_data, paths.resolve(workdir), record)
+
+
+def _check_and_save_data(workdir: epath.Path, record: dict[str, str]) -> None:
+    """`check_data`'s work, on one process."""
+    path = workdir / DATA_FILE
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    changed = {k: (saved[k], v) for k, v in record.items() if k in saved and saved[k] != v}
+    if changed and not _holds_only_config(workdir):
+        listing = "\n".join(f"  {k}: saved {old}, now {new}" for k, (old, new) in changed.items())
+        raise DataMismatchError(
+            f"{workdir} holds a run that read other data than this one, with the same config "
+            f"({path}):\n{listing}\nThe data at the configured path changed since (a corpus "
+            "file edited or replaced in place?): resuming would continue its checkpoints on "
+            "other data. Restore the data it read, or use a new workdir (or delete this one)."
+        )
+    if {**saved, **record} != saved:
+        paths.write_text(path, json.dumps({**saved, **record}, indent=1, sort_keys=True) + "\n")
 
 
 # Libraries whose INFO lines (a dozen per checkpoint for orbax) bury the progress line.

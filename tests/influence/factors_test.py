@@ -300,3 +300,112 @@ def test_eigendecompositions_are_dealt_over_devices_with_the_same_result(setup, 
     for name, values in one.items():
         for key in ("eig_A", "eig_S"):
             np.testing.assert_allclose(dealt[name][key], values[key], rtol=1e-5, atol=1e-7)
+
+
+# A rerun into a folder that holds a fit: same batches, more batches, other batches.
+
+
+def _fit_in(setup, batches, folder, strategy="ekfac", **more):
+    model, params, _, _ = setup
+    return influence.fit_factors(model, params, batches, strategy, modules=MODULES, seed=3,
+                                 checkpoint_dir=folder, checkpoint_every=10, **more)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def eight(setup):
+    """8 batches of 2 rows, and the fresh fits over the first 4 and over all 8."""
+    model, params, _, _ = setup
+    batches = testing.split(testing.data(16, seed=5), 2)
+    fresh = {n: _fit_in(setup, batches[:n], None) for n in (4, 8)}
+    return batches, fresh
+
+
+def _counting(monkeypatch):
+    calls = []
+    for stage in ("_covariance_sums", "_correction_sums"):
+        original = getattr(factors_lib, stage)
+        monkeypatch.setattr(factors_lib, stage,
+                            lambda *a, f=original, n=stage: calls.append(n) or f(*a))  # fmt: skip
+    return calls
+
+
+def test_a_finished_fit_rerun_with_more_batches_equals_a_fresh_fit_of_them(
+    setup, eight, tmp_path, monkeypatch
+):
+    batches, fresh = eight
+    assert not np.allclose(fresh[4].curvature(MODULES[1]), fresh[8].curvature(MODULES[1]))
+    _assert_same_factors(_fit_in(setup, batches[:4], tmp_path), fresh[4], exact=False)
+    calls = _counting(monkeypatch)
+    extended = _fit_in(setup, batches, tmp_path)
+    _assert_same_factors(extended, fresh[8], exact=False)
+    # The covariances go on from batch 4; the correction, whose eigenbasis changed, starts
+    # over on all 8, its steps numbered after the covariance pass's 8.
+    assert calls == ["_covariance_sums"] * 4 + ["_correction_sums"] * 8
+    assert checkpoint.Checkpointer(tmp_path / "covariance").all_steps() == [4, 8]
+    assert checkpoint.Checkpointer(tmp_path / "correction").all_steps() == [16]
+    assert (extended.num_batches, fresh[4].num_batches) == (8, 4)
+    assert extended.data_fingerprint == fresh[8].data_fingerprint != fresh[4].data_fingerprint
+    calls.clear()  # And a rerun of the finished 8-batch fit computes nothing again.
+    _assert_same_factors(_fit_in(setup, batches, tmp_path), fresh[8], exact=False)
+    assert calls == []
+
+
+@pytest.mark.parametrize("strategy", ["kfac", "diagonal"])
+def test_other_strategies_extend_to_more_batches_too(setup, eight, tmp_path, strategy):
+    batches, _ = eight
+    _fit_in(setup, batches[:4], tmp_path, strategy)
+    extended = _fit_in(setup, batches, tmp_path, strategy)
+    _assert_same_factors(extended, _fit_in(setup, batches, None, strategy), exact=False)
+
+
+def test_an_extension_interrupted_in_its_new_correction_pass_resumes(setup, eight, tmp_path):
+    batches, fresh = eight
+    _fit_in(setup, batches[:4], tmp_path)
+    with pytest.raises(preemption.Preempted):  # 8 covariance batches read, then 3 of 8.
+        _fit_in(setup, _Signalling(batches, 8 + 2), tmp_path)
+    assert checkpoint.Checkpointer(tmp_path / "correction").all_steps() == [8 + 3]
+    _assert_same_factors(_fit_in(setup, batches, tmp_path), fresh[8], exact=False)
+
+
+@pytest.mark.parametrize("finished", [True, False])  # A finished fit; one stopped midway.
+def test_a_rerun_with_fewer_batches_than_were_summed_is_refused(setup, eight, tmp_path, finished):
+    batches, _ = eight
+    if finished:
+        _fit_in(setup, batches, tmp_path)
+    else:
+        with pytest.raises(preemption.Preempted):  # Stopped after 6 covariance batches.
+            _fit_in(setup, _Signalling(batches, 5), tmp_path)
+    with pytest.raises(ValueError, match=r"covariance holds sums over (8|6) other batches than "
+                       r"these \(only 4 batches are given\).*another checkpoint_dir"):  # fmt: skip
+        _fit_in(setup, batches[:4], tmp_path)
+
+
+@pytest.mark.parametrize("changed", [0, 2])
+def test_a_rerun_with_other_batches_is_refused_naming_the_first(setup, eight, tmp_path, changed):
+    batches, fresh = eight
+    _fit_in(setup, batches[:4], tmp_path)
+    other = list(batches)
+    other[changed] = {**other[changed], "tokens": (other[changed]["tokens"] + 1) % 16}
+    for given in (other[:4], other):  # The same number of batches; more.
+        with pytest.raises(ValueError, match=f"over 4 other batches than these \\(batch "
+                           f"{changed} differs\\)"):  # fmt: skip
+            _fit_in(setup, given, tmp_path)
+    # Batches after the ones summed may be anything: the fit goes on over them.
+    later = batches[:4] + other[4:6]
+    got = _fit_in(setup, later, tmp_path)
+    _assert_same_factors(got, _fit_in(setup, later, None), exact=False)
+
+
+def test_factors_record_the_batches_they_were_fitted_on(setup, eight, tmp_path):
+    model, _, _, _ = setup
+    batches, fresh = eight
+    assert fresh[8].data_fingerprint == factors_lib.data_fingerprint(model, batches)
+    # As the fit reads them: an all-ones attention mask is the default one; int64 tokens
+    # are the same tokens.
+    same = [{**b, "tokens": b["tokens"].astype(np.int64),
+             "attention_mask": np.ones_like(b["tokens"])} for b in batches]  # fmt: skip
+    assert factors_lib.data_fingerprint(model, same) == fresh[8].data_fingerprint
+    assert factors_lib.data_fingerprint(model, batches[::-1]) != fresh[8].data_fingerprint
+    influence.save_factors(tmp_path / "f", fresh[8])
+    loaded = influence.load_factors(tmp_path / "f")
+    assert (loaded.num_batches, loaded.data_fingerprint) == (8, fresh[8].data_fingerprint)

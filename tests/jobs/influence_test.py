@@ -132,3 +132,23 @@ def test_readme_examples_run_in_order_on_the_pipeline_output(pipeline_run, tmp_p
     assert steered.shape == (tokens.shape[0], tokens.shape[1] + 20)
     assert np.all(np.isfinite(namespace["by_feature"]))
     assert os.path.exists(tmp_path / "factors" / "factors.json")
+
+
+def test_saved_factors_of_a_corpus_since_changed_are_not_reused(pipeline_run, tmp_path):
+    """The same config over a corpus file edited in place: the factors saved in the workdir
+    were fitted on other rows, and their checkpoints refuse to be continued with these."""
+    workdir, _ = pipeline_run
+    corpus = tmp_path / "corpus.txt"
+    paragraphs = [f"Paragraph {i}: " + "the whale rose from the sea. " * 12 for i in range(40)]
+    corpus.write_text("\n\n".join(paragraphs))
+    config = demo.get_config("tiny=True")
+    config.influence.model_path = os.path.join(workdir, "lm", "export")
+    config.influence.strategy = "diagonal"
+    config.data.text_path = str(corpus)
+    fitted = job.fit(config, str(tmp_path / "influence"))
+    assert fitted.num_batches == config.influence.fit_rows // config.influence.batch_size
+    assert job.fit(config, str(tmp_path / "influence")).data_fingerprint == fitted.data_fingerprint
+    corpus.write_text("\n\n".join(p.replace("whale", "ship") for p in paragraphs))
+    with pytest.raises(ValueError, match=r"factor_checkpoints/correction holds sums over 4 "
+                       r"other batches than these \(batch 0 differs\)"):  # fmt: skip
+        job.fit(config, str(tmp_path / "influence"))

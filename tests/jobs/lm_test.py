@@ -206,3 +206,18 @@ def test_readme_example_runs_on_the_exported_model(tiny_run):
         "blocks_1/resid_post",
         "blocks_1/mlp/out",
     }
+
+
+def test_resuming_on_data_other_than_the_workdir_read_is_refused(tiny_run, tmp_path):
+    """The same config over a corpus edited in place: the checkpoints would train on."""
+    workdir, _ = tiny_run
+    recorded = json.loads(open(os.path.join(workdir, "data.json")).read())
+    assert sorted(recorded) == ["heldout", "train"]
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+    with open(os.path.join(resumed, "data.json"), "w") as f:  # As if its corpus differed.
+        json.dump(dict(recorded, train="0" * 16), f)
+    with pytest.raises(workdir_lib.DataMismatchError, match="train: saved 0{16}, now"):
+        train.run(_tiny(), resumed)
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["3"]

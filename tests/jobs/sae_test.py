@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -11,6 +12,7 @@ from configs import demo
 from interp import models
 from interp import sae as interp_sae
 from interp.data import cache as cache_lib
+from interp.data import fingerprint as data_fingerprint
 from interp.jobs import sae as job
 from tests import runs
 from tests.runs import ROOT
@@ -255,8 +257,30 @@ def _cache_arguments(workdir, config):
     config.sae.model_path = os.path.join(workdir, "lm", "export")
     model, params, tokenizer = models.from_pretrained(config.sae.model_path)
     train_docs, _ = documents(config.data)
-    return (config, workdir, config.sae.model_path, model, params, tokenizer, train_docs,
+    rows = job._harvest_rows(config, train_docs, tokenizer)
+    return (config, workdir, config.sae.model_path, model, params, rows,
             fingerprint(model.config, params), job.exclusions(config.sae, tokenizer))  # fmt: skip
+
+
+def test_a_cache_harvested_from_other_rows_is_harvested_again(pipeline_run, tmp_path):
+    """A complete cache is reused only for the token rows it was harvested from: not for a
+    cache_path shared with a run of another seed, nor for a corpus since changed in place."""
+    workdir, _ = pipeline_run
+    config = _config()
+    config.sae.cache_path = str(tmp_path / "activations")
+    shutil.copytree(os.path.join(workdir, "sae", "activations"), config.sae.cache_path)
+    arguments = _cache_arguments(workdir, config)
+    metadata = os.path.join(config.sae.cache_path, "metadata.json")
+    before = os.path.getmtime(metadata)
+    job._cache(*arguments)  # The pipeline's own rows: reused.
+    assert os.path.getmtime(metadata) == before
+    config.seed = 1  # Other rows: harvested again, and recorded as theirs.
+    other = _cache_arguments(workdir, config)
+    assert not np.array_equal(other[5], arguments[5])
+    cache = job._cache(*other)
+    assert os.path.getmtime(metadata) != before
+    tokens = cache.metadata["extra"]["rows_from"]["tokens"]
+    assert tokens == data_fingerprint.batch_digest(other[5])
 
 
 def test_a_cache_whose_text_ran_out_is_reused_not_harvested_again(pipeline_run, tmp_path):

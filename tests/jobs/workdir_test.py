@@ -214,3 +214,21 @@ def test_a_missing_bucket_is_named(gcs_bucket):
     missing = gcs_bucket.replace("gs://t-", "gs://t-missing-")
     with pytest.raises(FileNotFoundError, match=f"The bucket {missing} of the workdir .* does not"):
         workdir_lib.prepare_workdir(_config(), f"{missing}/runs/a")
+
+
+def test_a_resume_that_reads_other_data_is_refused(tmp_path):
+    # The same config over a corpus file edited in place: only the data record differs.
+    workdir = workdir_lib.prepare_workdir(_config(), tmp_path / "run")
+    workdir_lib.check_data(workdir, {"train": "a" * 16, "stream": None})
+    workdir_lib.check_data(workdir, {"train": "a" * 16, "heldout": "c" * 16})  # Same; more.
+    assert json.loads((workdir / "data.json").read_text()) == {"train": "a" * 16,
+                                                               "heldout": "c" * 16}  # fmt: skip
+    # Nothing but the config and this record: a run that wrote nothing, replaced.
+    workdir_lib.check_data(workdir, {"train": "b" * 16})
+    (workdir / "checkpoints").mkdir()  # Work: now it is the run's data.
+    with pytest.raises(workdir_lib.DataMismatchError,
+                       match=f"(?s)read other data.*train: saved {'b' * 16}, now {'d' * 16}.*"
+                       "new workdir"):  # fmt: skip
+        workdir_lib.check_data(workdir, {"train": "d" * 16, "stream": None})
+    # Data no record covers (a stream, unfingerprinted) is not checked.
+    workdir_lib.check_data(workdir, {"train": "b" * 16, "stream": None})
