@@ -319,6 +319,8 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
         )
         for entry, cols, rows in zip(entries, columns, samples, strict=True)
     )
+    # dead_tokens=None scaled to this run, so the exported configs say what AuxK used.
+    configs = sae_train.resolve_dead_tokens(configs, train_config)
     b_dec_init = [np.asarray(sae_train.geometric_median(rows)) for rows in samples]
     names = _unique([sae_name(entry, entry["site"]) for entry in entries])
 
