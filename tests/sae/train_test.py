@@ -229,7 +229,8 @@ def test_the_compiled_step_never_sorts_the_pre_activations(architecture, num_lat
     mesh, rules = _one_device_mesh(), parallel.DEFAULT_RULES
     state = sae_train.init_state(config, train_config, jax.random.key(0), mesh)
     fields = sae_train._optimizer_fields(train_config)
-    jitted, _ = sae_train._compiled_step((config,), fields, mesh, rules, ((batch, D),))
+    configs = sae_train.resolve_dead_tokens(config, train_config)  # As make_train_step does.
+    jitted, _ = sae_train._compiled_step(configs, fields, mesh, rules, ((batch, D),))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         hlo = jitted.lower(state, (jnp.zeros((batch, D)),)).compile().as_text()
     sorts = [line for line in hlo.splitlines() if " sort(" in line]
