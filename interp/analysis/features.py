@@ -49,12 +49,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from interp import paths
 from interp.data import activations
 from interp.models import hooks, sites
 
 QUANTILES = (0.5, 0.9, 0.99)
+# A search score above 1 + this is above the feature's recorded maximum, not rounding.
+_ABOVE_MAX_TOLERANCE = 1e-4
 HISTOGRAM_RANGE = (1e-3, 1e4)
 NUM_BINS = 256
 
@@ -409,6 +412,10 @@ class SearchResult:
       activations: [k] their largest activation over the searched positions.
       positions: [k] the position of that activation.
       per_token: [k, T] each feature's activation at every position (0 where not searched).
+      above_max: [k] bool, with `relative_to`: the text drives the feature above its
+        recorded maximum (score > 1), so that maximum did not show the feature's range (the
+        dataset it was taken over misses what the text holds) and the score overstates how
+        near its peak the feature is. All False without `relative_to`.
     """
 
     features: np.ndarray
@@ -416,6 +423,7 @@ class SearchResult:
     activations: np.ndarray
     positions: np.ndarray
     per_token: np.ndarray
+    above_max: np.ndarray | None = None
 
 
 def search_features(
@@ -450,7 +458,8 @@ def search_features(
       relative_to: Rank by activation / the feature's max over a dataset (its
         `FeatureStats`, or the [X] maxima themselves), favouring features this text drives
         near their peak, as Neuronpedia's activation-density-aware search does; features
-        that never fired in that dataset are left out.
+        that never fired in that dataset are left out. A feature the text drives above
+        that max is flagged (`SearchResult.above_max`) and a warning logged.
       attention_mask: Optional [T] (or [1, T]), 1 for real tokens (a padded row).
       bos_id, skip_first, exclude_ids: Positions left out, as in `feature_stats`.
       allow_other_site: As for `feature_stats`.
@@ -496,10 +505,21 @@ def search_features(
     scores = np.nan_to_num(scores, nan=0.0)
     order = np.argsort(-scores, kind="stable")[:k]
     order = order[scores[order] > 0]
+    # Above 1 beyond float32 rounding (the same token through other batch shapes).
+    above = scores[order] > 1 + _ABOVE_MAX_TOLERANCE if relative_to is not None else None
+    if above is not None and above.any():
+        logging.warning(
+            "search_features: %s above their recorded maximum (x %s): those maxima were "
+            "taken over rows that never showed what this text does; take them over more, or "
+            "more representative, text.",
+            ", ".join(f"feature {f}" for f in order[above]),
+            ", ".join(f"{s:.2f}" for s in scores[order][above]),
+        )
     return SearchResult(
         features=order,
         scores=scores[order],
         activations=best[order],
         positions=per_token[order].argmax(1),
         per_token=per_token[order],
+        above_max=np.zeros(len(order), bool) if above is None else above,
     )

@@ -89,29 +89,53 @@ def keep_mask(
     return keep
 
 
-def padding_from_ids(tokens: np.ndarray, pad_id: int) -> np.ndarray:
+def padding_from_ids(
+    tokens: np.ndarray, pad_id: int, *, text_ids: Sequence[int | None] = ()
+) -> np.ndarray:
     """An attention mask [B, T] for rows padded with `pad_id` and no mask of their own.
 
     Only the leading and trailing runs of `pad_id` are padding: the same id inside the text
     (an EOS that doubles as padding, as in GPT-2 and Llama) is a real token. A row whose real
     text ends (or starts) with that id cannot be told apart from padding; pass the tokenizer's
-    attention mask for such rows.
+    attention mask for such rows (`Tokenizer.encode_batch` gives it). So `pad_id` must be a
+    token no text holds at its ends: a dedicated pad token.
+
+    Args:
+      tokens: [B, T] int token ids.
+      pad_id: The padding token.
+      text_ids: Tokens real text holds at its ends (the BOS every row starts with): a
+        `pad_id` among them is an error, not a guess (None entries are ignored).
+
+    Raises:
+      ValueError: `pad_id` is one of `text_ids` (tokenizers that use one id for BOS, EOS and
+        padding, as the demo's and GPT-2's do): the ids cannot say what is padding.
     """
+    if pad_id in {int(i) for i in text_ids if i is not None}:
+        raise ValueError(
+            f"pad_id={pad_id} is also a token of the text (the BOS, bos_id={pad_id}): a row's "
+            "leading BOS cannot be told from padding by its id, and would be masked out of "
+            "attention. Pass each batch as (tokens, attention_mask) or {'tokens', "
+            "'attention_mask'} (Tokenizer.encode_batch gives both), or leave pad_id None for "
+            "rows without padding (packed rows)."
+        )
     is_pad = np.asarray(tokens) == pad_id
     leading = np.cumprod(is_pad, axis=1).astype(bool)
     trailing = np.cumprod(is_pad[:, ::-1], axis=1)[:, ::-1].astype(bool)
     return (~(leading | trailing)).astype(np.int32)
 
 
-def split_batch(item, pad_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def split_batch(
+    item, pad_id: int | None = None, *, text_ids: Sequence[int | None] = ()
+) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int32 [B, T], attention_mask int32 [B, T]) of a batch given as a [B, T] array,
     a (tokens, mask) tuple or a {'tokens', 'attention_mask' (or 'mask')} dict.
 
     Without a mask, every position is real, or with `pad_id` the leading and trailing runs of
-    it are padding (`padding_from_ids`).
+    it are padding (`padding_from_ids`, which refuses a `pad_id` among `text_ids`).
 
     Raises:
-      ValueError: for tokens that are not [B, T], or a mask of another shape.
+      ValueError: for tokens that are not [B, T], or a mask of another shape; as
+        `padding_from_ids` raises.
     """
     if isinstance(item, Mapping):
         tokens = item["tokens"]
@@ -125,7 +149,9 @@ def split_batch(item, pad_id: int | None = None) -> tuple[np.ndarray, np.ndarray
         raise ValueError(f"Token batches must be [B, T]; got shape {tokens.shape}.")
     if mask is None:
         mask = (
-            np.ones(tokens.shape, np.int32) if pad_id is None else padding_from_ids(tokens, pad_id)
+            np.ones(tokens.shape, np.int32)
+            if pad_id is None
+            else padding_from_ids(tokens, pad_id, text_ids=text_ids)
         )
     mask = np.asarray(mask)
     if mask.shape != tokens.shape:
@@ -166,7 +192,8 @@ def harvest(
       bos_id: Drop positions holding this token (see the module docstring for why).
       pad_id: For items without a mask: leading and trailing runs of this token are padding
         (`padding_from_ids`; the same id inside the text is kept). Ignored when a mask is
-        given.
+        given. A `pad_id` equal to `bos_id` is an error for items without a mask (a leading
+        BOS would read as padding): pass masks, or no `pad_id` for unpadded rows.
       skip_first: Also drop each row's first real position.
       exclude_ids: Also drop positions holding these tokens (see `keep_mask`).
       dtype: Dtype of the yielded rows (cast on device, before the transfer).
@@ -198,7 +225,7 @@ def harvest(
 
     pending = None  # The previous batch: its transfer waits until the next one is dispatched.
     for item in token_batches:
-        tokens, mask = split_batch(item, pad_id)
+        tokens, mask = split_batch(item, pad_id, text_ids=(bos_id,))
         keep = keep_mask(
             tokens, mask, bos_id=bos_id, skip_first=skip_first, exclude_ids=exclude_ids
         )

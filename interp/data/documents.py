@@ -2,11 +2,14 @@
 
     train, heldout = documents(config.data)
     rows = pack_rows(config.data, train, tokenizer, needed=4096)   # int32 [N, seq_len]
+    rows = sample_rows(config.data, heldout, tokenizer, 256, seed=config.seed)  # spread out
 
 Two kinds of source:
 
 - **In memory** (lists): the built-in Gutenberg corpus and `.txt`/`.jsonl` files, a few MB.
-  They are packed whole, and a job draws the rows it needs from all of them.
+  They are packed whole, and a job draws the rows it needs from all of them (`sample_rows`:
+  the documents are in source order, book after book, so the first rows would be the first
+  books only).
 - **Streamed** (`text.DocumentStream`): Parquet files, Arrow files and Hugging Face `datasets`
   folders, any size (a Pile or FineWeb shard is many GB). They are read lazily, row group by
   row group, and packed only as far as a job's first `needed` rows: a job that needs 4096 rows
@@ -154,6 +157,52 @@ def pack_rows(
             "config.data.seq_len."
         )
     return rows
+
+
+def sample_indices(num_rows: int, count: int, seed: int) -> np.ndarray:
+    """Indices of `count` of `num_rows` rows drawn by a seeded permutation, in increasing order
+    (all rows when `count` >= `num_rows`): int64 [min(count, num_rows)].
+
+    The first `count` of `default_rng(seed).permutation(num_rows)`, so a larger `count` with
+    the same seed keeps every row a smaller one drew.
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}.")
+    if count >= num_rows:
+        return np.arange(num_rows)
+    return np.sort(np.random.default_rng(seed).permutation(num_rows)[:count])
+
+
+def sample_rows(
+    data_config: Any, docs: Iterable[str], tokenizer: text.Encoder, count: int, seed: int
+) -> np.ndarray:
+    """`count` packed rows that represent `docs`: what a job's statistics are taken over.
+
+    Documents come in source order (the built-in corpus book after book; files in path
+    order), so the first `count` rows are the first books only: a concept of the last book
+    is never seen, and maxima and densities describe part of the text. An in-memory source
+    is packed whole and `count` of its rows are drawn by a seeded permutation
+    (`sample_indices`), kept in source order; all of them when it has no more. A stream
+    (`text.DocumentStream`, any size) is read only as far as its first `count` rows, as
+    `pack_rows` does: its documents are spread over the corpus only as far as the files are
+    (a streamed held-out split is by hash, so it holds documents of every file read).
+
+    Args:
+      data_config: `config.data`, as for `pack_rows`.
+      docs: From `documents`.
+      tokenizer: As for `text.pack`.
+      count: Rows wanted, >= 1.
+      seed: Seed of the draw (a job's `config.seed`: jobs with the same seed and source
+        take the same rows, so the analysis and steering stages share their maxima).
+
+    Returns:
+      int32 [min(count, N), seq_len], in source order.
+
+    Raises:
+      ValueError: As `pack_rows` raises.
+    """
+    rows = pack_rows(data_config, docs, tokenizer, count)
+    return rows[sample_indices(len(rows), count, seed)]
 
 
 def _streams(data_config, path, files, text_field) -> tuple[text.DocumentStream, ...]:

@@ -5,12 +5,15 @@ concept (the feature the pipeline's steering stage then clamps).
 
 1. the model (`model_path`, by default the pipeline's LM) and the SAE (`sae`, by default the
    pipeline's first TopK SAE);
-2. `interp.analysis.analyse` over `max_rows` held-out rows of `config.data`, leaving out the
-   positions `config.sae.exclude` leaves out of SAE training: `<workdir>/feature_stats.npz`,
-   `dashboard.html` (every feature that fired), `density.png`;
+2. `interp.analysis.analyse` over `max_rows` held-out rows of `config.data` spread over the
+   whole held-out text (`interp.data.documents.sample_rows`, seeded by `config.seed`; the
+   steering stage takes the same rows), leaving out the positions `config.sae.exclude`
+   leaves out of SAE training: `<workdir>/feature_stats.npz`, `dashboard.html` (every
+   feature that fired), `density.png`;
 3. `search_features` on `concept`'s tokens inside the `context` sentence, ranked by
    activation relative to each feature's held-out maximum (features driven near their peak,
-   not merely dense ones);
+   not merely dense ones); a feature driven above that maximum is flagged (`above_max`,
+   a logged warning): the held-out rows did not show its range;
 4. `<workdir>/search.json` and `<workdir>/concept.html`, the dashboard of the features found,
    best first.
 """
@@ -25,7 +28,7 @@ import numpy as np
 
 from interp import analysis, parallel, paths, records
 from interp import sae as saes
-from interp.data.documents import documents, pack_rows
+from interp.data.documents import documents, sample_rows
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained
@@ -46,7 +49,8 @@ class AnalysisConfig:
         checkpoint's BOS): the search looks at the concept's tokens there, in context, not
         at a lone token in position 0 (which SAE training leaves out).
       top: Features kept from the search (and shown on `concept.html`).
-      max_rows: Held-out rows the statistics are taken over.
+      max_rows: Held-out rows the statistics are taken over, drawn from all of the held-out
+        text by `config.seed` (all of it when it has no more).
       batch_size: Rows per forward pass.
     """
 
@@ -101,8 +105,11 @@ def search_concept(
 
 def run(config, workdir: str) -> dict[str, Any]:
     """Runs the analysis job; returns {'sae', 'hook', 'concept', 'feature' (the best found),
-    'search': [{'feature', 'score', 'activation', 'max_activation'}, ...], 'dashboard',
-    'concept_dashboard'}.
+    'search': [{'feature', 'score', 'activation', 'max_activation', 'above_max'}, ...],
+    'dashboard', 'concept_dashboard', 'heldout_rows'}.
+
+    `above_max` marks a feature the concept drives above its maximum over the held-out rows
+    (score > 1): that maximum, and so the score, understate what the feature does.
 
     Raises:
       ValueError: for unknown fields; when no feature that fired on the held-out rows fires on
@@ -119,8 +126,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     sae, sae_params = saes.load(sae_path)
 
     _, heldout = documents(config.data)
-    rows = pack_rows(config.data, heldout, tokenizer, analysis_config.max_rows)
-    rows = rows[: analysis_config.max_rows]
+    rows = sample_rows(config.data, heldout, tokenizer, analysis_config.max_rows, config.seed)
     size = analysis_config.batch_size
     batches = [rows[i : i + size] for i in range(0, len(rows), size)]
     exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer)
@@ -137,8 +143,11 @@ def run(config, workdir: str) -> dict[str, Any]:
             "score": float(s),
             "activation": float(a),
             "max_activation": float(stats.max[f]),
+            "above_max": bool(above),
         }
-        for f, s, a in zip(found.features, found.scores, found.activations, strict=True)
+        for f, s, a, above in zip(
+            found.features, found.scores, found.activations, found.above_max, strict=True
+        )
     ]
     concept_page = str(workdir / CONCEPT_DASHBOARD)
     parallel.on_main_process(
@@ -148,7 +157,12 @@ def run(config, workdir: str) -> dict[str, Any]:
         logit_effects=written["logit_effects"],
         tokenizer=tokenizer,
         features=[entry["feature"] for entry in search],
-        title=f"Features for {analysis_config.concept!r} at {stats.site}",
+        title=f"Features for {analysis_config.concept!r} at {stats.site}"
+        + "".join(
+            f"; feature {e['feature']} at {e['score']:.2f}x its held-out max (not seen there)"
+            for e in search
+            if e["above_max"]
+        ),
     )
     results = {
         "sae": sae_path,
@@ -158,6 +172,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         "search": search,
         "dashboard": written["dashboard"],
         "concept_dashboard": concept_page,
+        "heldout_rows": len(rows),
     }
     search_json = json.dumps(results, indent=2, ensure_ascii=False)
     parallel.on_main_process(paths.write_text, workdir / SEARCH_FILE, search_json)
@@ -168,8 +183,9 @@ def format_search(results: dict[str, Any]) -> str:
     """The features found, one line each, best first."""
     lines = [f"Features for {results['concept']!r} at {results['hook']} (activation / its max):"]
     for entry in results["search"]:
+        above = "  ABOVE its held-out max" if entry.get("above_max") else ""
         lines.append(
             f"  feature {entry['feature']:>5}: {entry['activation']:.3g} / "
-            f"{entry['max_activation']:.3g} = {entry['score']:.2f}"
+            f"{entry['max_activation']:.3g} = {entry['score']:.2f}{above}"
         )
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from absl import logging
 
 from interp import influence, parallel, records
 from interp import sae as saes  # Jobs join rooms; interp.influence never imports sae.
-from interp.data.documents import documents, pack_rows
+from interp.data.documents import documents, pack_rows, sample_indices
 from interp.influence import io as influence_io
 from interp.influence import report as report_lib
 from interp.jobs import sae as sae_job
@@ -81,9 +81,7 @@ RESUMABLE_FIELDS = workdir_lib.RESUMABLE_FIELDS + tuple(
 
 def _rows(tokens: np.ndarray, count: int, seed: int) -> np.ndarray:
     """Indices of `count` training rows, a seeded sample in order (all when fewer)."""
-    if count >= len(tokens):
-        return np.arange(len(tokens))
-    return np.sort(np.random.default_rng(seed).permutation(len(tokens))[:count])
+    return sample_indices(len(tokens), count, seed)  # The draw every job's rows come from.
 
 
 def _batches(tokens: np.ndarray, size: int) -> list[dict[str, np.ndarray]]:

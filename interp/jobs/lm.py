@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from interp import metrics, parallel, paths, records
 from interp.data import fingerprint as data_fingerprint
 from interp.data import text
-from interp.data.documents import documents, pack_rows
+from interp.data.documents import documents, pack_rows, sample_rows
 from interp.jobs import loop
 from interp.jobs import workdir as workdir_lib
 from interp.models import generate, save_pretrained
@@ -217,7 +217,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # A streamed source gives one pass of the schedule's batches and the evaluated rows.
     needed = train_config.schedule_length * batch_size
     train_tokens = pack_rows(config.data, train_docs, tok, needed)
-    eval_tokens = pack_rows(config.data, heldout_docs, tok, config.eval_batches * batch_size)
+    # Held-out rows spread over all of the held-out text (its first rows are its first books).
+    eval_needed = config.eval_batches * batch_size
+    eval_tokens = sample_rows(config.data, heldout_docs, tok, eval_needed, config.seed)
     if len(train_tokens) < batch_size or len(eval_tokens) < batch_size:
         raise ValueError(
             f"Too little text: {len(train_tokens)} training and {len(eval_tokens)} held-out "

@@ -240,7 +240,8 @@ def lower_sae_step(config, model_config: ModelConfig, mesh) -> jax.stages.Lowere
     rules = parallel.rules_from_config(config.get("rules") or None)
     train_config = sae_train.as_train_config(config.sae.train, where="config.sae.train")
     fields = sae_train._optimizer_fields(train_config)
-    configs = sae_configs(config, model_config)
+    # dead_tokens=None resolved for this run, as make_train_step does.
+    configs = sae_train.resolve_dead_tokens(sae_configs(config, model_config), train_config)
     shapes = tuple((train_config.batch_size, c.d_in) for c in configs)
     jitted, batch_shardings = sae_train._compiled_step(configs, fields, mesh, rules, shapes)
     state = sae_train.abstract_state(configs, train_config, mesh, rules)

@@ -12,8 +12,9 @@
 3. every SAE in `config.sae.saes` trained together, one jitted step, on shuffled cached rows,
    with `input_scale` (unit mean squared norm) and `b_dec` (geometric median) from the data,
    through the shared loop (`interp.jobs.loop`: metrics, progress, checkpoints, resume);
-4. evaluation on held-out text (FVU, L0, dead/dense latents, spliced-in loss, KL, loss
-   recovered), written to `<workdir>/eval.json` and TensorBoard, and printed as a table;
+4. evaluation on held-out rows spread over all of the held-out text (FVU, L0, dead/dense
+   latents, spliced-in loss, KL, loss recovered), written to `<workdir>/eval.json` and
+   TensorBoard, and printed as a table;
    the positions left out (`config.sae.exclude`: first positions, BOS, chosen token ids;
    `exclusions`) are the same in harvest, so training, and evaluation;
 5. each SAE exported in SAELens format to `<workdir>/saes/<name>`.
@@ -32,7 +33,7 @@ from interp import metrics, parallel, paths
 from interp.data import activations
 from interp.data import cache as cache_lib
 from interp.data import fingerprint as data_fingerprint
-from interp.data.documents import documents, pack_rows
+from interp.data.documents import documents, pack_rows, sample_rows
 from interp.jobs import loop
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained
@@ -335,6 +336,8 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
         )
         for entry, cols, rows in zip(entries, columns, samples, strict=True)
     )
+    # dead_tokens=None scaled to this run, so the exported configs say what AuxK used.
+    configs = sae_train.resolve_dead_tokens(configs, train_config)
     b_dec_init = [np.asarray(sae_train.geometric_median(rows)) for rows in samples]
     names = _unique([sae_name(entry, entry["site"]) for entry in entries])
 
@@ -380,7 +383,8 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
         )
 
         eval_needed = sae_config.eval_batches * sae_config.eval_batch_size
-        eval_tokens = pack_rows(config.data, heldout_docs, tokenizer, eval_needed)
+        # Spread over all of the held-out text, not its first (book-ordered) rows.
+        eval_tokens = sample_rows(config.data, heldout_docs, tokenizer, eval_needed, config.seed)
         eval_batches = list(_token_batches(eval_tokens, sae_config.eval_batch_size))
         results = {}
         for name, sae_cfg, site, sae_state in zip(

@@ -5,12 +5,15 @@ of its maximum activation, side by side with the unsteered completion.
 
 1. the model (`model_path`, by default the pipeline's LM) and the SAE (`sae`, by default the
    pipeline's first TopK SAE), steered at the SAE's own site;
-2. each feature's maximum activation over `max_rows` held-out rows of `config.data`, with
-   the positions `config.sae.exclude` leaves out of SAE training left out here too
-   (`interp.steering.max_activations`; saved as `<workdir>/max_activations.npy`);
+2. each feature's maximum activation over `max_rows` held-out rows of `config.data` spread
+   over the whole held-out text (`interp.data.documents.sample_rows`, seeded by
+   `config.seed`: the rows the analysis stage takes), with the positions `config.sae.exclude`
+   leaves out of SAE training left out here too (`interp.steering.max_activations`; saved as
+   `<workdir>/max_activations.npy`);
 3. the feature: `feature`, or (-1) the one most active on `concept`'s tokens inside the
    sentence `context`, relative to its maximum (the analysis job's search,
-   `interp.jobs.analyse.search_concept`);
+   `interp.jobs.analyse.search_concept`); a concept that drives it above that maximum is
+   flagged (`above_max` and a warning: "x max" then understates the feature's range);
 4. greedy completions of `prompt` with the feature clamped to strength x maximum at every
    position, for each strength (the error term kept), one compiled program for all of them;
 5. `<workdir>/steering.json` with the completions.
@@ -32,7 +35,7 @@ from absl import logging
 
 from interp import parallel, paths, records, steering
 from interp import sae as saes
-from interp.data.documents import documents, pack_rows
+from interp.data.documents import documents, sample_rows
 from interp.jobs import analyse as analyse_job
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
@@ -55,7 +58,8 @@ class SteeringConfig:
       context: A sentence holding `concept`, where its tokens are read in context.
       strengths: Clamp values as multiples of the feature's maximum activation.
       max_new_tokens: Tokens generated per completion.
-      max_rows: Held-out rows the maxima are taken over.
+      max_rows: Held-out rows the maxima are taken over, drawn from all of the held-out
+        text by `config.seed` (all of it when it has no more).
       batch_size: Rows per forward pass when taking maxima.
     """
 
@@ -93,8 +97,9 @@ class SteeringConfig:
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-    """Runs the steering job; returns {'feature', 'hook', 'max_activation', 'prompt',
-    'completions': [{'strength', 'value', 'text'}, ...]} (strength None: unsteered).
+    """Runs the steering job; returns {'feature', 'hook', 'max_activation', 'concept_score',
+    'above_max', 'heldout_rows', 'prompt', 'completions': [{'strength', 'value', 'text'},
+    ...]} (strength None: unsteered; concept_score None for a `feature` given).
 
     Raises:
       ValueError: for unknown fields, strengths that are not finite numbers (before any
@@ -122,8 +127,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     )
 
     _, heldout = documents(config.data)
-    rows = pack_rows(config.data, heldout, tokenizer, steer_config.max_rows)
-    rows = rows[: steer_config.max_rows]
+    rows = sample_rows(config.data, heldout, tokenizer, steer_config.max_rows, config.seed)
     size = steer_config.batch_size
     batches = [rows[i : i + size] for i in range(0, len(rows), size)]
     exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer)
@@ -132,13 +136,19 @@ def run(config, workdir: str) -> dict[str, Any]:
     np.save(buffer, maxima)
     parallel.on_main_process(paths.write_bytes, workdir / "max_activations.npy", buffer.getvalue())
 
-    feature = steer_config.feature
+    feature, concept_score = steer_config.feature, None
     if feature < 0:
         found = analyse_job.search_concept(
             model, params, sae, sae_params, tokenizer, steer_config.concept,
             steer_config.context, k=1, relative_to=maxima, where="config.steering",
         )  # fmt: skip
-        feature = int(found.features[0])
+        feature, concept_score = int(found.features[0]), float(found.scores[0])
+        if found.above_max[0]:
+            logging.warning(
+                "The concept drives feature %d to %.2f x its maximum over %d held-out rows: "
+                "the strengths (x max) are multiples of a maximum below the feature's range.",
+                feature, concept_score, len(rows),
+            )  # fmt: skip
     prompt = jnp.asarray([prompt_ids], jnp.int32)
     length = steer_config.max_new_tokens
 
@@ -159,6 +169,10 @@ def run(config, workdir: str) -> dict[str, Any]:
         "hook": hook,
         "feature": int(feature),
         "max_activation": float(maxima[feature]),
+        # The concept's activation / max when the search chose the feature; above_max: > 1.
+        "concept_score": concept_score,
+        "above_max": bool(concept_score is not None and found.above_max[0]),
+        "heldout_rows": len(rows),
         "prompt": steer_config.prompt,
         "completions": completions,
     }
@@ -173,6 +187,11 @@ def format_side_by_side(results: dict[str, Any], width: int = 100) -> str:
         f"Steering feature {results['feature']} at {results['hook']} (max activation "
         f"{results['max_activation']:.3g}); prompt: {results['prompt']!r}",
     ]
+    if results.get("above_max"):
+        lines.append(
+            f"  (the concept drives it to {results['concept_score']:.2f} x that max: the "
+            "held-out rows did not show its range)"
+        )
     for entry in results["completions"]:
         label = "unsteered" if entry["strength"] is None else f"{entry['strength']:g} x max"
         body = json.dumps(entry["text"], ensure_ascii=False)[1:-1]  # One line.

@@ -52,7 +52,10 @@ class SAEConfig:
       l1_warmup_steps: Linear warm-up of the sparsity coefficient from 0.
       auxk_alpha: Weight of the AuxK loss on dead latents (topk, batchtopk); 0 disables it.
       auxk_k: Latents the AuxK loss uses (OpenAI: d_in / 2); None means d_in // 2.
-      dead_tokens: A latent is dead after firing on none of this many tokens.
+      dead_tokens: A latent is dead (AuxK trains it) after firing on none of this many
+        tokens. None: resolved from the run's length when training starts
+        (`interp.sae.train.resolve_dead_tokens`: a tenth of the run's tokens, at most the
+        10M of Gao et al. 2024), so that AuxK acts in runs shorter than 10M tokens too.
       jumprelu_bandwidth: Width of the straight-through kernel for the threshold gradient.
       jumprelu_init_threshold: Initial threshold (jumprelu; batchtopk's before its estimate).
       threshold_rate: BatchTopK: rate of the running average that estimates the inference
@@ -89,7 +92,7 @@ class SAEConfig:
     l1_warmup_steps: int = 0
     auxk_alpha: float = 1 / 32
     auxk_k: int | None = None
-    dead_tokens: int = 10_000_000
+    dead_tokens: int | None = None
     jumprelu_bandwidth: float = 0.001
     jumprelu_init_threshold: float = 0.001
     threshold_rate: float = 0.01
@@ -122,6 +125,11 @@ class SAEConfig:
             raise ValueError(f"hook_head_index={self.hook_head_index} must be >= 0.")
         if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.num_latents:
             raise ValueError(f"k={self.k} must be in 1..num_latents={self.num_latents}.")
+        if self.dead_tokens is not None and self.dead_tokens < 1:
+            raise ValueError(
+                f"dead_tokens={self.dead_tokens} must be >= 1 (tokens without firing after "
+                "which a latent counts as dead), or None to scale it with the run."
+            )
 
     @property
     def output_width(self) -> int:

@@ -18,6 +18,10 @@ The state is a plain pytree, everything a resume needs:
                "tokens_since_fired": int32 [X]}, # saturating at config.dead_tokens
               ...)}                              # one entry per config, same order
 
+A config's `dead_tokens=None` is resolved from the run's length (`resolve_dead_tokens`), and
+settings that leave a loss term inert (AuxK that can never see a dead latent, a zero sparsity
+coefficient) are logged as warnings when the step is built (`inert_terms`).
+
 Conventions: inputs are scaled by `config.input_scale` to unit mean squared norm, E||x||^2 = 1
 (`input_scale_for` computes it from a sample, the activation cache stores it per site; the
 Anthropic April 2024 recipe scales to E||x||^2 = D, so its L1 coefficient is sqrt(D) times
@@ -38,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from interp import checkpoint, parallel, records
@@ -123,6 +128,61 @@ def _optimizer_fields(train_config) -> TrainConfig:
 
 def _rules(rules):
     return parallel.rules_from_config(rules)
+
+
+# Gao et al. (2024, sec. A.2) count a latent dead once it has not fired in 10M tokens, a
+# sliver of their runs (billions of tokens). A run shorter than that window never has a dead
+# latent, so AuxK never acts: the default window is a fraction of the run, capped there.
+DEAD_TOKENS_FRACTION = 0.1
+DEAD_TOKENS_CAP = 10_000_000
+
+
+def resolve_dead_tokens(configs: SAEConfig | Configs, train_config) -> tuple[SAEConfig, ...]:
+    """The configs with `dead_tokens=None` set for this run: a tenth of its tokens (schedule
+    length x batch size, fixed for a run and its resumes), at most 10M (Gao et al. 2024).
+    Explicit values are kept."""
+    train_config = as_train_config(train_config)
+    total = train_config.schedule_length * train_config.batch_size
+    window = max(1, min(DEAD_TOKENS_CAP, int(total * DEAD_TOKENS_FRACTION)))
+    return tuple(
+        c if c.dead_tokens is not None else c.replace(dead_tokens=window)
+        for c in _as_tuple(configs)
+    )
+
+
+def inert_terms(configs: SAEConfig | Configs, train_config) -> list[str]:
+    """Why a loss term of these settings does nothing (or never reaches its value) in this
+    run, one sentence per term: [] when every term acts. Logged as warnings when training
+    starts (`make_train_step`).
+    """
+    train_config = as_train_config(train_config)
+    steps, batch = train_config.steps, train_config.batch_size
+    found = []
+    for index, config in enumerate(resolve_dead_tokens(configs, train_config)):
+        name = f"SAE {index} ({config.architecture})"
+        if losses.uses_auxk(config) and (steps - 1) * batch < config.dead_tokens:
+            found.append(
+                f"{name}: AuxK never acts: a latent counts as dead after {config.dead_tokens:,} "
+                f"tokens without firing, but the run trains on {steps * batch:,} "
+                f"({steps} steps x {batch}). Lower dead_tokens (None scales it with the run) "
+                "or set auxk_alpha=0 to say it is off."
+            )
+        if config.architecture in ("relu", "jumprelu"):
+            what = "L1" if config.architecture == "relu" else "L0"
+            if config.l1_coefficient == 0:
+                found.append(
+                    f"{name}: l1_coefficient=0 switches the {what} sparsity penalty off: "
+                    "nothing makes the codes sparse."
+                )
+            elif config.l1_warmup_steps > steps:
+                found.append(
+                    f"{name}: l1_warmup_steps={config.l1_warmup_steps} is longer than the run "
+                    f"({steps} steps): the {what} penalty never reaches l1_coefficient="
+                    f"{config.l1_coefficient:g} (at most {steps / config.l1_warmup_steps:.0%})."
+                )
+    if train_config.learning_rate == 0:
+        found.append("learning_rate=0: no parameter changes; nothing is trained.")
+    return found
 
 
 # ----------------------------------------------------------------------------- data helpers
@@ -265,7 +325,7 @@ def init_state(
     Returns:
       The state pytree (see the module docstring).
     """
-    configs = _as_tuple(configs)
+    configs = resolve_dead_tokens(configs, train_config)
     b_decs = tuple(None if b is None else np.asarray(b, np.float32)
                    for b in _b_dec_list(b_dec_init, len(configs)))  # fmt: skip
     init = _compiled_init(configs, _optimizer_fields(train_config), mesh, _rules(rules))
@@ -298,7 +358,7 @@ def _compiled_init(configs, train_config, mesh, rules):
 
 def abstract_state(configs, train_config, mesh: Mesh, rules=parallel.DEFAULT_RULES) -> Any:
     """`ShapeDtypeStruct`s with shardings of the state: the target to restore a checkpoint."""
-    configs = _as_tuple(configs)
+    configs = resolve_dead_tokens(configs, train_config)
     optimizer = make_optimizer(train_config)
 
     def init(key):
@@ -367,7 +427,9 @@ def make_train_step(
       per SAE (see `flatten_metrics`): those of `losses.sae_loss` plus 'grad_norm',
       'dead_fraction', 'learning_rate' and, for batchtopk, 'threshold'.
     """
-    configs = _as_tuple(configs)
+    for problem in inert_terms(configs, train_config):
+        logging.warning("%s", problem)
+    configs = resolve_dead_tokens(configs, train_config)
     rules = _rules(rules)
     fields = _optimizer_fields(train_config)
 

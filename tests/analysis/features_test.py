@@ -206,3 +206,28 @@ def test_texts_past_the_model_context_are_refused_for_rotary_positions_too():
         analysis.search_features(model, params, sae, sae_params, _batches()[0]["tokens"][0])
     with pytest.raises(ValueError, match=f"feature_stats' batches: {too_long}"):
         analysis.feature_stats(model, params, sae, sae_params, _batches())
+
+
+def test_search_flags_scores_above_the_recorded_maximum(lm, caplog):
+    # Maxima taken over text that never showed a feature's range: the search says so.
+    model, params = lm
+    sae, sae_params = _sae(16, "blocks_1/resid_post")
+    text = _batches()[0]["tokens"][0]
+    stats = analysis.feature_stats(model, params, sae, sae_params, _batches(), bos_id=BOS)
+    plain = analysis.search_features(model, params, sae, sae_params, text, k=4, bos_id=BOS)
+    assert not plain.above_max.any()  # No maxima, nothing to be above.
+    # The text is in the dataset: every score is at most 1 (ties at 1 are not flagged).
+    within = analysis.search_features(model, params, sae, sae_params, text, k=6, bos_id=BOS,
+                                      relative_to=stats)  # fmt: skip
+    assert within.scores.max() <= 1 + 1e-5 and not within.above_max.any()
+    # Maxima halved for two of the features the text drives: those two score 2x, flagged.
+    lowered = np.nan_to_num(stats.max).copy()
+    lowered[within.features[:2]] /= 2
+    with caplog.at_level("WARNING"):
+        above = analysis.search_features(model, params, sae, sae_params, text, k=6,
+                                         bos_id=BOS, relative_to=lowered)  # fmt: skip
+    flagged = set(above.features[above.above_max].tolist())
+    assert flagged == set(within.features[:2].tolist())
+    np.testing.assert_allclose(above.scores[above.above_max], 2 * within.scores[:2], rtol=1e-5)
+    assert "above their recorded maximum" in caplog.text
+    assert all(f"feature {f}" in caplog.text for f in flagged)

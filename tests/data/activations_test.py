@@ -80,6 +80,47 @@ def test_harvest_pad_id_and_skip_first(model_and_params):
     )
 
 
+def test_a_pad_id_that_is_also_the_bos_never_swallows_the_bos(model_and_params):
+    # One id for BOS and padding (the demo's tokenizer: BOS = EOS = pad), unpadded rows that
+    # start with BOS and no mask: the leading BOS used to be taken for padding and masked out
+    # of attention, so every harvested row differed from the model's own activations.
+    model, params = model_and_params
+    tokens = random_tokens(11)
+    tokens[:, 0] = PAD  # The BOS, which here is the pad id too.
+    with pytest.raises(ValueError, match=r"pad_id=0 is also a token .* attention_mask"):
+        list(activations.harvest(model, params, [tokens], SITES, bos_id=PAD, pad_id=PAD))
+    _, want = hooks.run_with_hooks(model, params, tokens, capture=SITES)
+    keep = tokens != PAD
+    for item, pad_id in (((tokens, np.ones_like(tokens)), PAD), (tokens, None)):
+        # With the tokenizer's mask, or without pad_id for unpadded rows: the model's own.
+        (out,) = activations.harvest(model, params, [item], SITES, bos_id=PAD, pad_id=pad_id)
+        for site in SITES:
+            np.testing.assert_allclose(out[site], np.asarray(want[site])[keep], atol=1e-5)
+    # A dedicated pad token is still read from the ids: both ends, never inside the text.
+    padded = tokens.copy()
+    padded[0, -2:] = BOS  # BOS stands for a dedicated pad id here (bos_id is PAD).
+    _, mask = activations.split_batch(padded, BOS, text_ids=(PAD,))
+    np.testing.assert_array_equal(mask[0], [1] * 6 + [0, 0])
+    assert mask[1:].all()
+
+
+def test_no_consumer_infers_padding_from_ids_without_being_asked():
+    # Rows that start and end with what a tokenizer pads with are all real without pad_id:
+    # feature statistics, steering maxima and SAE evaluation read batches this way.
+    tokens = np.array([[PAD, 5, 6, PAD], [PAD, PAD, 7, 8]])
+    got, mask = activations.split_batch(tokens)
+    np.testing.assert_array_equal(got, tokens)
+    assert mask.all()
+    _, mask = activations.split_batch({"tokens": tokens, "attention_mask": np.ones_like(tokens)},
+                                      PAD, text_ids=(PAD,))  # fmt: skip
+    assert mask.all()  # A given mask is never second-guessed from the ids.
+    with pytest.raises(ValueError, match="pad_id=0 is also a token"):
+        activations.padding_from_ids(tokens, PAD, text_ids=(None, PAD))
+    np.testing.assert_array_equal(
+        activations.padding_from_ids(tokens, PAD, text_ids=(None,)), [[0, 1, 1, 0], [0, 0, 1, 1]]
+    )
+
+
 def test_harvest_sites_align_row_by_row(model_and_params):
     model, params = model_and_params
     tokens = random_tokens(7)

@@ -1,6 +1,8 @@
 """A job's documents (interp.data.documents): streamed sources, their held-out split, packing
 only the rows a job needs, and the explicit BOS setting."""
 
+import json
+
 import ml_collections
 import numpy as np
 import pyarrow as pa
@@ -137,3 +139,41 @@ def test_no_whole_row_is_an_error_naming_the_source(tmp_path):
     with pytest.raises(ValueError, match="No row of 16 tokens from 1 documents"):
         documents_lib.pack_rows(config, ["Too short."], tok, needed=4)
     assert documents_lib.pack_rows(config, train, tok, needed=0).shape == (0, 16)
+
+
+def test_sample_rows_spread_over_every_document_deterministic_by_seed(tmp_path):
+    # Five "books" in source order, each many rows long: the first rows are the first book.
+    books = [" ".join(f"{word}{i}" for i in range(300)) for word in "abcde"]
+    (tmp_path / "books.jsonl").write_text("\n".join(json.dumps({"text": b}) for b in books))
+    tok = tokenizer_lib.train_bpe(books, vocab_size=300)
+    config = _config(tmp_path / "books.jsonl")
+    everything = documents_lib.pack_rows(config, books, tok, needed=0)
+    assert len(everything) > 100
+    rows = documents_lib.sample_rows(config, books, tok, 12, seed=0)
+    assert rows.shape == (12, 16)
+    # Each row is a row of the whole packing, in source order, and every book is seen.
+    index = [next(i for i, row in enumerate(everything) if (row == r).all()) for r in rows]
+    assert index == sorted(index) and len(set(index)) == 12
+    letters = {c for r in rows for c in tok.decode(r.tolist()) if c.isalpha()}
+    assert letters >= set("abcde"), letters
+    np.testing.assert_array_equal(documents_lib.sample_rows(config, books, tok, 12, seed=0), rows)
+    assert not np.array_equal(documents_lib.sample_rows(config, books, tok, 12, seed=1), rows)
+    # A larger sample keeps the smaller one's rows; as many as there are: all of them.
+    more = documents_lib.sample_rows(config, books, tok, 40, seed=0)
+    assert {r.tobytes() for r in rows} <= {r.tobytes() for r in more}
+    np.testing.assert_array_equal(
+        documents_lib.sample_rows(config, books, tok, 10_000, seed=0), everything
+    )
+    np.testing.assert_array_equal(documents_lib.sample_indices(5, 9, seed=3), np.arange(5))
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        documents_lib.sample_indices(5, -1, seed=3)
+
+
+def test_sample_rows_of_a_stream_reads_only_its_first_rows(parquet_path):
+    tok = tokenizer_lib.train_bpe(TEXTS, vocab_size=300)
+    config = _config(parquet_path)
+    train, _ = documents_lib.documents(config)
+    np.testing.assert_array_equal(
+        documents_lib.sample_rows(config, train, tok, 12, seed=0),
+        documents_lib.pack_rows(config, train, tok, needed=12),
+    )

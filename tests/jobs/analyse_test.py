@@ -11,6 +11,7 @@ from configs import demo
 from interp import analysis
 from interp.jobs import analyse as job
 from interp.jobs import steer
+from interp.models import from_pretrained
 
 
 def test_pipeline_steers_the_feature_its_search_found(tiny_pipeline):
@@ -98,3 +99,40 @@ def test_the_concept_is_searched_inside_its_context(tiny_pipeline, tmp_path):
     config.analysis.context = "Nothing about it here."
     with pytest.raises(ValueError, match="does not hold the concept"):
         job.run(config, str(tmp_path / "c"))
+
+
+def test_statistics_and_maxima_see_all_of_the_heldout_text(tiny_pipeline, tmp_path):
+    # Held-out "books" in source order, the concept only in the last: the first max_rows rows
+    # are the first book, so statistics taken over them never see a whale.
+    workdir, _ = tiny_pipeline
+    words = ("alice rabbit garden tea queen", "darcy ball letter sister estate",
+             "pip marsh convict forge candle", "Whale SPOUT harpoon QUEEQUEG sea")  # fmt: skip
+    books = [" ".join(f"{w}{i}" for i in range(60) for w in topic.split()) for topic in words]
+    path = tmp_path / "books.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["filler " * 50] * 4 + books))
+    config = demo.get_config("tiny=True")
+    config.data.text_path, config.data.heldout_fraction = str(path), 0.5  # The 4 books.
+    saes = os.path.join(workdir, "sae", "saes")
+    sae = os.path.join(saes, next(n for n in sorted(os.listdir(saes)) if "-topk-" in n))
+    config.analysis.update(model_path=os.path.join(workdir, "lm", "export"), sae=sae,
+                           max_rows=16, context="The Whale rose, the Whale spouted.",
+                           concept=" Whale")  # fmt: skip
+    config.steering.update(model_path=config.analysis.model_path, sae=sae, max_rows=16,
+                           context=config.analysis.context, concept=" Whale",
+                           strengths=(1.0,), max_new_tokens=2)  # fmt: skip
+    results = job.run(config, str(tmp_path / "analysis"))
+    assert results["heldout_rows"] == 16
+    stats = analysis.FeatureStats.load(tmp_path / "analysis" / "feature_stats.npz")
+    tokenizer = from_pretrained(config.analysis.model_path)[2]
+    first = set(tokenizer.encode(books[0]))
+    last_only = set(tokenizer.encode(books[-1])) - set().union(*map(tokenizer.encode, books[:-1]))
+    seen = set(stats.top_tokens[stats.top_tokens >= 0].tolist())
+    assert last_only and seen & last_only, "the statistics never saw the last book"
+    assert seen - first, "the statistics saw the first book only"
+    for entry in results["search"]:
+        assert entry["above_max"] == (entry["score"] > 1 + 1e-4)
+    # The steering stage takes its maxima over the same rows.
+    steered = steer.run(config, str(tmp_path / "steer"))
+    assert steered["heldout_rows"] == 16 and isinstance(steered["above_max"], bool)
+    maxima = np.load(tmp_path / "steer" / "max_activations.npy")
+    np.testing.assert_allclose(maxima, np.nan_to_num(stats.max), rtol=1e-5, atol=1e-6)

@@ -182,8 +182,8 @@ def test_readme_sae_example_runs_on_the_pipeline_output(pipeline_run):
 
 
 def test_excluded_positions_are_the_same_in_harvest_and_evaluation(pipeline_run, tmp_path):
-    from interp.data import activations, text
-    from interp.data.documents import documents
+    from interp.data import activations
+    from interp.data.documents import documents, sample_rows
 
     workdir, _ = pipeline_run
     config = _config()
@@ -197,10 +197,12 @@ def test_excluded_positions_are_the_same_in_harvest_and_evaluation(pipeline_run,
     cache = cache_lib.ActivationCache.open(config.sae.cache_path)
     excluded = {"bos_id": tokenizer.bos_id, "skip_first": True, "exclude_ids": [the]}
     assert cache.metadata["extra"]["exclusions"] == excluded
-    # Evaluation scored exactly the positions harvest would keep on the held-out rows.
+    # Evaluation scored exactly the positions harvest would keep on the held-out rows (drawn
+    # from all of the held-out text by the seed).
     _, heldout = documents(config.data)
-    rows = text.pack(heldout, tokenizer, config.data.seq_len)
     size = config.sae.eval_batch_size
+    rows = sample_rows(config.data, heldout, tokenizer, config.sae.eval_batches * size,
+                       config.seed)  # fmt: skip
     batches = [rows[i : i + size] for i in range(0, len(rows) - size + 1, size)]
     batches = batches[: config.sae.eval_batches]
     excluded["exclude_ids"] = (the,)

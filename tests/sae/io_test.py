@@ -83,6 +83,18 @@ def test_round_trip_other_scale_is_close_and_encodes_the_same(tmp_path):
     np.testing.assert_allclose(_encode(sae, loaded, x), _encode(SAE(config), params, x), atol=1e-5)
 
 
+def test_folders_saved_with_the_old_dead_tokens_default_still_load(tmp_path):
+    # dead_tokens defaulted to 10M before it scaled with the run (None); exports hold it.
+    config = SAEConfig(architecture="topk", d_in=D, num_latents=X, k=K)
+    assert config.dead_tokens is None
+    io.save(tmp_path, config, _params(config))
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg[io.CONFIG_KEY]["dead_tokens"] is None
+    cfg[io.CONFIG_KEY]["dead_tokens"] = 10_000_000
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert io.load(tmp_path)[0].config == config.replace(dead_tokens=10_000_000)
+
+
 def test_folder_layout_follows_sae_lens(tmp_path):
     config = SAEConfig(architecture="batchtopk", d_in=D, num_latents=X, k=K, input_scale=2.0)
     params = _params(config)

@@ -229,7 +229,8 @@ def test_the_compiled_step_never_sorts_the_pre_activations(architecture, num_lat
     mesh, rules = _one_device_mesh(), parallel.DEFAULT_RULES
     state = sae_train.init_state(config, train_config, jax.random.key(0), mesh)
     fields = sae_train._optimizer_fields(train_config)
-    jitted, _ = sae_train._compiled_step((config,), fields, mesh, rules, ((batch, D),))
+    configs = sae_train.resolve_dead_tokens(config, train_config)  # As make_train_step does.
+    jitted, _ = sae_train._compiled_step(configs, fields, mesh, rules, ((batch, D),))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         hlo = jitted.lower(state, (jnp.zeros((batch, D)),)).compile().as_text()
     sorts = [line for line in hlo.splitlines() if " sort(" in line]
@@ -237,3 +238,60 @@ def test_the_compiled_step_never_sorts_the_pre_activations(architecture, num_lat
     assert not [
         s for s in sorts if f"[{batch},{num_latents}]" in s or f"[{batch * num_latents}]" in s
     ]
+
+
+def _auxk_run(dead_tokens):
+    """20 steps of a TopK SAE of 128 latents, 4 active per row: (AuxK losses, final W_dec)."""
+    config = SAEConfig(architecture="topk", k=4, d_in=D, num_latents=X, dead_tokens=dead_tokens)
+    train_config = sae_train.TrainConfig(steps=20, batch_size=64, learning_rate=1e-2,
+                                         warmup_steps=0)  # fmt: skip
+    mesh = _one_device_mesh()
+    state = sae_train.init_state(config, train_config, jax.random.key(0), mesh)
+    step = sae_train.make_train_step(config, train_config, mesh)
+    data = _activations(_dictionary(), 20 * 64, seed=5)
+    auxk = []
+    for i in range(20):
+        state, metrics = step(state, data[i * 64 : (i + 1) * 64])
+        auxk.append(float(metrics[0]["auxk_loss"]))
+    return np.asarray(auxk), np.asarray(state["saes"][0]["params"]["W_dec"])
+
+
+def test_auxk_acts_in_a_short_run_with_the_default_window(caplog):
+    # 1,280 tokens: the default window is a tenth of them (128 tokens, two steps), so the dead
+    # latents are trained by AuxK; Gao et al.'s 10M tokens (the old default) never come.
+    assert SAEConfig().dead_tokens is None
+    train_config = sae_train.TrainConfig(steps=20, batch_size=64)
+    (resolved,) = sae_train.resolve_dead_tokens(SAEConfig(), train_config)
+    assert resolved.dead_tokens == 128
+    (kept,) = sae_train.resolve_dead_tokens(SAEConfig(dead_tokens=7), train_config)
+    assert kept.dead_tokens == 7
+    long = sae_train.TrainConfig(steps=10**6, batch_size=4096)
+    assert sae_train.resolve_dead_tokens(SAEConfig(), long)[0].dead_tokens == 10_000_000
+    auxk, w_dec = _auxk_run(None)
+    assert (auxk[:2] == 0).all() and (auxk[2:] > 0).all()  # Dead from the window on.
+    with caplog.at_level("WARNING"):
+        never, w_dec_never = _auxk_run(10_000_000)
+    assert (never == 0).all()
+    # What AuxK trains: the decoder rows of latents the TopK loss never reached.
+    assert np.abs(w_dec - w_dec_never).max(1).max() > 1e-3
+    assert "AuxK never acts" in caplog.text and "10,000,000 tokens" in caplog.text
+
+
+def test_settings_that_switch_a_loss_term_off_are_named():
+    run = sae_train.TrainConfig(steps=100, batch_size=64)
+    assert sae_train.inert_terms(SAEConfig(), run) == []
+    assert sae_train.inert_terms(SAEConfig(dead_tokens=99 * 64), run) == []  # The last step.
+    (auxk,) = sae_train.inert_terms(SAEConfig(dead_tokens=99 * 64 + 1), run)
+    assert "AuxK never acts" in auxk
+    assert sae_train.inert_terms(SAEConfig(dead_tokens=10**9, auxk_alpha=0), run) == []
+    (l1,) = sae_train.inert_terms(SAEConfig(architecture="relu", l1_coefficient=0), run)
+    assert "l1_coefficient=0" in l1 and "L1" in l1
+    (l0,) = sae_train.inert_terms(SAEConfig(architecture="jumprelu", l1_coefficient=0), run)
+    assert "L0" in l0
+    (warmup,) = sae_train.inert_terms(SAEConfig(architecture="relu", l1_warmup_steps=400), run)
+    assert "never reaches" in warmup and "25%" in warmup
+    frozen_run = sae_train.TrainConfig(steps=100, batch_size=64, learning_rate=0)
+    (frozen,) = sae_train.inert_terms(SAEConfig(), frozen_run)
+    assert "nothing is trained" in frozen
+    with pytest.raises(ValueError, match="dead_tokens=0 must be >= 1"):
+        SAEConfig(dead_tokens=0)
