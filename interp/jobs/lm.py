@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from interp import metrics, parallel, paths, records
 from interp.data import text
 from interp.data.documents import documents, pack_rows
-from interp.jobs import loop
+from interp.jobs import lock, loop
 from interp.jobs import workdir as workdir_lib
 from interp.models import generate, save_pretrained
 from interp.models import tokenizer as tokenizer_lib
@@ -175,6 +175,7 @@ def init_state(model: Transformer, optimizer, seed: int, mesh, rules) -> tuple[A
     return init, loop.abstract_state(build, shardings, key_data)
 
 
+@lock.holding  # One job per workdir.
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes training of) a language model and exports it.
 

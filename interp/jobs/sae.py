@@ -32,7 +32,7 @@ from interp import metrics, parallel, paths
 from interp.data import activations
 from interp.data import cache as cache_lib
 from interp.data.documents import documents, pack_rows
-from interp.jobs import loop
+from interp.jobs import lock, loop
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained
 from interp.models import sites as sites_lib
@@ -257,6 +257,7 @@ def _json_exclusions(excluded: dict[str, Any]) -> dict[str, Any]:
     return {**excluded, "exclude_ids": list(excluded["exclude_ids"])}
 
 
+@lock.holding  # One job per workdir.
 def run(config, workdir: str) -> dict[str, dict[str, float]]:
     """Runs the SAE job; returns {sae name: evaluation metrics}.
 

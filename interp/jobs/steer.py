@@ -31,6 +31,7 @@ from interp import parallel, paths, records, steering
 from interp import sae as saes
 from interp.data.documents import documents, pack_rows
 from interp.jobs import analyse as analyse_job
+from interp.jobs import lock
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained, hooks
@@ -68,6 +69,7 @@ class SteeringConfig:
     batch_size: int = 16
 
 
+@lock.holding  # One job per workdir.
 def run(config, workdir: str) -> dict[str, Any]:
     """Runs the steering job; returns {'feature', 'hook', 'max_activation', 'prompt',
     'completions': [{'strength', 'value', 'text'}, ...]} (strength None: unsteered).

@@ -27,6 +27,7 @@ from absl import logging
 from etils import epath
 
 from interp import parallel, paths
+from interp.jobs import lock
 
 CONFIG_FILE = "config.json"
 
@@ -251,8 +252,8 @@ def _check_and_save_config(
 def _holds_only_config(workdir: epath.Path) -> bool:
     """Whether `workdir` holds its `config.json` and nothing else: a run that saved its config
     and then failed (a typo in a model or data path) before writing any work, whose config a
-    corrected rerun replaces instead of refusing."""
-    return all(entry.name == CONFIG_FILE for entry in workdir.iterdir())
+    corrected rerun replaces instead of refusing (the job's own lock is no work)."""
+    return all(entry.name in (CONFIG_FILE, lock.LOCK_FILE) for entry in workdir.iterdir())
 
 
 # Libraries whose INFO lines (a dozen per checkpoint for orbax) bury the progress line.
