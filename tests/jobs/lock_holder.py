@@ -18,6 +18,7 @@ def main(argv):
     del argv
     workdir = paths.resolve(common.WORKDIR.value)
     if not paths.is_remote(workdir):
+        workdir.mkdir(parents=True, exist_ok=True)  # As prepare_workdir does.
         with open(workdir / "metrics.jsonl", "a") as metrics:
             metrics.write(json.dumps({"pid": os.getpid()}) + "\n")
     print(f"holding {os.getpid()}", flush=True)

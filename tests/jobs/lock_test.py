@@ -7,6 +7,7 @@ on the local GCS emulator.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from experiments import common
 from interp import paths
 from interp.jobs import analyse, influence, lm, sae, steer
 from interp.jobs import lock as lock_lib
+from tests import multiprocess
 from tests.runs import ROOT
 
 
@@ -207,3 +209,42 @@ def test_a_bad_heartbeat_setting_is_an_error_naming_it(monkeypatch):
     monkeypatch.setenv(lock_lib.HEARTBEAT_ENV, "soon")
     with pytest.raises(ValueError, match=f"{lock_lib.HEARTBEAT_ENV}='soon'"):
         lock_lib.heartbeat_seconds()
+
+
+def test_a_multi_process_job_on_a_held_workdir_stops_in_every_process(tmp_path):
+    workdir = str(tmp_path / "runs" / "c")
+    holder = Holder(workdir)
+    holder.wait_for("holding")
+    address = f"127.0.0.1:{multiprocess.free_port()}"
+    processes = [
+        subprocess.Popen(
+            [
+                "timeout",
+                "-k",
+                "5",
+                "120",
+                sys.executable,
+                "-m",
+                "tests.jobs.lock_holder",
+                f"--workdir={workdir}",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [process.communicate(timeout=150)[0] for process in processes]
+    # Process 0 took nothing and says why; process 1 never went on without it.
+    assert processes[0].returncode == common.LOCKED_EXIT_CODE, outputs[0][-3000:]
+    assert f"pid {holder.process.pid}" in outputs[0], outputs[0][-3000:]
+    assert processes[1].returncode not in (0, None), outputs[1][-3000:]
+    assert "Process 0 failed" in outputs[1], outputs[1][-3000:]
+    assert not any(re.search(r"^holding \d+$", output, re.M) for output in outputs)
+    assert holder.release() == 0, holder.log
