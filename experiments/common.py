@@ -118,10 +118,9 @@ def _holding_workdir(main, argv, multiprocess: bool):
 
     from interp.jobs import lock
 
-    previous = None
     # Multi-process jobs leave SIGTERM to JAX's preemption sync manager (C++).
-    if not multiprocess and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminated)
+    catch = not multiprocess and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if catch else None
     try:
         with lock.hold(WORKDIR.value):
             return main(argv)
@@ -129,8 +128,8 @@ def _holding_workdir(main, argv, multiprocess: bool):
         logging.error("%s", error)
         return LOCKED_EXIT_CODE
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if catch:  # None: a handler not set from Python; the default is the nearest.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _main(main, argv):

@@ -301,6 +301,11 @@ class _GcsLock:
         if self.lost or self._generation is None:
             return
         try:
+            # Looked at first too: not every store honours the precondition on deletes (the
+            # local emulator does not), and a lock taken over since is the new holder's.
+            current = paths.read_object_version(self.path)
+            if current is None or current.generation != self._generation:
+                raise paths.GenerationMismatch(self.path)
             paths.delete_if_generation(self.path, self._generation)
         except paths.GenerationMismatch:
             logging.error("The lock %s was taken over by another job; left to it.", self.path)
