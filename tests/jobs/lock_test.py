@@ -248,3 +248,16 @@ def test_a_multi_process_job_on_a_held_workdir_stops_in_every_process(tmp_path):
     assert "Process 0 failed" in outputs[1], outputs[1][-3000:]
     assert not any(re.search(r"^holding \d+$", output, re.M) for output in outputs)
     assert holder.release() == 0, holder.log
+
+
+def test_a_held_workdir_with_only_its_config_still_takes_a_corrected_config(tmp_path):
+    # The lock file is no work: a run that failed after saving its config (a mistyped model
+    # path) is rerun corrected inside the same held workdir, not refused as changed.
+    from interp.jobs import workdir as workdir_lib
+
+    workdir = str(tmp_path / "run")
+    with lock_lib.hold(workdir):
+        workdir_lib.prepare_workdir({"model_path": "typo"}, workdir)
+        workdir_lib.prepare_workdir({"model_path": "right"}, workdir)
+    with open(f"{workdir}/config.json") as f:
+        assert json.load(f) == {"model_path": "right"}
