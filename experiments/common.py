@@ -99,11 +99,44 @@ def _exit_status(code) -> int:
     return code if isinstance(code, int) else 1
 
 
+# What a job exits with when another job holds its workdir: EX_TEMPFAIL of sysexits.h, "try
+# again later" (a rerun succeeds once the holder ends, or its lock goes stale).
+LOCKED_EXIT_CODE = 75
+
+
+def _terminated(number, frame):
+    """SIGTERM outside a loop that catches it (loading, exporting): an exit that unwinds,
+    so the workdir's lock is released on the way out, with the status SIGTERM gives."""
+    raise SystemExit(128 + number)
+
+
+def _holding_workdir(main, argv, multiprocess: bool):
+    """`main(argv)` while this job holds --workdir (interp/jobs/lock.py); another job
+    holding it is a message and LOCKED_EXIT_CODE, not a traceback."""
+    import signal
+    import threading
+
+    from interp.jobs import lock
+
+    # Multi-process jobs leave SIGTERM to JAX's preemption sync manager (C++).
+    catch = not multiprocess and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if catch else None
+    try:
+        with lock.hold(WORKDIR.value):
+            return main(argv)
+    except lock.WorkdirLockedError as error:
+        logging.error("%s", error)
+        return LOCKED_EXIT_CODE
+    finally:
+        if catch:  # None: a handler not set from Python; the default is the nearest.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def _main(main, argv):
     if not initialize():
-        return main(argv)
+        return _holding_workdir(main, argv, multiprocess=False)
     try:
-        status = _exit_status(main(argv))
+        status = _exit_status(_holding_workdir(main, argv, multiprocess=True))
     except SystemExit as e:
         status = _exit_status(e.code)
     except BaseException:
@@ -116,9 +149,10 @@ def _main(main, argv):
 
 def run(main) -> None:
     """`absl.app.run(preemptible(main))`, in a multi-process job when the flags or
-    environment ask.
+    environment ask, holding --workdir while `main` runs: a second job on the same workdir
+    exits with LOCKED_EXIT_CODE and a message naming the holder (interp/jobs/lock.py).
 
-    Then `jax.distributed` is joined before `main` runs, and the process ends with
+    In a multi-process job `jax.distributed` is joined before `main` runs, and the process ends with
     `os._exit` once everything is flushed: 0 after every process finished `main`, the
     preemption exit code after a preemption, 1 (with the traceback logged) when `main`
     failed here.

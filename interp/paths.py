@@ -15,10 +15,15 @@ and every library downstream should see the same directory whatever its working 
 
 from __future__ import annotations
 
+import datetime
+import email.utils
+import json
 import os
 import re
+import time
 import urllib.parse
 import uuid
+from typing import NamedTuple
 
 import fsspec
 from etils import epath
@@ -189,3 +194,119 @@ def write_bytes(path: PathLike, data: bytes) -> None:
 def write_text(path: PathLike, text: str) -> None:
     """`write_bytes` of UTF-8 text."""
     write_bytes(path, text.encode("utf-8"))
+
+
+# --- Objects with generations (gs://): compare-and-swap on the store's own counter ---------
+#
+# Every write of a GCS object gives it a new `generation`; a write or delete with the
+# precondition `ifGenerationMatch=N` happens only if the object's generation is still N
+# (N=0: only if there is no object), atomically on the server. This is what a lock on an
+# object store needs: never a read followed by a write, which two writers can interleave.
+
+
+class GenerationMismatch(Exception):
+    """A generation-matched write or delete found another generation (someone wrote first)."""
+
+
+class ObjectVersion(NamedTuple):
+    """One generation of an object: its bytes, its generation, when the store last wrote
+    it and the store's clock when it was read (seconds since the epoch; a reader's own clock
+    may be off, the store's is the one every writer shares)."""
+
+    data: bytes
+    generation: int
+    updated: float
+    server_time: float
+
+
+def _gcs(path: PathLike, what: str):
+    """(gcsfs filesystem, bucket, key) of a gs:// path; a ValueError for other paths."""
+    text = _text(path)
+    if scheme(text) != "gs":
+        raise ValueError(f"{what} works on gs:// objects only; got {text!r}.")
+    filesystem, _ = fsspec.core.url_to_fs(text)
+    bucket, _, key = text[len("gs://") :].partition("/")
+    return filesystem, bucket, key
+
+
+def _rfc3339(text: str) -> float:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def read_object_version(path: PathLike) -> ObjectVersion | None:
+    """The current generation of a gs:// object with its bytes, or None if there is none.
+
+    The bytes are read pinned to the generation the metadata named, so data and generation
+    belong together even if the object is rewritten in between (then None is returned too:
+    the caller reads again).
+    """
+    filesystem, bucket, key = _gcs(path, "read_object_version")
+    try:
+        headers, body = filesystem.call("GET", "b/{}/o/{}", bucket, key)
+        metadata = json.loads(body)
+        generation = int(metadata["generation"])
+        _, data = filesystem.call("GET", "b/{}/o/{}", bucket, key, alt="media",
+                                  generation=generation)  # fmt: skip
+    except FileNotFoundError:
+        return None
+    now = time.time()
+    try:  # Whole seconds: trusted only where this machine's clock disagrees with it.
+        server_time = email.utils.parsedate_to_datetime(headers["Date"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        server_time = now
+    if -1 <= now - server_time <= 2:
+        server_time = now
+    return ObjectVersion(bytes(data), generation, _rfc3339(metadata["updated"]), server_time)
+
+
+def write_if_generation(path: PathLike, data: bytes, generation: int) -> int:
+    """Writes a gs:// object only if its generation is `generation` (0: only if it does not
+    exist), atomically on the server; returns the new generation.
+
+    A multipart upload: the local GCS emulator (fake-gcs-server) honours the precondition
+    on those, not on `uploadType=media` ones.
+
+    Raises:
+      GenerationMismatch: If the object's generation was another (or it existed, for 0).
+    """
+    filesystem, bucket, key = _gcs(path, "write_if_generation")
+    boundary = f"=={uuid.uuid4().hex}=="
+    body = (
+        (
+            f"--{boundary}\nContent-Type: application/json; charset=UTF-8\n\n"
+            + json.dumps({"name": key})
+            + f"\n--{boundary}\nContent-Type: application/octet-stream\n\n"
+        ).encode()
+        + data
+        + f"\n--{boundary}--".encode()
+    )
+    try:
+        written = filesystem.call(
+            "POST",
+            f"{filesystem._location}/upload/storage/v1/b/{urllib.parse.quote(bucket)}/o",
+            uploadType="multipart",
+            ifGenerationMatch=str(int(generation)),
+            headers={"Content-Type": f'multipart/related; boundary="{boundary}"'},
+            data=body,
+            json_out=True,
+        )
+    except FileExistsError:  # gcsfs's name for HTTP 412 Precondition Failed.
+        raise GenerationMismatch(f"{path}: generation is not {generation}") from None
+    filesystem.invalidate_cache(f"{bucket}/{key}")
+    return int(written["generation"])
+
+
+def delete_if_generation(path: PathLike, generation: int) -> None:
+    """Deletes a gs:// object only if its generation is `generation` (nothing if absent).
+
+    Raises:
+      GenerationMismatch: If the object has another generation now.
+    """
+    filesystem, bucket, key = _gcs(path, "delete_if_generation")
+    try:
+        filesystem.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(int(generation)))
+    except FileExistsError:
+        raise GenerationMismatch(f"{path}: generation is not {generation}") from None
+    except FileNotFoundError:
+        pass
+    filesystem.invalidate_cache(f"{bucket}/{key}")

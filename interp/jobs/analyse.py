@@ -29,6 +29,7 @@ import numpy as np
 from interp import analysis, parallel, paths, records
 from interp import sae as saes
 from interp.data.documents import documents, sample_rows
+from interp.jobs import lock
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained
@@ -103,6 +104,7 @@ def search_concept(
     return found
 
 
+@lock.holding  # One job per workdir.
 def run(config, workdir: str) -> dict[str, Any]:
     """Runs the analysis job; returns {'sae', 'hook', 'concept', 'feature' (the best found),
     'search': [{'feature', 'score', 'activation', 'max_activation', 'above_max'}, ...],

@@ -30,6 +30,7 @@ from interp import sae as saes  # Jobs join rooms; interp.influence never import
 from interp.data.documents import documents, pack_rows, sample_indices
 from interp.influence import io as influence_io
 from interp.influence import report as report_lib
+from interp.jobs import lock
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained, hooks, sites
@@ -170,11 +171,13 @@ def _setup(config, workdir: str, need_queries: bool):
     return inf, workdir, model, params, tokenizer, factors, search_index, searched, mesh, rules
 
 
+@lock.holding  # One job per workdir.
 def fit(config, workdir: str) -> influence.Factors:
     """Fits (or resumes fitting) the factors of `config.influence`, saved in the workdir."""
     return _setup(config, workdir, need_queries=False)[5]
 
 
+@lock.holding  # One job per workdir.
 def run(config, workdir: str) -> list[dict[str, Any]]:
     """Runs the influence job; returns the report's per-query results.
 

@@ -28,7 +28,7 @@ from interp import metrics, parallel, paths, records
 from interp.data import fingerprint as data_fingerprint
 from interp.data import text
 from interp.data.documents import documents, pack_rows, sample_rows
-from interp.jobs import loop
+from interp.jobs import lock, loop
 from interp.jobs import workdir as workdir_lib
 from interp.models import generate, save_pretrained
 from interp.models import tokenizer as tokenizer_lib
@@ -176,6 +176,7 @@ def init_state(model: Transformer, optimizer, seed: int, mesh, rules) -> tuple[A
     return init, loop.abstract_state(build, shardings, key_data)
 
 
+@lock.holding  # One job per workdir.
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes training of) a language model and exports it.
 

@@ -34,7 +34,7 @@ from interp.data import activations
 from interp.data import cache as cache_lib
 from interp.data import fingerprint as data_fingerprint
 from interp.data.documents import documents, pack_rows, sample_rows
-from interp.jobs import loop
+from interp.jobs import lock, loop
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained
 from interp.models import sites as sites_lib
@@ -273,6 +273,7 @@ def _json_exclusions(excluded: dict[str, Any]) -> dict[str, Any]:
     return {**excluded, "exclude_ids": list(excluded["exclude_ids"])}
 
 
+@lock.holding  # One job per workdir.
 def run(config, workdir: str) -> dict[str, dict[str, float]]:
     """Runs the SAE job; returns {sae name: evaluation metrics}.
 

@@ -37,6 +37,7 @@ from interp import parallel, paths, records, steering
 from interp import sae as saes
 from interp.data.documents import documents, sample_rows
 from interp.jobs import analyse as analyse_job
+from interp.jobs import lock
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
 from interp.models import from_pretrained, hooks
@@ -96,6 +97,7 @@ class SteeringConfig:
                 )
 
 
+@lock.holding  # One job per workdir.
 def run(config, workdir: str) -> dict[str, Any]:
     """Runs the steering job; returns {'feature', 'hook', 'max_activation', 'concept_score',
     'above_max', 'heldout_rows', 'prompt', 'completions': [{'strength', 'value', 'text'},

@@ -27,6 +27,7 @@ from absl import logging
 from etils import epath
 
 from interp import parallel, paths
+from interp.jobs import lock
 
 CONFIG_FILE = "config.json"
 DATA_FILE = "data.json"  # What the run read: {name: data fingerprint} (`check_data`).
@@ -256,8 +257,11 @@ def _check_and_save_config(
 def _holds_only_config(workdir: epath.Path) -> bool:
     """Whether `workdir` holds its `config.json` and nothing else: a run that saved its config
     and then failed (a typo in a model or data path) before writing any work, whose config a
-    corrected rerun replaces instead of refusing."""
-    return all(entry.name in (CONFIG_FILE, DATA_FILE) for entry in workdir.iterdir())
+    corrected rerun replaces instead of refusing (its data record and the job's own lock are no
+    work)."""
+    return all(
+        entry.name in (CONFIG_FILE, DATA_FILE, lock.LOCK_FILE) for entry in workdir.iterdir()
+    )
 
 
 def check_data(workdir: epath.PathLike, fingerprints: Mapping[str, str | None]) -> None:
