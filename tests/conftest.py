@@ -27,6 +27,45 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# --- The slowest files first ------------------------------------------------------------------
+#
+# `make test` runs `-n 2 --dist loadfile --no-loadscope-reorder`: each file goes whole to one
+# worker, in collection order, to whichever worker runs short of work. With the slow files
+# last (as collected, or as xdist's default reorder puts them: by number of tests, so a
+# one-test 90 s file comes at the very end) one worker runs the last of them alone while the
+# other idles. Longest first keeps both busy to the end. Seconds are CPU-bound end-to-end
+# runs on the 2-core machine; `--durations=15` (Makefile) shows when this list needs a new
+# entry. The first entry builds the shared `tiny_pipeline` (below) while the other worker
+# runs the gs:// pipeline, which does not need it.
+SLOWEST_FIRST = (
+    "tests/multihost_test.py",  # tiny_pipeline's build (~60 s), then two 2-process jobs.
+    "tests/jobs/pipeline_gcs_test.py",  # The pipeline on gs://, twice (~95 s).
+    "tests/preemption_test.py",  # Two kill/resume runs and their references (~110 s).
+    "tests/jobs/sae_test.py",  # A longer LM and SAE run (~50 s), then 12 jobs.
+    "tests/jobs/lm_test.py",  # A tiny LM run, then resumes on other meshes.
+    "tests/notebooks_test.py",  # 4 notebooks in real kernels on tiny_pipeline.
+    "tests/jobs/analyse_test.py",
+    "tests/jobs/influence_test.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Moves the files in SLOWEST_FIRST to the front, in that order; the rest, and the tests
+    within each file, keep their collection order (deterministic: xdist's workers must all
+    collect the same order)."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    root = pathlib.Path(str(config.rootpath))
+
+    def file_rank(item):
+        try:
+            name = pathlib.Path(str(item.path)).relative_to(root).as_posix()
+        except ValueError:
+            return len(rank)
+        return rank.get(name, len(rank))
+
+    items[:] = sorted(items, key=file_rank)  # Stable.
+
+
 # --- gs:// against a local fake-gcs-server (see shared/ENVIRONMENT.md) ----------------------
 #
 # These four are read when gcsfs/fsspec are imported, so they are set here, before any test
