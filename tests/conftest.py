@@ -6,9 +6,11 @@ import faulthandler
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -26,6 +28,32 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One persistent XLA compilation cache for the whole test run, shared by every process in it
+# (xdist's workers and the mains they start inherit this environment): the ~30 experiment
+# mains the suite runs as subprocesses compile the same programs again and again, and in-process
+# jobs rebuild their jitted steps on each call. A cache hit is the same compiled program, so
+# results do not change (a tiny LM main: the same weights bit for bit, 47 s of CPU without,
+# 18 s with). Fresh for each run (a temporary folder, removed at the end) so nothing carries
+# over between runs; a JAX_COMPILATION_CACHE_DIR set by the caller is used as it is.
+_JAX_CACHE_DIR = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _JAX_CACHE_DIR = tempfile.mkdtemp(prefix="interp-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE_DIR
+# Every program, however quick to compile: the tiny models' programs each take under the
+# default 1 s, but a main compiles dozens of them.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# A size limit turns on JAX's eviction, whose writes go through a file lock: safe with several
+# processes writing the same entry at once. Far above what a run writes (tens of MB).
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+
+
+def pytest_unconfigure(config):
+    """Removes this run's compilation cache (in the process that made it: xdist's controller,
+    or the only process)."""
+    if _JAX_CACHE_DIR is not None:
+        shutil.rmtree(_JAX_CACHE_DIR, ignore_errors=True)
+
 
 # --- The slowest files first ------------------------------------------------------------------
 #
