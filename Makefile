@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt
 WORKDIR ?= workdir/demo
 # loadfile: each test file on one worker, so its module fixtures (an LM or pipeline run) are
-# built once (--dist loadgroup does not group with pytest 9.2 and xdist 3.8: checked).
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# built once (--dist loadgroup does not group with pytest 9.2 and xdist 3.8: checked); files in
+# collection order, which tests/conftest.py makes slowest first (xdist's own reorder puts the
+# files with the fewest tests, among them the slowest, last); the 15 slowest tests at the end.
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 # An index to take torch from first, e.g. https://download.pytorch.org/whl/cpu for the CPU
 # build (README). Empty: whatever the default index gives for torch==2.13.0.
 TORCH_INDEX_URL ?=

@@ -6,9 +6,11 @@ import faulthandler
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -26,6 +28,71 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One persistent XLA compilation cache for the whole test run, shared by every process in it
+# (xdist's workers and the mains they start inherit this environment): the ~30 experiment
+# mains the suite runs as subprocesses compile the same programs again and again, and in-process
+# jobs rebuild their jitted steps on each call. A cache hit is the same compiled program, so
+# results do not change (a tiny LM main: the same weights bit for bit, 47 s of CPU without,
+# 18 s with). Fresh for each run (a temporary folder, removed at the end) so nothing carries
+# over between runs; a JAX_COMPILATION_CACHE_DIR set by the caller is used as it is.
+_JAX_CACHE_DIR = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _JAX_CACHE_DIR = tempfile.mkdtemp(prefix="interp-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE_DIR
+# Every program, however quick to compile: the tiny models' programs each take under the
+# default 1 s, but a main compiles dozens of them.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# A size limit turns on JAX's eviction, whose writes go through a file lock: safe with several
+# processes writing the same entry at once. Far above what a run writes (tens of MB).
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+
+
+def pytest_unconfigure(config):
+    """Removes this run's compilation cache (in the process that made it: xdist's controller,
+    or the only process)."""
+    if _JAX_CACHE_DIR is not None:
+        shutil.rmtree(_JAX_CACHE_DIR, ignore_errors=True)
+
+
+# --- The slowest files first ------------------------------------------------------------------
+#
+# `make test` runs `-n 2 --dist loadfile --no-loadscope-reorder`: each file goes whole to one
+# worker, in collection order, to whichever worker runs short of work. With the slow files
+# last (as collected, or as xdist's default reorder puts them: by number of tests, so a
+# one-test 90 s file comes at the very end) one worker runs the last of them alone while the
+# other idles. Longest first keeps both busy to the end. Seconds are CPU-bound end-to-end
+# runs on the 2-core machine; `--durations=15` (Makefile) shows when this list needs a new
+# entry. The first entry builds the shared `tiny_pipeline` (below) while the other worker
+# runs the gs:// pipeline, which does not need it.
+SLOWEST_FIRST = (
+    "tests/multihost_test.py",  # tiny_pipeline's build (~60 s), then two 2-process jobs.
+    "tests/jobs/pipeline_gcs_test.py",  # The pipeline on gs://, twice (~95 s).
+    "tests/preemption_test.py",  # Two kill/resume runs and their references (~110 s).
+    "tests/jobs/sae_test.py",  # A longer LM and SAE run (~50 s), then 12 jobs.
+    "tests/jobs/lm_test.py",  # A tiny LM run, then resumes on other meshes.
+    "tests/notebooks_test.py",  # 4 notebooks in real kernels on tiny_pipeline.
+    "tests/jobs/analyse_test.py",
+    "tests/jobs/influence_test.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Moves the files in SLOWEST_FIRST to the front, in that order; the rest, and the tests
+    within each file, keep their collection order (deterministic: xdist's workers must all
+    collect the same order)."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    root = pathlib.Path(str(config.rootpath))
+
+    def file_rank(item):
+        try:
+            name = pathlib.Path(str(item.path)).relative_to(root).as_posix()
+        except ValueError:
+            return len(rank)
+        return rank.get(name, len(rank))
+
+    items[:] = sorted(items, key=file_rank)  # Stable.
+
 
 # --- gs:// against a local fake-gcs-server (see shared/ENVIRONMENT.md) ----------------------
 #
