@@ -221,5 +221,7 @@ def get_config(arg=None):
             dict(sae="", feature=-1, prompt="The whale rose from the", completion=" sea."),
         )
         c.analysis.update(max_rows=16, batch_size=8, top=3)
-        c.steering.update(max_new_tokens=6, max_rows=16, batch_size=8)
+        # 14 tokens + 6 new ones fit the 32-token context (a longer prompt is an error now,
+        # where generation used to shorten or run past the context silently).
+        c.steering.update(prompt="Mr. Darcy said that", max_new_tokens=6, max_rows=16, batch_size=8)
     return c
