@@ -129,7 +129,7 @@ def test_readme_examples_run_in_order_on_the_pipeline_output(pipeline_run, tmp_p
     np.testing.assert_allclose(detail.per_layer.sum(-1), namespace["scores"], rtol=1e-4, atol=1e-6)
     assert (tmp_path / "dashboard.html").exists() and (tmp_path / "frontier.png").exists()
     steered, tokens = namespace["steered"], namespace["tokens"]
-    assert steered.shape == (tokens.shape[0], tokens.shape[1] + 20)
+    assert steered.shape == (tokens.shape[0], tokens.shape[1] + 10)
     assert np.all(np.isfinite(namespace["by_feature"]))
     assert os.path.exists(tmp_path / "factors" / "factors.json")
 

@@ -200,7 +200,7 @@ def test_readme_example_runs_on_the_exported_model(tiny_run):
     code = code.replace("workdir/demo/lm/export", os.path.join(workdir, "export"))
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
-    assert namespace["out"].shape == (2, namespace["tokens"].shape[1] + 20)
+    assert namespace["out"].shape == (2, namespace["tokens"].shape[1] + 10)
     assert set(namespace["acts"]) == {
         "blocks_0/resid_post",
         "blocks_1/resid_post",
