@@ -43,9 +43,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # Every program, however quick to compile: the tiny models' programs each take under the
 # default 1 s, but a main compiles dozens of them.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-# A size limit turns on JAX's eviction, whose writes go through a file lock: safe with several
-# processes writing the same entry at once. Far above what a run writes (tens of MB).
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+# No size limit: a limit turns on JAX's eviction (jax 0.10 lru_cache), which on every write
+# takes one file lock shared by all processes and reads every entry's access time; with the
+# thousands of entries a run writes that made the suite 4x slower (CI 2026-12-07: 74 min, single
+# tests 30x their time alone). Without it a write is a plain file write: a reader that meets a
+# half-written entry fails to decompress it, which JAX warns about and compiles instead.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
 
 
 def pytest_unconfigure(config):
