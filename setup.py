@@ -32,6 +32,7 @@ setuptools.setup(
         "fsspec",
         "pyarrow>=15",  # Parquet and Arrow (Hugging Face datasets) training text, streamed.
         "matplotlib",  # Influence heatmaps (PNG).
+        "gguf>=0.17",  # llama.cpp's own GGUF reader: GGUF models (interp.models.gguf_io).
     ],
     extras_require={
         # References for parity tests. Pin torch==2.13.0 in the same pip command
@@ -55,6 +56,7 @@ setuptools.setup(
             # EK-FAC parity tests. It pulls torchvision, which fails to import beside CPU
             # torch 2.13; the Makefile uninstalls it (kronfluence never imports it).
             "kronfluence==1.0.1",
+            "sentencepiece",  # The reference for SentencePiece vocabularies in GGUF files.
             "scikit-learn",  # The TF-IDF reference for influence candidate filtering.
             "datasets>=2.14",  # Writes the save_to_disk folders the data readers are tested on.
             "selenium",  # Drives Debian's chromium for the report pages (.ci/run installs it).

@@ -27,6 +27,7 @@ import numpy as np
 from etils import epath
 
 from interp import paths, safetensors_io
+from interp.models import gguf_io, gguf_tokenizer, hub
 from interp.models import tokenizer as tokenizer_lib
 from interp.models.config import ModelConfig
 from interp.models.hf_config import config_from_hf, config_to_hf
@@ -68,17 +69,27 @@ def _read_weights(folder: epath.Path) -> tuple[Mapping[str, np.ndarray], dict[st
 
 
 def from_pretrained(
-    path: str | os.PathLike, dtype: Any = None, param_dtype: Any = None
+    path: str | os.PathLike,
+    dtype: Any = None,
+    param_dtype: Any = None,
+    *,
+    revision: str | None = None,
 ) -> tuple[Transformer, dict[str, Any], Any]:
-    """Loads a Hugging Face model folder, local or gs://.
+    """Loads a model: a Hugging Face folder (local or gs://), a GGUF file or a Hub id.
 
     Args:
       path: Local folder or URL (gs://bucket/model) with config.json and model.safetensors
         (or sharded safetensors with model.safetensors.index.json), and optionally
-        tokenizer.json.
+        tokenizer.json; or a local GGUF file (llama.cpp's format, quantized or not), or a
+        folder holding one and no config.json: weights dequantized to float32 and the
+        tokenizer built from the file's metadata (`interp.models.gguf_io`); or a Hugging
+        Face Hub id, 'org/name' or 'hf://org/name', that is not a local path (fetched through
+        huggingface_hub's cache, offline mode and HF_TOKEN; `interp.models.hub`).
       dtype: Compute dtype (default float32); also the storage dtype unless param_dtype is
         given.
       param_dtype: Storage dtype of the parameters.
+      revision: A Hub id's branch, tag or commit (default: its main branch); only for Hub
+        ids. `hub.resolve` gives the commit a branch resolves to, for a pinned rerun.
 
     Returns:
       (Transformer, params as jax arrays, tokenizer or None). The tokenizer keeps the
@@ -90,7 +101,17 @@ def from_pretrained(
         export leaves none) or weights.
       ValueError: for an unsupported model, weights that do not match config.json, or a
         malformed or truncated safetensors file.
+      PermissionError: for a gated Hub model without a token that has access.
     """
+    if hub.is_hub_id(path):
+        path = hub.resolve(os.fspath(path), revision).path
+    elif revision is not None:
+        raise ValueError(
+            f"revision={revision!r} is for Hub ids ('org/name'); {os.fspath(path)!r} is a "
+            "path (or exists locally under that name)."
+        )
+    if gguf_io.is_gguf(path):
+        return _from_gguf(path, dtype, param_dtype)
     folder = paths.resolve(path)
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -103,13 +124,27 @@ def from_pretrained(
             f"{config_file} is missing; expected a Hugging Face config (save_pretrained "
             "writes it last: without it an export is incomplete)."
         )
-    config = config_from_hf(json.loads(config_file.read_text()))
-    compute = jnp.dtype(dtype or "float32").name
-    storage = jnp.dtype(param_dtype).name if param_dtype is not None else compute
-    config = config.replace(dtype=compute, param_dtype=storage)
+    config = _dtypes(config_from_hf(json.loads(config_file.read_text())), dtype, param_dtype)
     tensors, source = _read_weights(folder)
     params = jax.device_put(hf_to_params(tensors, config, source=source))
     return Transformer(config), params, tokenizer_lib.load(folder)
+
+
+def _dtypes(config: ModelConfig, dtype: Any, param_dtype: Any) -> ModelConfig:
+    compute = jnp.dtype(dtype or "float32").name
+    storage = jnp.dtype(param_dtype).name if param_dtype is not None else compute
+    return config.replace(dtype=compute, param_dtype=storage)
+
+
+def _from_gguf(path, dtype, param_dtype):
+    """from_pretrained of a GGUF file (or a folder holding one): see `interp.models.gguf_io`."""
+    hf_config, tensors, metadata = gguf_io.read(path)
+    config = _dtypes(config_from_hf(hf_config), dtype, param_dtype)
+    params = jax.device_put(hf_to_params(tensors, config, source=gguf_io.find(path)))
+    tokenizer = None
+    if "tokenizer.ggml.model" in metadata:
+        tokenizer = gguf_tokenizer.tokenizer_from_gguf(metadata)
+    return Transformer(config), params, tokenizer
 
 
 def save_pretrained(

@@ -1,0 +1,116 @@
+"""Hugging Face Hub ids as model sources: 'org/name' (or 'hf://org/name') at a revision.
+
+    source = hub.resolve("HuggingFaceTB/SmolLM2-135M", revision="main")
+    source.path       # the local snapshot folder (the Hub cache)
+    source.revision   # the commit it resolved to: pin it to rerun on the same weights
+
+Files come through `huggingface_hub` (`snapshot_download`), so its cache (`HF_HOME`,
+`HF_HUB_CACHE`), offline mode (`HF_HUB_OFFLINE=1`: the cache only) and token (`HF_TOKEN`, for
+gated and private repositories) apply as in transformers. Only what loading needs is fetched:
+config, safetensors weights and index, tokenizer files, chat template. A repository with PyTorch
+`.bin` weights only is refused (interp reads safetensors, never pickles).
+
+A string is a Hub id when it is not an existing local path, has no URL scheme and reads
+'org/name' (letters, digits, '-', '_', '.'), as transformers decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+HUB_PREFIX = "hf://"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What from_pretrained reads from a Hugging Face folder.
+ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class HubSource:
+    """A resolved Hub model.
+
+    Attributes:
+      repo_id: 'org/name'.
+      revision: The commit hash the requested revision resolved to.
+      path: Local snapshot folder holding the fetched files.
+    """
+
+    repo_id: str
+    revision: str
+    path: str
+
+
+def is_hub_id(path: str | os.PathLike) -> bool:
+    """True for 'hf://org/name', or 'org/name' that is not an existing local path."""
+    text = os.fspath(path)
+    if text.startswith(HUB_PREFIX):
+        return True
+    if "://" in text or os.path.exists(text):
+        return False
+    return bool(_REPO_ID.match(text))
+
+
+def resolve(repo_id: str, revision: str | None = None) -> HubSource:
+    """Fetches (or finds in the cache) a Hub model's loading files.
+
+    Args:
+      repo_id: 'org/name' or 'hf://org/name'.
+      revision: A branch, tag or commit; None: the default branch ('main').
+
+    Returns:
+      A `HubSource` with the commit the revision resolved to.
+
+    Raises:
+      FileNotFoundError: the repository or revision does not exist (or is private without a
+        token), offline mode and nothing cached, or no safetensors weights in it.
+      PermissionError: a gated repository without a token that has access.
+    """
+    import huggingface_hub  # noqa: PLC0415  (only Hub ids need it)
+    from huggingface_hub import errors  # noqa: PLC0415
+
+    repo_id = repo_id.removeprefix(HUB_PREFIX).strip("/")
+    if not _REPO_ID.match(repo_id):
+        raise ValueError(f"{repo_id!r} is not a Hub id; expected 'org/name'.")
+    at = f"{repo_id}@{revision or 'main'}"
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS
+        )
+    except errors.GatedRepoError:
+        raise PermissionError(
+            f"{repo_id} is a gated model: accept its terms on https://huggingface.co/{repo_id} "
+            "and set HF_TOKEN to a token of that account."
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise FileNotFoundError(
+            f"{repo_id} has no revision {revision!r}; pass a branch, tag or commit it has."
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"No Hub model {repo_id!r} (or it is private: set HF_TOKEN), and no local folder "
+            "of that name; check the spelling."
+        ) from None
+    except errors.LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{at} is not in the Hugging Face cache and the Hub cannot be reached "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}); fetch it once online "
+            "(huggingface-cli download) or unset HF_HUB_OFFLINE."
+        ) from None
+    names = os.listdir(folder)
+    if not any(n.endswith(".safetensors") for n in names):
+        raise FileNotFoundError(
+            f"{at} has no safetensors weights (PyTorch .bin files are not read: they are "
+            "pickles); use a revision or copy with safetensors, or convert it "
+            "(transformers: save_pretrained(..., safe_serialization=True))."
+        )
+    return HubSource(repo_id, os.path.basename(os.path.normpath(folder)), folder)
