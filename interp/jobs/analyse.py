@@ -32,7 +32,6 @@ from interp.data.documents import documents, sample_rows
 from interp.jobs import lock
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
-from interp.models import from_pretrained
 
 SEARCH_FILE = "search.json"
 CONCEPT_DASHBOARD = "concept.html"
@@ -121,9 +120,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     stage = workdir_lib.subconfig(config, keep=("seed", "data", "sae", "analysis"))
     workdir = workdir_lib.prepare_workdir(stage, workdir, overwrite_config=True)
     model_path = analysis_config.model_path or str(workdir.parent / "lm" / "export")
-    model, params, tokenizer = from_pretrained(model_path)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{model_path} has no tokenizer.json; the analysis job needs it.")
+    model, params, tokenizer = workdir_lib.load_model(workdir, model_path, job="the analysis job")
     sae_path = analysis_config.sae or sae_job.pipeline_topk_sae(workdir, "config.analysis.sae")
     sae, sae_params = saes.load(sae_path)
 

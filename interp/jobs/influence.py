@@ -33,7 +33,7 @@ from interp.influence import report as report_lib
 from interp.jobs import lock
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
-from interp.models import from_pretrained, hooks, sites
+from interp.models import hooks, sites
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +156,7 @@ def _setup(config, workdir: str, need_queries: bool):
     stage = workdir_lib.subconfig(config, keep=("seed", "data", "mesh", "rules", "influence"))
     workdir = workdir_lib.prepare_workdir(stage, workdir, resumable_fields=RESUMABLE_FIELDS)
     model_path = inf.model_path or str(workdir.parent / "lm" / "export")
-    model, params, tokenizer = from_pretrained(model_path)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{model_path} has no tokenizer.json; the influence job needs it.")
+    model, params, tokenizer = workdir_lib.load_model(workdir, model_path, job="the influence job")
     train_docs, _ = documents(config.data)
     rows = pack_rows(config.data, train_docs, tokenizer, max(inf.fit_rows, inf.search_rows))
     fit = rows[_rows(rows, inf.fit_rows, config.seed)]

@@ -36,7 +36,6 @@ from interp.data import fingerprint as data_fingerprint
 from interp.data.documents import documents, pack_rows, sample_rows
 from interp.jobs import lock, loop
 from interp.jobs import workdir as workdir_lib
-from interp.models import from_pretrained
 from interp.models import sites as sites_lib
 from interp.models.fingerprint import fingerprint
 from interp.sae import evaluate as sae_evaluate
@@ -305,9 +304,7 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
             train_config.schedule_length,
         )
     model_path = sae_config.model_path or str(workdir.parent / "lm" / "export")
-    model, params, tokenizer = from_pretrained(model_path)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{model_path} has no tokenizer.json; the SAE job needs text.")
+    model, params, tokenizer = workdir_lib.load_model(workdir, model_path, job="the SAE job")
     train_docs, heldout_docs = documents(config.data)
     model_hash = fingerprint(model.config, params)
     excluded = exclusions(sae_config, tokenizer)

@@ -40,7 +40,7 @@ from interp.jobs import analyse as analyse_job
 from interp.jobs import lock
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
-from interp.models import from_pretrained, hooks
+from interp.models import hooks
 from interp.models.generate import generate
 
 RESULTS_FILE = "steering.json"
@@ -112,9 +112,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     stage = workdir_lib.subconfig(config, keep=("seed", "data", "sae", "steering"))
     workdir = workdir_lib.prepare_workdir(stage, workdir, overwrite_config=True)
     model_path = steer_config.model_path or str(workdir.parent / "lm" / "export")
-    model, params, tokenizer = from_pretrained(model_path)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{model_path} has no tokenizer.json; the steering job needs it.")
+    model, params, tokenizer = workdir_lib.load_model(workdir, model_path, job="the steering job")
     sae, sae_params = saes.load(
         steer_config.sae or sae_job.pipeline_topk_sae(workdir, "config.steering.sae")
     )

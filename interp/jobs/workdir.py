@@ -28,6 +28,7 @@ from etils import epath
 
 from interp import parallel, paths
 from interp.jobs import lock
+from interp.models import hub, pretrained
 
 CONFIG_FILE = "config.json"
 DATA_FILE = "data.json"  # What the run read: {name: data fingerprint} (`check_data`).
@@ -337,3 +338,42 @@ def subconfig(
 def stage(pipeline_workdir: epath.PathLike, name: str) -> str:
     """Where a pipeline stage writes: `<pipeline workdir>/<name>` (local or gs://)."""
     return str(paths.resolve(pipeline_workdir) / name)
+
+
+def load_model(workdir: epath.PathLike, model_path: str, *, job: str) -> tuple[Any, Any, Any]:
+    """`from_pretrained(model_path)` for a job, with a Hub id pinned to one commit.
+
+    A Hub id ('org/name', 'org/name@branch') names a revision that can move; the commit it
+    resolves to on the first run is recorded in `workdir/data.json` ('model'), and a rerun on
+    the workdir loads that commit, so a resumed run continues on the weights it started on.
+    Folders and GGUF files load as they are.
+
+    Args:
+      workdir: The job's workdir (after `prepare_workdir`).
+      model_path: A Hugging Face folder, GGUF file or Hub id.
+      job: For the error message, e.g. 'the SAE job'.
+
+    Returns:
+      (Transformer, params, tokenizer), as `from_pretrained`.
+
+    Raises:
+      FileNotFoundError: If the model has no tokenizer (every job reads or writes text).
+      DataMismatchError: If the workdir's run read another Hub model.
+    """
+    source = model_path
+    if hub.is_hub_id(model_path):
+        repo_id, revision = hub.split_revision(model_path)
+        path = paths.resolve(workdir) / DATA_FILE
+        saved = json.loads(path.read_text()).get("model", "") if path.exists() else ""
+        if saved.startswith(f"{repo_id}@") and revision is None:
+            revision = saved.split("@", 1)[1]  # The commit the first run resolved.
+        resolved = hub.resolve(repo_id, revision)
+        check_data(workdir, {"model": f"{repo_id}@{resolved.revision}"})
+        source = resolved.path
+    model, params, tokenizer = pretrained.from_pretrained(source)
+    if tokenizer is None:
+        raise FileNotFoundError(
+            f"{model_path} has no tokenizer (tokenizer.json, or a GGUF file's tokenizer "
+            f"metadata); {job} needs it."
+        )
+    return model, params, tokenizer

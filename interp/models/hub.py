@@ -1,4 +1,4 @@
-"""Hugging Face Hub ids as model sources: 'org/name' (or 'hf://org/name') at a revision.
+"""Hugging Face Hub ids as model sources: 'org/name' (or 'hf://org/name', 'org/name@rev').
 
     source = hub.resolve("HuggingFaceTB/SmolLM2-135M", revision="main")
     source.path       # the local snapshot folder (the Hub cache)
@@ -22,6 +22,8 @@ import re
 
 HUB_PREFIX = "hf://"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# 'org/name@revision': the form a config's model_path takes to pin a branch, tag or commit.
+_WITH_REVISION = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 # What from_pretrained reads from a Hugging Face folder.
 ALLOW_PATTERNS = [
     "config.json",
@@ -57,14 +59,23 @@ def is_hub_id(path: str | os.PathLike) -> bool:
         return True
     if "://" in text or os.path.exists(text):
         return False
-    return bool(_REPO_ID.match(text))
+    return bool(_WITH_REVISION.match(text))
+
+
+def split_revision(hub_id: str) -> tuple[str, str | None]:
+    """('org/name', 'rev') of 'org/name@rev' or 'hf://org/name@rev'; ('org/name', None)
+    without '@'."""
+    match = _WITH_REVISION.match(hub_id.removeprefix(HUB_PREFIX).strip("/"))
+    if not match:
+        raise ValueError(f"{hub_id!r} is not a Hub id; expected 'org/name' or 'org/name@rev'.")
+    return match.group("repo"), match.group("rev")
 
 
 def resolve(repo_id: str, revision: str | None = None) -> HubSource:
     """Fetches (or finds in the cache) a Hub model's loading files.
 
     Args:
-      repo_id: 'org/name' or 'hf://org/name'.
+      repo_id: 'org/name' or 'hf://org/name', optionally with '@revision'.
       revision: A branch, tag or commit; None: the default branch ('main').
 
     Returns:
@@ -78,9 +89,10 @@ def resolve(repo_id: str, revision: str | None = None) -> HubSource:
     import huggingface_hub  # noqa: PLC0415  (only Hub ids need it)
     from huggingface_hub import errors  # noqa: PLC0415
 
-    repo_id = repo_id.removeprefix(HUB_PREFIX).strip("/")
-    if not _REPO_ID.match(repo_id):
-        raise ValueError(f"{repo_id!r} is not a Hub id; expected 'org/name'.")
+    repo_id, pinned = split_revision(repo_id)
+    if pinned is not None and revision is not None and pinned != revision:
+        raise ValueError(f"{repo_id}@{pinned} and revision={revision!r} disagree; give one.")
+    revision = revision or pinned
     at = f"{repo_id}@{revision or 'main'}"
     try:
         folder = huggingface_hub.snapshot_download(

@@ -236,7 +236,7 @@ def test_a_multi_process_job_on_a_held_workdir_stops_in_every_process(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+            env=dict(os.environ, XLA_FLAGS=multiprocess.xla_flags(2)),
         )  # fmt: skip
         for i in range(2)
     ]

@@ -1,6 +1,7 @@
 """Hub ids: from_pretrained('org/name', revision=...) resolves through huggingface_hub's cache in
 offline mode (the suite runs with HF_HUB_OFFLINE=1), to the commit a branch or tag points at."""
 
+import json
 import pathlib
 
 import numpy as np
@@ -10,9 +11,11 @@ from huggingface_hub import constants
 
 from interp import models
 from interp.models import hub
+from interp.models import tokenizer as tokenizer_lib
 from tests.models import hf_testing
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+_TOKENIZER = tokenizer_lib.train_bpe(["Call me Ishmael. Some years ago"] * 2, vocab_size=300)
 
 
 @pytest.fixture
@@ -24,6 +27,7 @@ def hub_cache(tmp_path, monkeypatch):
     for ref, commit, seed in (("main", COMMIT_A, 0), ("v2", COMMIT_B, 1)):
         model = hf_testing._randomize(hf_testing.hf_model("llama_gqa_llama3"), seed=seed)
         model.save_pretrained(repo / "snapshots" / commit, safe_serialization=True)
+        _TOKENIZER.save(str(repo / "snapshots" / commit))  # Jobs need one.
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / ref).write_text(commit)
     # A repository with PyTorch weights only.
@@ -98,7 +102,32 @@ def test_hub_errors_name_the_fix(hub_cache):
         ("/abs/path", False),
         ("relative/path/deeper", False),
         ("model.gguf", False),
+        ("org/name@v1.0", True),
+        ("org/name@", False),
     ],
 )
 def test_what_reads_as_a_hub_id(text, want):
     assert hub.is_hub_id(text) is want
+
+
+def test_a_job_pins_the_commit_its_first_run_resolved(hub_cache, tmp_path):
+    from interp.jobs import workdir as workdir_lib
+
+    first = tmp_path / "first"
+    first.mkdir()
+    a = _logits(workdir_lib.load_model(first, "org/tiny", job="the test job"))
+    assert (
+        json.loads((first / workdir_lib.DATA_FILE).read_text())["model"] == f"org/tiny@{COMMIT_A}"
+    )
+    (hub_cache / "refs" / "main").write_text(COMMIT_B)  # main moves on.
+    (first / "checkpoint").mkdir()  # The first run wrote something.
+    again = _logits(workdir_lib.load_model(first, "org/tiny", job="the test job"))
+    np.testing.assert_array_equal(again, a)  # The rerun keeps the commit it started on.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    b = _logits(workdir_lib.load_model(fresh, "org/tiny", job="the test job"))
+    assert not np.allclose(a, b)
+    tagged = _logits(workdir_lib.load_model(tmp_path, "org/tiny@v2", job="the test job"))
+    np.testing.assert_array_equal(tagged, b)
+    with pytest.raises(ValueError, match="disagree"):
+        hub.resolve("org/tiny@v2", revision="main")
