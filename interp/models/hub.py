@@ -71,6 +71,45 @@ def split_revision(hub_id: str) -> tuple[str, str | None]:
     return match.group("repo"), match.group("rev")
 
 
+def snapshot(repo_id: str, revision: str | None, allow_patterns: list[str]) -> str:
+    """`huggingface_hub.snapshot_download` of the files matching `allow_patterns`, its errors
+    turned into ones that name the fix; the local snapshot folder.
+
+    Raises:
+      FileNotFoundError: the repository or revision does not exist (or is private without a
+        token), or offline mode and nothing cached.
+      PermissionError: a gated repository without a token that has access.
+    """
+    import huggingface_hub  # noqa: PLC0415  (only Hub ids need it)
+    from huggingface_hub import errors  # noqa: PLC0415
+
+    at = f"{repo_id}@{revision or 'main'}"
+    try:
+        return huggingface_hub.snapshot_download(
+            repo_id, revision=revision, allow_patterns=allow_patterns
+        )
+    except errors.GatedRepoError:
+        raise PermissionError(
+            f"{repo_id} is gated: accept its terms on https://huggingface.co/{repo_id} "
+            "and set HF_TOKEN to a token of that account."
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise FileNotFoundError(
+            f"{repo_id} has no revision {revision!r}; pass a branch, tag or commit it has."
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"No Hub repository {repo_id!r} (or it is private: set HF_TOKEN), and no local "
+            "path of that name; check the spelling."
+        ) from None
+    except errors.LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{at} is not in the Hugging Face cache and the Hub cannot be reached "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}); fetch it once online "
+            "(huggingface-cli download) or unset HF_HUB_OFFLINE."
+        ) from None
+
+
 def resolve(repo_id: str, revision: str | None = None) -> HubSource:
     """Fetches (or finds in the cache) a Hub model's loading files.
 
@@ -86,38 +125,12 @@ def resolve(repo_id: str, revision: str | None = None) -> HubSource:
         token), offline mode and nothing cached, or no safetensors weights in it.
       PermissionError: a gated repository without a token that has access.
     """
-    import huggingface_hub  # noqa: PLC0415  (only Hub ids need it)
-    from huggingface_hub import errors  # noqa: PLC0415
-
     repo_id, pinned = split_revision(repo_id)
     if pinned is not None and revision is not None and pinned != revision:
         raise ValueError(f"{repo_id}@{pinned} and revision={revision!r} disagree; give one.")
     revision = revision or pinned
     at = f"{repo_id}@{revision or 'main'}"
-    try:
-        folder = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS
-        )
-    except errors.GatedRepoError:
-        raise PermissionError(
-            f"{repo_id} is a gated model: accept its terms on https://huggingface.co/{repo_id} "
-            "and set HF_TOKEN to a token of that account."
-        ) from None
-    except errors.RevisionNotFoundError:
-        raise FileNotFoundError(
-            f"{repo_id} has no revision {revision!r}; pass a branch, tag or commit it has."
-        ) from None
-    except errors.RepositoryNotFoundError:
-        raise FileNotFoundError(
-            f"No Hub model {repo_id!r} (or it is private: set HF_TOKEN), and no local folder "
-            "of that name; check the spelling."
-        ) from None
-    except errors.LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"{at} is not in the Hugging Face cache and the Hub cannot be reached "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}); fetch it once online "
-            "(huggingface-cli download) or unset HF_HUB_OFFLINE."
-        ) from None
+    folder = snapshot(repo_id, revision, ALLOW_PATTERNS)
     names = os.listdir(folder)
     if not any(n.endswith(".safetensors") for n in names):
         raise FileNotFoundError(

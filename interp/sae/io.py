@@ -300,7 +300,9 @@ def load(path: epath.PathLike) -> tuple[SAE, dict[str, jnp.ndarray]]:
     """Loads an SAE folder written by `save` or by SAELens (any version from 3.x to 6.x).
 
     Args:
-      path: Folder (local or gs://) with cfg.json and sae_weights.safetensors.
+      path: Folder (local or gs://) with cfg.json and sae_weights.safetensors; or
+        hf://org/repo/path/in/repo, an SAE folder in a Hub repository, of any format
+        `interp.sae.released` reads (SAELens, Gemma Scope's params.npz, sparsify).
 
     Returns:
       (SAE module, its 'params' as float32 jax arrays): `sae.apply({'params': params}, x,
@@ -311,6 +313,10 @@ def load(path: epath.PathLike) -> tuple[SAE, dict[str, jnp.ndarray]]:
       ValueError: for an unsupported architecture or normalisation, or weights whose names
         or shapes do not match the config.
     """
+    if os.fspath(path).startswith("hf://"):
+        from interp.sae import released  # noqa: PLC0415  (it builds on this module)
+
+        return released.load_hf(os.fspath(path))
     folder, raw = _read_folder(path)
     tensors = _read_tensors(folder / WEIGHTS_FILE)
     where = os.fspath(folder)
