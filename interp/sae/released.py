@@ -15,6 +15,12 @@ files. Formats, each converted exactly to `SAEConfig` and SAELens-named params:
 - **gemma_scope**: Gemma Scope's `params.npz` (W_enc [D, X], W_dec [X, D], b_enc, b_dec,
   threshold): a JumpReLU SAE that does not subtract b_dec from its input (Lieberum et al.
   2024, "Gemma Scope", arXiv:2408.05147; SAELens's `gemma_2` conversion).
+- **gemma_scope_2**: Gemma Scope 2's `params.safetensors` (w_enc, w_dec, b_enc, b_dec,
+  threshold; a transcoder's affine_skip_connection [D, O]): the same JumpReLU (SAELens's
+  `gemma_3` conversion).
+- **llama_scope**: Llama Scope's `hyperparams.json` + `checkpoints/final.safetensors`: a
+  JumpReLU with one threshold, inputs scaled by sqrt(D) / the dataset's average norm (He et
+  al. 2024, "Llama Scope", arXiv:2410.20526; SAELens's `llama_scope` conversion).
 - **sparsify**: EleutherAI sparsify's `cfg.json` + `sae.safetensors` (encoder.weight [X, D],
   encoder.bias [X], W_dec [X, D], b_dec [D], W_skip [D, D] with a skip connection): a TopK SAE
   that subtracts b_dec from its input (a transcoder does not), top-k of ReLU(pre-activations).
@@ -50,8 +56,9 @@ class Release:
       id_pattern: Regex an SAE id must match in full; its named groups fill `folder` and `site`.
       folder: The id's folder in the repository (format string over the groups).
       site: The id's site in interp's vocabulary (format string over the groups).
-      format: 'saelens', 'gemma_scope' or 'sparsify'.
+      format: 'saelens', 'gemma_scope', 'gemma_scope_2', 'llama_scope' or 'sparsify'.
       source: Where these facts come from.
+      output_site: A transcoder's output site (format string); None for an SAE.
     """
 
     repo_id: str
@@ -61,6 +68,7 @@ class Release:
     site: str
     format: str
     source: str
+    output_site: str | None = None
 
 
 def _gemma_scope(size: str, kind: str, tuned: str = "pt") -> Release:
@@ -77,7 +85,79 @@ def _gemma_scope(size: str, kind: str, tuned: str = "pt") -> Release:
     )
 
 
+def _gemma_scope_2(size: str, tuned: str, kind: str) -> Release:
+    """Gemma Scope 2 (Gemma 3): one repository per model, a folder per site kind."""
+    repo = f"google/gemma-scope-2-{size}-{tuned}"
+    model = f"google/gemma-3-{size}" + ("" if size == "270m" and tuned == "pt" else f"-{tuned}")
+    ids = r"layer_(?P<layer>\d+)_width_(?P<width>\d+[km])_l0_(?P<l0>big|medium|small)"
+    source = f"https://huggingface.co/{repo} (SAELens pretrained_saes.yaml, conversion gemma_3)"
+    if kind == "transcoders":
+        return Release(
+            repo_id=repo,
+            model=model,
+            id_pattern=r"transcoder/" + ids + r"(?P<affine>_affine)?",
+            folder="transcoder/layer_{layer}_width_{width}_l0_{l0}{affine}",
+            site="blocks_{layer}/mlp/in",  # pre_feedforward_layernorm's output
+            output_site="blocks_{layer}/mlp/out",  # post_feedforward_layernorm's output
+            format="gemma_scope_2",
+            source=source,
+        )
+    folder, site = {
+        "res": ("resid_post", "resid_post"),
+        "mlp": ("mlp_out", "mlp/out"),  # post_feedforward_layernorm's output
+        "att": ("attn_out", "attn/z"),  # o_proj's input: the heads side by side
+    }[kind]
+    return Release(
+        repo_id=repo,
+        model=model,
+        id_pattern=ids,
+        folder=folder + "/layer_{layer}_width_{width}_l0_{l0}",
+        site="blocks_{layer}/" + site,
+        format="gemma_scope_2",
+        source=source,
+    )
+
+
+def _llama_scope(kind: str, factor: str) -> Release:
+    """Llama Scope (He et al. 2024, arXiv:2410.20526): Llama-3.1-8B, one repository per site
+    kind and width."""
+    letter = kind.upper()
+    repo = f"fnlp/Llama3_1-8B-Base-LX{letter}-{factor}"
+    return Release(
+        repo_id=repo,
+        model="meta-llama/Llama-3.1-8B",
+        id_pattern=r"l(?P<layer>\d+)" + kind + "_" + factor,
+        folder="Llama3_1-8B-Base-L{layer}" + letter + "-" + factor,
+        site="blocks_{layer}/" + {"r": "resid_post", "a": "attn_out", "m": "mlp/out"}[kind],
+        format="llama_scope",
+        source=f"https://huggingface.co/{repo} (SAELens pretrained_saes.yaml, conversion "
+        "llama_scope)",
+    )
+
+
 RELEASES: dict[str, Release] = {
+    **{
+        f"gemma-scope-2-{size}-{tuned}-{kind}": _gemma_scope_2(size, tuned, kind)
+        for size in ("270m", "1b", "4b", "12b", "27b")
+        for tuned in ("pt", "it")
+        for kind in ("res", "mlp", "att", "transcoders")
+    },
+    **{
+        f"llama_scope_lx{kind}_{factor}": _llama_scope(kind, factor)
+        for kind in ("r", "a", "m")
+        for factor in ("8x", "32x")
+    },
+    "gemma-scope-2b-pt-transcoders": Release(
+        repo_id="google/gemma-scope-2b-pt-transcoders",
+        model="google/gemma-2-2b",
+        id_pattern=r"layer_(?P<layer>\d+)/width_(?P<width>\d+[km])/average_l0_(?P<l0>\d+)",
+        folder="layer_{layer}/width_{width}/average_l0_{l0}",
+        site="blocks_{layer}/ln_2/normalized",  # SAELens: blocks.L.ln2.hook_normalized
+        output_site="blocks_{layer}/mlp/out",
+        format="gemma_scope",
+        source="https://huggingface.co/google/gemma-scope-2b-pt-transcoders (SAELens "
+        "pretrained_saes.yaml, conversion gemma_2_transcoder)",
+    ),
     **{
         f"gemma-scope-{size}-pt-{kind}": _gemma_scope(size, kind)
         for size in ("2b", "9b")
@@ -138,10 +218,17 @@ def load_pretrained(
             f"{sae_id!r} is not an SAE id of {release}; ids look like {entry.folder!r} "
             f"(pattern {entry.id_pattern})."
         )
-    folder = _fetch(entry.repo_id, entry.folder.format(**match.groupdict()), revision)
+    groups = {k: v or "" for k, v in match.groupdict().items()}
+    folder = _fetch(entry.repo_id, entry.folder.format(**groups), revision)
     sae, params = load_folder(folder, entry.format)
-    config = sae.config.replace(hook_name=entry.site.format(**match.groupdict()))
-    return SAE(config), params
+    changes: dict[str, Any] = {"hook_name": entry.site.format(**groups)}
+    if entry.output_site is not None:  # A transcoder: it reads its input as it is.
+        changes.update(
+            output_hook_name=entry.output_site.format(**groups),
+            d_out=sae.config.output_width,
+            subtract_decoder_bias=False,
+        )
+    return SAE(sae.config.replace(**changes)), params
 
 
 def load_hf(url: str, *, revision: str | None = None) -> tuple[SAE, dict[str, Any]]:
@@ -179,12 +266,17 @@ def detect_format(folder: str) -> str:
         return "saelens"
     if "params.npz" in names:
         return "gemma_scope"
+    if "params.safetensors" in names:
+        return "gemma_scope_2"
+    if "hyperparams.json" in names:
+        return "llama_scope"
     if {"cfg.json", "sae.safetensors"} <= names:
         return "sparsify"
     raise ValueError(
         f"{folder} is not an SAE folder of a known format (files {sorted(names)[:10]}); "
-        "expected cfg.json + sae_weights.safetensors (SAELens), params.npz (Gemma Scope) or "
-        "cfg.json + sae.safetensors (sparsify)."
+        "expected cfg.json + sae_weights.safetensors (SAELens), params.npz (Gemma Scope), "
+        "params.safetensors (Gemma Scope 2), hyperparams.json + checkpoints/final.safetensors "
+        "(Llama Scope) or cfg.json + sae.safetensors (sparsify)."
     )
 
 
@@ -195,9 +287,16 @@ def load_folder(folder: str, format: str | None = None) -> tuple[SAE, dict[str, 
         return io.load(folder)
     if format == "gemma_scope":
         return _gemma_scope_folder(folder)
+    if format == "gemma_scope_2":
+        return _gemma_scope_2_folder(folder)
+    if format == "llama_scope":
+        return _llama_scope_folder(folder)
     if format == "sparsify":
         return _sparsify_folder(folder)
-    raise ValueError(f"Unknown SAE format {format!r}; known: saelens, gemma_scope, sparsify.")
+    raise ValueError(
+        f"Unknown SAE format {format!r}; known: saelens, gemma_scope, gemma_scope_2, "
+        "llama_scope, sparsify."
+    )
 
 
 def _finish(config: SAEConfig, tensors: dict[str, np.ndarray], where: str):
@@ -218,6 +317,65 @@ def _gemma_scope_folder(folder: str):
                          "b_enc, b_dec, threshold.")  # fmt: skip
     d, x = tensors["W_enc"].shape
     config = SAEConfig(architecture="jumprelu", d_in=d, num_latents=x, subtract_decoder_bias=False)
+    return _finish(config, tensors, path)
+
+
+def _gemma_scope_2_folder(folder: str):
+    """Gemma Scope 2's params.safetensors (w_enc [D, X], w_dec [X, O], b_enc, b_dec, threshold,
+    a transcoder's affine_skip_connection [D, O]): JumpReLU, b_dec not subtracted."""
+    path = os.path.join(folder, "params.safetensors")
+    raw = {k: np.asarray(v, np.float32) for k, v in safetensors_io.read(path).items()}
+    names = {"w_enc", "w_dec", "b_enc", "b_dec", "threshold"}
+    if not names <= set(raw):
+        raise ValueError(f"{path} holds {sorted(raw)}; Gemma Scope 2's are {sorted(names)}.")
+    tensors = {("W" + k[1:] if k.startswith("w_") else k): raw[k] for k in names}
+    d, x = tensors["W_enc"].shape
+    out = tensors["W_dec"].shape[1]
+    fields: dict[str, Any] = dict(
+        architecture="jumprelu", d_in=d, num_latents=x, subtract_decoder_bias=False
+    )
+    if "affine_skip_connection" in raw:  # Stored [D, O]; ours is [O, D].
+        tensors["W_skip"] = raw["affine_skip_connection"].T
+        fields.update(d_out=out, skip_connection=True)
+    elif out != d:
+        fields.update(d_out=out)
+    return _finish(SAEConfig(**fields), tensors, path)
+
+
+def _llama_scope_folder(folder: str):
+    """Llama Scope: hyperparams.json + checkpoints/final.safetensors (encoder/decoder as torch
+    Linear layers). Inputs are scaled by sqrt(D) / the dataset's average activation norm before
+    encoding and reconstructions unscaled after (`SAEConfig.input_scale`); one JumpReLU
+    threshold for every latent; b_dec not subtracted."""
+    hyper = json.loads(open(os.path.join(folder, "hyperparams.json")).read())
+    path = os.path.join(folder, "checkpoints", "final.safetensors")
+    raw = {k: np.asarray(v, np.float32) for k, v in safetensors_io.read(path).items()}
+    d, x = int(hyper["d_model"]), int(hyper["d_sae"])
+    norm = (hyper.get("dataset_average_activation_norm") or {}).get("in")
+    if hyper.get("norm_activation", "dataset-wise") != "dataset-wise" or not norm:
+        raise ValueError(
+            f"{folder}: norm_activation {hyper.get('norm_activation')!r} with average norm "
+            f"{norm!r}; Llama Scope's released SAEs normalise dataset-wise."
+        )
+    if hyper.get("act_fn", "jumprelu") != "jumprelu":
+        raise ValueError(f"{folder}: act_fn {hyper['act_fn']!r}; Llama Scope's is jumprelu.")
+    scale = float(d**0.5 / norm)
+    tensors = {
+        "W_enc": raw["encoder.weight"].T,
+        "b_enc": raw["encoder.bias"],
+        "W_dec": raw["decoder.weight"].T,
+        "b_dec": raw["decoder.bias"],
+        # As SAELens's conversion: the file's threshold times the input scale (it is stated
+        # for unscaled pre-activations).
+        "threshold": np.full((x,), float(hyper["jump_relu_threshold"]) * scale, np.float32),
+    }
+    config = SAEConfig(
+        architecture="jumprelu",
+        d_in=d,
+        num_latents=x,
+        subtract_decoder_bias=False,
+        input_scale=scale,
+    )
     return _finish(config, tensors, path)
 
 

@@ -169,3 +169,110 @@ def test_names_not_in_the_registry_list_the_nearest(cache):
         saes.load_pretrained("gemma-scope-2b-pt-res", "layer_4/width_16k/average_l0_50")
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
         saes.load("hf://nobody/nothing/here")
+
+
+def _jumprelu(x, w_enc, b_enc, threshold):
+    pre = x @ w_enc + b_enc
+    return np.where(pre > threshold, pre, 0.0)
+
+
+@pytest.fixture
+def more(tmp_path, monkeypatch):
+    """Gemma Scope 2 (an SAE and an affine transcoder) and Llama Scope folders in the cache."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "hub2"
+    sae = {k.replace("W_", "w_"): v for k, v in _gemma_scope_params(rng).items()}
+    transcoder = {k.replace("W_", "w_"): v for k, v in _gemma_scope_params(rng).items()}
+    transcoder["affine_skip_connection"] = rng.normal(0, 0.3, (D, D)).astype(np.float32)
+    _put(
+        root,
+        "google/gemma-scope-2-270m-pt",
+        {
+            "resid_post/layer_5_width_16k_l0_small/params.safetensors": lambda p: (
+                safetensors_io.write(p, sae)
+            ),
+            "transcoder/layer_5_width_16k_l0_big_affine/params.safetensors": lambda p: (
+                safetensors_io.write(p, transcoder)
+            ),
+        },
+    )
+    llama = {
+        "encoder.weight": rng.normal(0, 0.3, (X, D)).astype(np.float32),
+        "encoder.bias": rng.normal(0, 0.1, (X,)).astype(np.float32),
+        "decoder.weight": rng.normal(0, 0.3, (D, X)).astype(np.float32),
+        "decoder.bias": rng.normal(0, 0.1, (D,)).astype(np.float32),
+    }
+    hyper = {
+        "d_model": D,
+        "d_sae": X,
+        "jump_relu_threshold": 0.2,
+        "dataset_average_activation_norm": {"in": 9.0, "out": 9.0},
+        "norm_activation": "dataset-wise",
+        "act_fn": "jumprelu",
+        "hook_point_in": "blocks.6.hook_resid_post",
+        "hook_point_out": "blocks.6.hook_resid_post",
+    }
+    name = "Llama3_1-8B-Base-L6R-8x"
+    _put(
+        root,
+        "fnlp/Llama3_1-8B-Base-LXR-8x",
+        {
+            f"{name}/hyperparams.json": lambda p: p.write_text(json.dumps(hyper)),
+            f"{name}/checkpoints/final.safetensors": lambda p: safetensors_io.write(p, llama),
+        },
+    )
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    return {"sae": sae, "transcoder": transcoder, "llama": llama, "hyper": hyper}
+
+
+def test_gemma_scope_2_sae_and_affine_transcoder(more):
+    x = np.random.default_rng(4).normal(0, 1, (5, D)).astype(np.float32)
+    sae, params = saes.load_pretrained("gemma-scope-2-270m-pt-res", "layer_5_width_16k_l0_small")
+    assert sae.config.hook_name == "blocks_5/resid_post"
+    p = more["sae"]
+    want = _jumprelu(x, p["w_enc"], p["b_enc"], p["threshold"])
+    codes = _apply(sae, params, x, "encode")
+    np.testing.assert_allclose(codes, want, atol=1e-5)
+    np.testing.assert_allclose(
+        _apply(sae, params, codes, "decode"), want @ p["w_dec"] + p["b_dec"], atol=1e-5
+    )
+    sae, params = saes.load_pretrained(
+        "gemma-scope-2-270m-pt-transcoders", "transcoder/layer_5_width_16k_l0_big_affine"
+    )
+    c = sae.config
+    assert (c.hook_name, c.output_hook_name, c.skip_connection) == (
+        "blocks_5/mlp/in",
+        "blocks_5/mlp/out",
+        True,
+    )
+    p = more["transcoder"]
+    want = _jumprelu(x, p["w_enc"], p["b_enc"], p["threshold"])
+    out = np.asarray(sae.apply({"params": params}, want, x, method="decode"))
+    # The skip is stored [D_in, D_out] and applied as x @ affine_skip_connection.
+    want_out = want @ p["w_dec"] + p["b_dec"] + x @ p["affine_skip_connection"]
+    np.testing.assert_allclose(out, want_out, atol=1e-5)
+
+
+def test_llama_scope_equals_sae_lens_conversion(more):
+    loaders = references.require_module(
+        "sae_lens.loading.pretrained_sae_loaders", "pip install -e '.[test]' torch==2.13.0"
+    )
+    sae, params = saes.load_pretrained("llama_scope_lxr_8x", "l6r_8x")
+    assert sae.config.hook_name == "blocks_6/resid_post"
+    cfg, state, _ = loaders.llama_scope_sae_huggingface_loader(
+        "fnlp/Llama3_1-8B-Base-LXR-8x",
+        "Llama3_1-8B-Base-L6R-8x",
+        cfg_overrides={"dtype": "float32"},
+    )
+    assert cfg["normalize_activations"] == "expected_average_only_in"
+    # SAELens folds the input scale into the weights (fold_activation_norm_scaling_factor).
+    s = D**0.5 / more["hyper"]["dataset_average_activation_norm"]["in"]
+    w = {k: v.numpy().astype(np.float64) for k, v in state.items()}
+    x = np.random.default_rng(5).normal(0, 3, (9, D))
+    pre = x @ (w["W_enc"] * s) + w["b_enc"]
+    want = np.where(pre > w["threshold"], pre, 0.0)
+    codes = _apply(sae, params, x.astype(np.float32), "encode")
+    np.testing.assert_allclose(codes, want, rtol=1e-4, atol=1e-4)
+    assert (want > 0).any() and (want == 0).any()
+    recon = np.asarray(sae.apply({"params": params}, codes, method="decode"))
+    np.testing.assert_allclose(recon, want @ (w["W_dec"] / s) + w["b_dec"] / s, atol=1e-4)
