@@ -74,12 +74,19 @@ def test_each_quantization_type_matches_transformers(qtype, tmp_path):
 
 def test_a_folder_holding_one_gguf_loads_and_exports_to_hugging_face(tmp_path):
     path, source = gguf_testing.write("qwen2", "Q4_0", tmp_path / "gguf")
-    model, params, _ = models.from_pretrained(path.parent)
+    model, params, tokenizer = models.from_pretrained(path.parent)
     out = tmp_path / "hf"
-    models.save_pretrained(out, model, params)
+    models.save_pretrained(out, model, params, tokenizer)
     exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     _close(_torch(exported.eval()), _torch(source), "the exported folder in transformers")
     _close(_ours(out), _torch(source), "the exported folder in interp")
+    # The file's tokenizer travels with it: transformers reads the same ids from the folder's
+    # tokenizer.json. (AutoTokenizer would pick Qwen2Tokenizer by the model type, which
+    # rebuilds Qwen 2's own pre-tokenizer: not this test vocabulary's.)
+    text = "Call me Ishmael, 1234 naïve.\n  Emma"
+    theirs = transformers.PreTrainedTokenizerFast.from_pretrained(out)
+    assert theirs(text)["input_ids"] == tokenizer.encode(text)
+    assert tokenizer.encode(text) == models.from_pretrained(out)[2].encode(text)
 
 
 def _rewrite(path, out, *, arch=None, drop=(), extra=None, qtype_of=None):
