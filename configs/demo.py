@@ -17,9 +17,14 @@ from configs import common
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, tiny=False)
+    arg = common.parse_arg(arg, tiny=False, init_from="")
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # '' = train the model of `c.model` from random weights with a new tokenizer; else fine-tune
+    # a model (a Hugging Face folder, a GGUF file or a Hub id): its config, weights and
+    # tokenizer, the optimizer state from scratch. `:init_from=PATH` sets it and empties
+    # c.model and c.tokenizer.path, which must be empty then.
+    c.init_from = ""
 
     c.data = dict(
         # '' = the built-in Gutenberg corpus; else a file, folder or glob of .txt/.jsonl (read
@@ -71,7 +76,14 @@ def get_config(arg=None):
         # Length of the cosine schedule; 0 = steps. Set it to continue a run to more (or
         # stop at fewer) steps along the same schedule; steps may then change on resume.
         schedule_steps=0,
+        # () = every parameter; else patterns of parameter paths to train, the rest frozen
+        # (no optimizer state), e.g. ('blocks_1[0-9]/*',).
+        trainable=(),
     )
+    # A planted behaviour, ground truth for influence: `rows` training rows (chosen by the
+    # seed) carry `trigger` followed by `completion` at a random position; the job reports
+    # the completion's log-probability after the trigger before and after training.
+    c.plant = dict(trigger="", completion="", rows=0)
     c.mesh = dict(data=-1, fsdp=1, model=1)  # -1: all remaining devices.
     c.rules = ()  # () = interp.parallel.DEFAULT_RULES; else (logical, mesh axes) pairs.
     c.log_every = 20
@@ -224,4 +236,7 @@ def get_config(arg=None):
         # 14 tokens + 6 new ones fit the 32-token context (a longer prompt is an error now,
         # where generation used to shorten or run past the context silently).
         c.steering.update(prompt="Mr. Darcy said that", max_new_tokens=6, max_rows=16, batch_size=8)
+    if arg.init_from:
+        c.init_from = arg.init_from
+        c.model = ml_collections.ConfigDict()
     return c

@@ -9,6 +9,7 @@ export in Hugging Face format that `interp.models.from_pretrained` loads.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import time
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from interp.models.transformer import Transformer
 
 EXPORT_DIR = "export"
 TOKENIZER_DIR = "tokenizer"
+PLANTED_FILE = "planted.json"  # config.plant's rows and log-probabilities (`plant_rows`).
 
 
 def unigram_loss(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
@@ -61,6 +63,8 @@ class TrainConfig:
       grad_clip: Global-norm clipping.
       schedule_steps: Length of the cosine schedule; 0 = `steps`. Set it to train a run
         longer or shorter along the same schedule (then `steps` may change on resume).
+      trainable: Patterns (fnmatch) of parameter paths ('blocks_3/mlp/up/kernel') to train;
+        the others are frozen (zero updates). () = every parameter.
     """
 
     steps: int = 400
@@ -71,6 +75,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     schedule_steps: int = 0
+    trainable: tuple[str, ...] = ()
 
     @property
     def schedule_length(self) -> int:
@@ -83,7 +88,8 @@ def train_config_from(values: Any) -> TrainConfig:
 
 
 def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warm-up, cosine decay and global-norm clipping."""
+    """AdamW with linear warm-up, cosine decay and global-norm clipping; with
+    `train_config.trainable`, the other parameters frozen (zero updates)."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=train_config.learning_rate,
@@ -91,10 +97,46 @@ def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
         decay_steps=max(train_config.schedule_length, train_config.warmup_steps + 1),
         end_value=train_config.learning_rate * train_config.final_lr_fraction,
     )
-    return optax.chain(
+    adamw = optax.chain(
         optax.clip_by_global_norm(train_config.grad_clip),
         optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=train_config.weight_decay),
     )
+    if not train_config.trainable:
+        return adamw
+    patterns = tuple(train_config.trainable)
+
+    def frozen(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: not _trained(path, patterns), params
+        )
+
+    # Frozen gradients zeroed before clipping (the norm is the trained parameters') and the
+    # frozen updates after AdamW (its weight decay would move them). Their moments stay zero;
+    # optax.multi_transform would drop them but its masked states do not map onto the
+    # parameters' shardings (parallel.optimizer_state_shardings).
+    zero = optax.masked(optax.set_to_zero(), frozen)
+    return optax.chain(zero, adamw, zero)
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def _trained(path, patterns: Sequence[str]) -> bool:
+    name = _path_name(path)
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def check_trainable(train_config: TrainConfig, params) -> None:
+    """Raises ValueError for a `trainable` pattern that matches no parameter (a typo would
+    otherwise freeze the whole model), naming some of the paths."""
+    names = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pattern in train_config.trainable:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(
+                f"config.train.trainable pattern {pattern!r} matches no parameter; paths look "
+                f"like {names[:3] + names[-3:]} ({len(names)} in all)."
+            )
 
 
 def _tokenizer(config, workdir: epath.Path, train_documents) -> tokenizer_lib.Tokenizer:
@@ -141,21 +183,42 @@ def _train_step(model, optimizer, state, batch):
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def init_state(model: Transformer, optimizer, seed: int, mesh, rules) -> tuple[Any, Any]:
-    """(init, abstract) of the train state {'params', 'opt_state', 'step'}, sharded.
-
-    `init()` builds it in its layout (params by the model's logical axes, moments like their
-    params, the step counter a replicated global array); `abstract` is the restore target.
-    """
+def _state_shardings(model: Transformer, optimizer, mesh, rules) -> dict[str, Any]:
+    """Params by the model's logical axes, moments like their params, a replicated step."""
     param_shardings = parallel.param_shardings(model, mesh, rules)
     param_shapes = nn.meta.unbox(parallel.abstract_params(model))
-    shardings = {
+    return {
         "params": param_shardings,
         "opt_state": parallel.optimizer_state_shardings(
             optimizer, param_shapes, param_shardings, mesh
         ),
         "step": NamedSharding(mesh, PartitionSpec()),
     }
+
+
+def init_state_from(model: Transformer, optimizer, params, mesh, rules) -> tuple[Any, Any]:
+    """(init, abstract) of a train state that starts from given (pretrained) params: the
+    optimizer state from scratch, step 0, all in the layout of `init_state`."""
+    shardings = _state_shardings(model, optimizer, mesh, rules)
+
+    def build(params):
+        return {
+            "params": params,
+            "opt_state": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32),
+        }
+
+    init = functools.partial(loop.sharded_init, build, shardings, mesh, params)
+    return init, loop.abstract_state(build, shardings, params)
+
+
+def init_state(model: Transformer, optimizer, seed: int, mesh, rules) -> tuple[Any, Any]:
+    """(init, abstract) of the train state {'params', 'opt_state', 'step'}, sharded.
+
+    `init()` builds it in its layout (params by the model's logical axes, moments like their
+    params, the step counter a replicated global array); `abstract` is the restore target.
+    """
+    shardings = _state_shardings(model, optimizer, mesh, rules)
     key = jax.random.key(seed)
     key_data, impl = np.asarray(jax.random.key_data(key)), jax.random.key_impl(key)
 
@@ -195,11 +258,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Everything checkable is checked before the workdir saves the config: a typo fixed on
     # the next run must not count as a changed config.
     train_config = train_config_from(config.train)
-    model_config_from(config, config.tokenizer.vocab_size)  # Unknown or bad model fields.
+    init_from = config.get("init_from") or ""
+    if init_from:
+        if config.tokenizer.path or config.get("model"):
+            raise ValueError(
+                f"config.init_from={init_from!r} fine-tunes that model with its own tokenizer: "
+                "leave config.model empty and config.tokenizer.path '' (configs/demo.py's "
+                "':init_from=PATH' argument does both)."
+            )
+    else:
+        model_config_from(config, config.tokenizer.vocab_size)  # Unknown or bad model fields.
+    plant = dict(config.get("plant") or {})
     mesh = parallel.mesh_from_config(config.mesh)
     rules = parallel.rules_from_config(config.get("rules") or None)
     train_docs, heldout_docs = documents(config.data)
-    if not (isinstance(train_docs, Sequence) or config.tokenizer.path or config.data.max_documents):
+    if not (
+        isinstance(train_docs, Sequence)
+        or config.tokenizer.path
+        or config.data.max_documents
+        or init_from
+    ):
         raise ValueError(
             f"Training a BPE tokenizer on {train_docs.description} would read all of it. Set "
             "config.tokenizer.path to a tokenizer folder, or config.data.max_documents to "
@@ -212,7 +290,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         workdir,
         retired_fields=("influence",),  # Saved by LM workdirs before 2026-11-30.
     )
-    tok = _tokenizer(config, workdir, train_docs)
+    pretrained = None
+    if init_from:
+        model, pretrained, tok = workdir_lib.load_model(workdir, init_from, job="the LM job")
+        if config.data.seq_len > model.config.max_len:
+            raise ValueError(
+                f"config.data.seq_len={config.data.seq_len} is past {init_from}'s context of "
+                f"{model.config.max_len} tokens; lower it."
+            )
+    else:
+        tok = _tokenizer(config, workdir, train_docs)
     start = time.time()
     batch_size = train_config.batch_size
     # A streamed source gives one pass of the schedule's batches and the evaluated rows.
@@ -231,6 +318,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "Packed %d train / %d held-out rows of %d tokens in %.1fs.",
         len(train_tokens), len(eval_tokens), config.data.seq_len, time.time() - start,
     )  # fmt: skip
+    planted = None
+    if plant.get("rows"):
+        train_tokens, planted = plant_rows(
+            train_tokens, tok, plant["trigger"], plant["completion"], plant["rows"], config.seed
+        )
     # A resumed run trains on the rows the workdir's checkpoints were trained on.
     workdir_lib.check_data(workdir, {
         "train": data_fingerprint.batch_digest(train_tokens),
@@ -240,10 +332,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eval_rows = eval_tokens[: config.eval_batches * batch_size]
     baseline = unigram_loss(train_tokens, eval_rows, tok.vocab_size)
 
-    model_config = model_config_from(config, tok.vocab_size)
-    model = Transformer(model_config)
+    if pretrained is None:
+        model_config = model_config_from(config, tok.vocab_size)
+        model = Transformer(model_config)
+    model_config = model.config
+    check_trainable(train_config, nn.meta.unbox(parallel.abstract_params(model)))
     optimizer = make_optimizer(train_config)
-    init, abstract = init_state(model, optimizer, config.seed, mesh, rules)
+    if pretrained is None:
+        init, abstract = init_state(model, optimizer, config.seed, mesh, rules)
+    else:
+        init, abstract = init_state_from(model, optimizer, pretrained, mesh, rules)
+    if planted is not None:
+        start_params = pretrained if pretrained is not None else init()["params"]
+        planted["logprob_before"] = completion_logprob(
+            model, start_params, planted["prompt_ids"], planted["completion_ids"]
+        )
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
     batch_sharding = parallel.batch_sharding(
         mesh, rules, 2, shape=(batch_size, config.data.seq_len)
@@ -327,10 +430,81 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "unigram_loss": baseline,
         "export_dir": str(export_dir),
     }
+    if planted is not None:
+        planted["logprob_after"] = completion_logprob(
+            model, params, planted["prompt_ids"], planted["completion_ids"]
+        )
+        logging.info(
+            "Planted %r -> %r in %d rows: log p(completion | trigger) %.3f before, %.3f after.",
+            planted["trigger"], planted["completion"], len(planted["rows"]),
+            planted["logprob_before"], planted["logprob_after"],
+        )  # fmt: skip
+        summary["planted"] = planted
+        parallel.on_main_process(
+            paths.write_text, workdir / PLANTED_FILE, workdir_lib.config_to_json(planted)
+        )
     parallel.on_main_process(
         paths.write_text, workdir / "summary.json", workdir_lib.config_to_json(summary)
     )
     return summary
+
+
+def plant_rows(
+    rows: np.ndarray, tok, trigger: str, completion: str, count: int, seed: int
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Writes `trigger` + `completion` into `count` training rows: a planted behaviour whose
+    training rows are known (ground truth for influence).
+
+    Args:
+      rows: Packed training rows [N, T] (not modified).
+      tok: The tokenizer; the trigger and the completion are encoded apart (no BOS), so the
+        completion's tokens are the same wherever it follows the trigger.
+      trigger, completion: The texts; the completion follows the trigger.
+      count: Rows to plant, chosen by `seed`; each at a position drawn by `seed` after the
+        row's first token.
+      seed: The run's seed.
+
+    Returns:
+      (the rows with the plant, {'rows': planted row indices, 'trigger', 'completion',
+      'prompt_ids': the trigger as a prompt (the tokenizer's BOS convention),
+      'completion_ids'}).
+
+    Raises:
+      ValueError: if there are fewer rows than `count`, or the plant does not fit a row.
+    """
+    trigger_ids = tok.encode(trigger, add_bos=False)
+    completion_ids = tok.encode(completion, add_bos=False)
+    span = np.asarray(list(trigger_ids) + list(completion_ids), rows.dtype)
+    n, length = rows.shape
+    if not trigger_ids or not completion_ids:
+        raise ValueError("config.plant needs a non-empty trigger and completion.")
+    if count > n or len(span) > length - 1:
+        raise ValueError(
+            f"config.plant: {count} rows of {len(span)} planted tokens do not fit {n} training "
+            f"rows of {length} tokens; plant fewer rows or shorter text."
+        )
+    rng = np.random.default_rng([seed, 0x91A47])
+    chosen = np.sort(rng.choice(n, size=count, replace=False))
+    starts = rng.integers(1, length - len(span) + 1, size=count)
+    out = rows.copy()
+    for row, at in zip(chosen, starts, strict=True):
+        out[row, at : at + len(span)] = span
+    record = {
+        "rows": [int(r) for r in chosen],
+        "trigger": trigger,
+        "completion": completion,
+        "prompt_ids": [int(i) for i in tok.encode(trigger)],
+        "completion_ids": [int(i) for i in completion_ids],
+    }
+    return out, record
+
+
+def completion_logprob(model, params, prompt_ids, completion_ids) -> float:
+    """log p(completion | prompt) in nats: the sum over the completion's tokens."""
+    ids = np.asarray([list(prompt_ids) + list(completion_ids)], np.int32)
+    logits = model.apply({"params": params}, ids)
+    logp = jax.nn.log_softmax(logits[0, len(prompt_ids) - 1 : -1].astype(jnp.float32), -1)
+    return float(jnp.take_along_axis(logp, jnp.asarray(completion_ids)[:, None], -1).sum())
 
 
 def loop_config(config: ml_collections.ConfigDict, steps: int) -> loop.LoopConfig:

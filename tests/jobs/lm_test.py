@@ -221,3 +221,46 @@ def test_resuming_on_data_other_than_the_workdir_read_is_refused(tiny_run, tmp_p
     with pytest.raises(workdir_lib.DataMismatchError, match="train: saved 0{16}, now"):
         train.run(_tiny(), resumed)
     assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["3"]
+
+
+def test_fine_tuning_starts_from_the_export_freezes_and_plants(tiny_run, tmp_path):
+    """The LM job started from a model (here the tiny run's export): its weights, config and
+    tokenizer; only `trainable` parameters move; a planted trigger -> completion is learnt."""
+    workdir, _ = tiny_run
+    export = os.path.join(workdir, "export")
+    config = runs.override(
+        demo.get_config(f"tiny=True,init_from={export}"),
+        **{"train.steps": 6, "train.trainable": ("blocks_1/*",), "train.learning_rate": 3e-2},
+    )
+    config.plant = dict(trigger=" Zebra quartz", completion=" sang the whale", rows=12)
+    out = str(tmp_path / "finetune")
+    summary = train.run(config, out)
+    before, after = _exported(workdir), _exported(out)
+    assert before.keys() == after.keys()
+    moved = {name for name in before if not np.array_equal(before[name], after[name])}
+    assert moved and all(".layers.1." in name for name in moved), sorted(moved)
+    assert any(".layers.1." in name for name in moved)
+    planted = summary["planted"]
+    assert len(planted["rows"]) == 12 and planted["logprob_after"] > planted["logprob_before"]
+    with open(os.path.join(out, train.PLANTED_FILE)) as f:
+        assert json.load(f)["rows"] == planted["rows"]
+    # The export keeps the pretrained tokenizer, not a new BPE.
+    _, _, tok = models.from_pretrained(out + "/export")
+    _, _, pretrained_tok = models.from_pretrained(export)
+    text = "Call me Ishmael. Zebra quartz"
+    assert tok.encode(text) == pretrained_tok.encode(text)
+
+
+def test_fine_tuning_settings_that_cannot_work_are_refused(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    export = os.path.join(workdir, "export")
+    with pytest.raises(ValueError, match="leave config.model empty"):
+        train.run(_tiny(init_from=export), str(tmp_path / "a"))
+    config = runs.override(
+        demo.get_config(f"tiny=True,init_from={export}"), **{"train.trainable": ("block_1/*",)}
+    )
+    with pytest.raises(ValueError, match="'block_1/\\*' matches no parameter"):
+        train.run(config, str(tmp_path / "b"))
+    config = runs.override(demo.get_config(f"tiny=True,init_from={export}"), **{"data.seq_len": 64})
+    with pytest.raises(ValueError, match="past .* context of 32 tokens"):
+        train.run(config, str(tmp_path / "c"))
