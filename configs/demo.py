@@ -39,6 +39,9 @@ def get_config(arg=None):
         # yes; GPT-2 no), 'always' (error if it has none) or 'never'.
         prepend_bos="tokenizer",
         seq_len=128,  # Tokens per packed training row.
+        # Between documents: 'eos' (the tokenizer's), 'none', or a token string (a chat
+        # model's eos ends a turn: SmolLM2-Instruct's is <|im_end|>; '<|endoftext|>' then).
+        separator="eos",
         max_documents=0,  # 0 = all; a small number for quick runs.
     )
     c.tokenizer = dict(

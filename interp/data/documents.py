@@ -114,6 +114,15 @@ def bos_option(data_config: Any) -> bool | None:
     return PREPEND_BOS[value]
 
 
+def separator_option(data_config: Any) -> str | None:
+    """`text.pack`'s `separator` for `config.data.separator`: 'eos' (the default when the
+    field is absent), 'none' (nothing between documents) or a token string."""
+    value = data_config.get("separator", "eos") if hasattr(data_config, "get") else "eos"
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"config.data.separator={value!r}: give 'eos', 'none' or a token string.")
+    return None if value == "none" else value
+
+
 def pack_rows(
     data_config: Any, docs: Iterable[str], tokenizer: text.Encoder, needed: int
 ) -> np.ndarray:
@@ -145,6 +154,7 @@ def pack_rows(
         data_config.seq_len,
         add_bos=bos_option(data_config),
         max_rows=max_rows,
+        separator=separator_option(data_config),
     )
     if needed >= 1 and not len(rows):
         what = docs.description if isinstance(docs, text.DocumentStream) else (

@@ -231,14 +231,16 @@ def pack(
     *,
     add_bos: bool | None = None,
     max_rows: int | None = None,
+    separator: str | None = "eos",
 ) -> np.ndarray:
     """Tokenizes documents into one stream and cuts it into rows for LM training.
 
     Each document is encoded as the tokenizer encodes a text by default, so with the special
     tokens the checkpoint puts around a text (Llama's and Gemma's bos first; none for GPT-2
-    style tokenizers). An eos token goes between documents (not after the last one), unless
-    one is there already: a document that ends with eos (a template adding it) or the next
-    that starts with it (a bos that is also the eos, as in GPT-2) needs no second one. Rows are
+    style tokenizers). A separator token (the eos by default) goes between documents (not after
+    the last one), unless one is there already: a document that ends with it (a template adding
+    it) or the next that starts with it (a bos that is also the eos, as in GPT-2) needs no
+    second one. Rows are
     consecutive `seq_len`-token slices of the stream; the ragged tail shorter than `seq_len` is
     dropped, and a row may start inside a document. Special-token strings inside a document
     are tokenized as the tokenizer does (byte-level BPE from `interp.models.tokenizer` maps a
@@ -258,25 +260,23 @@ def pack(
             (the tokenizer must have a `bos_id`). False: no special token before a document.
             Passed to `encode_many(texts, add_bos=...)`.
         max_rows: Stop after this many rows (>= 0); None: all the documents.
+        separator: 'eos': the tokenizer's eos token; None: nothing between documents; else a
+            token string of the tokenizer (e.g. '<|endoftext|>' for a chat model, whose eos is
+            the end of a turn).
 
     Returns:
         int32 [N, seq_len], N = floor(stream length / seq_len), at most `max_rows`; N may be 0.
 
     Raises:
-        ValueError: `seq_len` < 1, `max_rows` < 0, the tokenizer has no eos_id, or add_bos=True
-            and it has no bos_id.
+        ValueError: `seq_len` < 1, `max_rows` < 0, separator 'eos' and the tokenizer has no
+            eos_id, a separator string that is not one token, or add_bos=True and it has no
+            bos_id.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
     if max_rows is not None and max_rows < 0:
         raise ValueError(f"max_rows must be >= 0 or None, got {max_rows}.")
-    eos_id = tokenizer.eos_id
-    if eos_id is None:
-        raise ValueError(
-            "pack separates documents with the eos token, but the tokenizer has no eos_id. "
-            "Load one with an eos token (tokenizer_config.json 'eos_token'), or pass "
-            "eos_token= to Tokenizer.from_file / train_bpe."
-        )
+    eos_id = _separator_id(tokenizer, separator)
     if add_bos and getattr(tokenizer, "bos_id", None) is None:
         raise ValueError(
             "A bos token was asked for at each document's start (add_bos=True, "
@@ -284,7 +284,7 @@ def pack(
             "prepend_bos='tokenizer' (its own convention) or 'never', or load the tokenizer "
             "with bos_token= (tokenizer_config.json 'bos_token')."
         )
-    eos = np.asarray([eos_id], np.int32)
+    eos = np.asarray([0 if eos_id is None else eos_id], np.int32)
     options = {} if add_bos is None else {"add_bos": add_bos}
     rows: list[np.ndarray] = []  # Blocks of finished rows, [n, seq_len] each.
     num_rows = 0
@@ -293,7 +293,9 @@ def pack(
     first, last = True, None  # `last`: the stream's last token so far.
     for chunk in _chunks(documents, _CHUNK_SIZES):  # Batched: the Rust tokenizer parallelises.
         for ids in tokenizer.encode_many(chunk, **options):
-            if not first and last != eos_id and not (ids and ids[0] == eos_id):
+            if eos_id is None:  # No separator.
+                pass
+            elif not first and last != eos_id and not (ids and ids[0] == eos_id):
                 pending.append(eos)
                 num_pending += 1
                 last = eos_id
@@ -313,6 +315,28 @@ def pack(
             break
     packed = np.concatenate(rows) if rows else np.zeros((0, seq_len), np.int32)
     return packed if max_rows is None else packed[:max_rows]
+
+
+def _separator_id(tokenizer: Encoder, separator: str | None) -> int | None:
+    """The token id `pack` puts between documents (None: nothing)."""
+    if separator is None:
+        return None
+    if separator == "eos":
+        if tokenizer.eos_id is None:
+            raise ValueError(
+                "pack separates documents with the eos token, but the tokenizer has no eos_id. "
+                "Load one with an eos token (tokenizer_config.json 'eos_token'), pass "
+                "eos_token= to Tokenizer.from_file / train_bpe, or choose another separator "
+                "(config.data.separator: a token string, or 'none')."
+            )
+        return tokenizer.eos_id
+    ids = tokenizer.encode_many([separator], add_bos=False, add_eos=False)[0]
+    if len(ids) != 1:
+        raise ValueError(
+            f"The document separator {separator!r} is {len(ids)} tokens of this tokenizer, "
+            "not one; use one of its special tokens (e.g. its eos), 'eos' or 'none'."
+        )
+    return int(ids[0])
 
 
 class Batches:

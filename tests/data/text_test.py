@@ -295,3 +295,21 @@ def test_pack_max_rows_is_a_prefix_and_reads_only_what_it_needs():
     assert text.pack(documents, CharTokenizer(), 5, max_rows=0).shape == (0, 5)
     with pytest.raises(ValueError, match="max_rows"):
         text.pack(documents, CharTokenizer(), 5, max_rows=-1)
+
+
+def test_pack_separators_eos_none_and_a_token_string():
+    docs = ["ab", "c", "de"]
+    assert text.pack(docs, CharTokenizer(), 3).tolist() == [[1, 2, 0], [3, 0, 4]]
+    assert text.pack(docs, CharTokenizer(), 5, separator=None).tolist() == [[1, 2, 3, 4, 5]]
+    tok = tokenizer_lib.train_bpe(
+        ["hello world"] * 3, vocab_size=270, special_tokens=("<|endoftext|>", "<|im_end|>")
+    )
+    end = tok.backend.token_to_id("<|endoftext|>")
+    turn = tok.backend.token_to_id("<|im_end|>")
+    assert tok.eos_id == end  # train_bpe's first special token; use the other one here.
+    rows = text.pack(["hello", "world"], tok, 3, separator="<|im_end|>")
+    stream = rows.reshape(-1).tolist()
+    hello, world = tok.encode("hello", add_bos=False), tok.encode("world", add_bos=False)
+    assert stream == (hello + [turn] + world)[: len(stream)]
+    with pytest.raises(ValueError, match="'hello world' is 2 tokens"):
+        text.pack(["a"], tok, 3, separator="hello world")

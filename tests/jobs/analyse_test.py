@@ -136,3 +136,26 @@ def test_statistics_and_maxima_see_all_of_the_heldout_text(tiny_pipeline, tmp_pa
     assert steered["heldout_rows"] == 16 and isinstance(steered["above_max"], bool)
     maxima = np.load(tmp_path / "steer" / "max_activations.npy")
     np.testing.assert_allclose(maxima, np.nan_to_num(stats.max), rtol=1e-5, atol=1e-6)
+
+
+def test_the_analysis_main_runs_alone_on_given_model_and_sae(tiny_pipeline, tmp_path):
+    """experiments/analyse.py with the model and SAE named (not the pipeline's defaults beside
+    the workdir) finds the feature the pipeline's analysis stage found."""
+    from tests import runs
+
+    workdir, _ = tiny_pipeline
+    with open(os.path.join(workdir, "analysis", job.SEARCH_FILE)) as f:
+        searched = json.load(f)
+    out = str(tmp_path / "analysis")
+    result = runs.run_main(
+        "experiments.analyse",
+        "configs/demo.py:tiny=True",
+        out,
+        f"--config.analysis.model_path={os.path.join(workdir, 'lm', 'export')}",
+        f"--config.analysis.sae={searched['sae']}",
+    )
+    with open(os.path.join(out, job.SEARCH_FILE)) as f:
+        alone = json.load(f)
+    assert alone["feature"] == searched["feature"]
+    assert [e["feature"] for e in alone["search"]] == [e["feature"] for e in searched["search"]]
+    assert "Dashboard:" in result.stdout and os.path.exists(os.path.join(out, "dashboard.html"))
