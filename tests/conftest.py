@@ -77,6 +77,7 @@ SLOWEST_FIRST = (
     "tests/notebooks_test.py",  # 4 notebooks in real kernels on tiny_pipeline.
     "tests/jobs/analyse_test.py",
     "tests/jobs/influence_test.py",
+    "tests/models/embedded_test.py",  # SmolLM2-135M in interp and in transformers (~25 s).
 )
 
 

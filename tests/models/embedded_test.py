@@ -44,7 +44,9 @@ def test_smollm2_logits_equal_transformers_gguf_loader():
         576,
         49152,
     )
+    prefix = tokenizer.encode("The whale rose from the")
     ids = np.asarray([tokenizer.encode("The whale rose from the sea, and Emma said that")])
+    assert list(ids[0, : len(prefix)]) == list(prefix)
     ours = np.asarray(jax.jit(model.apply)({"params": params}, ids))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
@@ -54,6 +56,5 @@ def test_smollm2_logits_equal_transformers_gguf_loader():
     error = np.abs(ours - want).max() / np.abs(want).max()
     assert error <= 1e-4, error
     # A real model: the next word after "The whale rose from the" is a plausible one.
-    prompt = np.asarray([tokenizer.encode("The whale rose from the")])
-    top = int(np.argmax(np.asarray(model.apply({"params": params}, prompt))[0, -1]))
+    top = int(np.argmax(ours[0, len(prefix) - 1]))
     assert tokenizer.decode([top]).strip() in {"sea", "ocean", "water", "depths", "deep"}
