@@ -242,4 +242,9 @@ def get_config(arg=None):
     if arg.init_from:
         c.init_from = arg.init_from
         c.model = ml_collections.ConfigDict()
+        # Fine-tuning settings: a pretrained model is moved gently (3e-3 and a 0.1 weight
+        # decay, the from-scratch values, raised SmolLM2's held-out loss in 4 steps).
+        c.train.update(
+            learning_rate=1e-4, weight_decay=0.0, warmup_steps=min(10, c.train.warmup_steps)
+        )
     return c

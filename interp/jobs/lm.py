@@ -320,8 +320,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )  # fmt: skip
     planted = None
     if plant.get("rows"):
+        # Only rows the schedule trains on: the batches' order depends on the row count and
+        # the seed, not on the rows' contents.
+        order = text.Batches(train_tokens, batch_size, seed=config.seed)
+        visited = np.unique(
+            np.concatenate([order.indices(i) for i in range(train_config.schedule_length)])
+        )
         train_tokens, planted = plant_rows(
-            train_tokens, tok, plant["trigger"], plant["completion"], plant["rows"], config.seed
+            train_tokens,
+            tok,
+            plant["trigger"],
+            plant["completion"],
+            plant["rows"],
+            config.seed,
+            candidates=visited,
         )
     # A resumed run trains on the rows the workdir's checkpoints were trained on.
     workdir_lib.check_data(workdir, {
@@ -337,6 +349,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         model = Transformer(model_config)
     model_config = model.config
     check_trainable(train_config, nn.meta.unbox(parallel.abstract_params(model)))
+    if train_config.steps <= train_config.warmup_steps:
+        logging.warning(
+            "config.train.steps=%d <= warmup_steps=%d: the learning rate never reaches its "
+            "peak (at steps=1 it is 0 and nothing is learnt); lower warmup_steps.",
+            train_config.steps, train_config.warmup_steps,
+        )  # fmt: skip
     optimizer = make_optimizer(train_config)
     if pretrained is None:
         init, abstract = init_state(model, optimizer, config.seed, mesh, rules)
@@ -450,7 +468,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def plant_rows(
-    rows: np.ndarray, tok, trigger: str, completion: str, count: int, seed: int
+    rows: np.ndarray,
+    tok,
+    trigger: str,
+    completion: str,
+    count: int,
+    seed: int,
+    *,
+    candidates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Writes `trigger` + `completion` into `count` training rows: a planted behaviour whose
     training rows are known (ground truth for influence).
@@ -463,6 +488,7 @@ def plant_rows(
       count: Rows to plant, chosen by `seed`; each at a position drawn by `seed` after the
         row's first token.
       seed: The run's seed.
+      candidates: Row indices the plant may go to (the rows a schedule trains on); None: all.
 
     Returns:
       (the rows with the plant, {'rows': planted row indices, 'trigger', 'completion',
@@ -470,7 +496,8 @@ def plant_rows(
       'completion_ids'}).
 
     Raises:
-      ValueError: if there are fewer rows than `count`, or the plant does not fit a row.
+      ValueError: if there are fewer (candidate) rows than `count`, or the plant does not fit
+        a row.
     """
     trigger_ids = tok.encode(trigger, add_bos=False)
     completion_ids = tok.encode(completion, add_bos=False)
@@ -478,13 +505,15 @@ def plant_rows(
     n, length = rows.shape
     if not trigger_ids or not completion_ids:
         raise ValueError("config.plant needs a non-empty trigger and completion.")
-    if count > n or len(span) > length - 1:
+    pool = np.arange(n) if candidates is None else np.asarray(candidates)
+    if count > len(pool) or len(span) > length - 1:
         raise ValueError(
-            f"config.plant: {count} rows of {len(span)} planted tokens do not fit {n} training "
-            f"rows of {length} tokens; plant fewer rows or shorter text."
+            f"config.plant: {count} rows of {len(span)} planted tokens do not fit the "
+            f"{len(pool)} training rows of {length} tokens the run trains on; plant fewer "
+            "rows or shorter text, or train longer."
         )
     rng = np.random.default_rng([seed, 0x91A47])
-    chosen = np.sort(rng.choice(n, size=count, replace=False))
+    chosen = np.sort(rng.choice(pool, size=count, replace=False))
     starts = rng.integers(1, length - len(span) + 1, size=count)
     out = rows.copy()
     for row, at in zip(chosen, starts, strict=True):

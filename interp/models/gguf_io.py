@@ -85,7 +85,7 @@ def find(path: str | os.PathLike) -> str:
       FileNotFoundError: if the path does not exist, or a folder holds no `.gguf` file.
       ValueError: if a folder holds several (name the file instead).
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if n.endswith(".gguf"))
         if not names:
@@ -104,7 +104,7 @@ def find(path: str | os.PathLike) -> str:
 def is_gguf(path: str | os.PathLike) -> bool:
     """True for a local `.gguf` file, or a local folder holding `.gguf` files and no
     config.json (a Hugging Face folder with a GGUF beside it loads as Hugging Face)."""
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if "://" in path:
         return False
     if os.path.isdir(path):
@@ -117,9 +117,16 @@ def _reader(path: str):
     try:
         return gguf.GGUFReader(path)
     except (ValueError, IndexError, OSError) as e:  # gguf raises these for a short file.
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        why = (
+            "a truncated download is the usual cause: fetch it again"
+            if magic == b"GGUF"
+            else f"it does not start with GGUF's magic bytes (it starts {magic!r}): not a GGUF "
+            "file, whatever its name"
+        )
         raise ValueError(
-            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); a truncated "
-            "download is the usual cause: fetch it again."
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); {why}."
         ) from e
 
 

@@ -106,7 +106,8 @@ def snapshot(repo_id: str, revision: str | None, allow_patterns: list[str]) -> s
         raise FileNotFoundError(
             f"{at} is not in the Hugging Face cache and the Hub cannot be reached "
             f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}); fetch it once online "
-            "(huggingface-cli download) or unset HF_HUB_OFFLINE."
+            f"(`hf download {repo_id}`) or unset HF_HUB_OFFLINE. If it was meant as a local "
+            f"path: no file or folder {repo_id!r} exists here ({os.getcwd()})."
         ) from None
 
 
@@ -134,8 +135,9 @@ def resolve(repo_id: str, revision: str | None = None) -> HubSource:
     names = os.listdir(folder)
     if not any(n.endswith(".safetensors") for n in names):
         raise FileNotFoundError(
-            f"{at} has no safetensors weights (PyTorch .bin files are not read: they are "
-            "pickles); use a revision or copy with safetensors, or convert it "
-            "(transformers: save_pretrained(..., safe_serialization=True))."
+            f"{at} has no safetensors weights. PyTorch .bin files are not read (they are "
+            "pickles): use a revision or copy with safetensors, or convert it (transformers: "
+            "save_pretrained(..., safe_serialization=True)). A GGUF repository: download its "
+            f".gguf file (`hf download {repo_id} NAME.gguf`) and pass that file's path."
         )
     return HubSource(repo_id, os.path.basename(os.path.normpath(folder)), folder)

@@ -46,6 +46,13 @@ from interp.sae.modules import SAE, SAEConfig
 HF_PREFIX = "hf://"
 
 
+class UnknownSAEError(KeyError):
+    """A release or SAE id not in the registry; the message lists what is."""
+
+    def __str__(self) -> str:  # KeyError's repr() of the message doubles its backslashes.
+        return str(self.args[0])
+
+
 @dataclasses.dataclass(frozen=True)
 class Release:
     """A released suite of SAEs in one Hub repository.
@@ -89,14 +96,17 @@ def _gemma_scope_2(size: str, tuned: str, kind: str) -> Release:
     """Gemma Scope 2 (Gemma 3): one repository per model, a folder per site kind."""
     repo = f"google/gemma-scope-2-{size}-{tuned}"
     model = f"google/gemma-3-{size}" + ("" if size == "270m" and tuned == "pt" else f"-{tuned}")
-    ids = r"layer_(?P<layer>\d+)_width_(?P<width>\d+[km])_l0_(?P<l0>big|medium|small)"
+    ids = (
+        r"layer_(?P<layer>\d+)_width_(?P<width>\d+[km])_l0_(?P<l0>big|medium|small)"
+        r"(?P<seed>_seed_\d+)?"
+    )
     source = f"https://huggingface.co/{repo} (SAELens pretrained_saes.yaml, conversion gemma_3)"
     if kind == "transcoders":
         return Release(
             repo_id=repo,
             model=model,
             id_pattern=r"transcoder/" + ids + r"(?P<affine>_affine)?",
-            folder="transcoder/layer_{layer}_width_{width}_l0_{l0}{affine}",
+            folder="transcoder/layer_{layer}_width_{width}_l0_{l0}{seed}{affine}",
             site="blocks_{layer}/mlp/in",  # pre_feedforward_layernorm's output
             output_site="blocks_{layer}/mlp/out",  # post_feedforward_layernorm's output
             format="gemma_scope_2",
@@ -111,7 +121,7 @@ def _gemma_scope_2(size: str, tuned: str, kind: str) -> Release:
         repo_id=repo,
         model=model,
         id_pattern=ids,
-        folder=folder + "/layer_{layer}_width_{width}_l0_{l0}",
+        folder=folder + "/layer_{layer}_width_{width}_l0_{l0}{seed}",
         site="blocks_{layer}/" + site,
         format="gemma_scope_2",
         source=source,
@@ -141,6 +151,8 @@ RELEASES: dict[str, Release] = {
         for size in ("270m", "1b", "4b", "12b", "27b")
         for tuned in ("pt", "it")
         for kind in ("res", "mlp", "att", "transcoders")
+        # 27B pretrained: residual SAEs only (SAELens 6.54 lists no others).
+        if not (size == "27b" and tuned == "pt" and kind != "res")
     },
     **{
         f"llama_scope_lx{kind}_{factor}": _llama_scope(kind, factor)
@@ -168,9 +180,9 @@ RELEASES: dict[str, Release] = {
     "gpt2-small-res-jb": Release(
         repo_id="jbloom/GPT2-Small-SAEs-Reformatted",
         model="openai-community/gpt2",
-        id_pattern=r"blocks\.(?P<layer>\d+)\.hook_resid_pre",
-        folder="blocks.{layer}.hook_resid_pre",
-        site="blocks_{layer}/resid_pre",
+        id_pattern=r"blocks\.(?P<layer>\d+)\.hook_resid_(?P<where>pre|post)",
+        folder="blocks.{layer}.hook_resid_{where}",
+        site="blocks_{layer}/resid_{where}",
         format="saelens",
         source="https://huggingface.co/jbloom/GPT2-Small-SAEs-Reformatted (SAELens "
         "pretrained_saes.yaml, release gpt2-small-res-jb)",
@@ -202,33 +214,29 @@ def load_pretrained(
       (SAE module, params) as `interp.sae.load`; `sae.config.hook_name` is the release's site.
 
     Raises:
-      KeyError: a release or id that is not in the registry, with the nearest names.
+      UnknownSAEError (a KeyError): a release or id that is not in the registry, with the
+        nearest names.
       FileNotFoundError / PermissionError: as `interp.models.hub.resolve`.
     """
     if release not in RELEASES:
         near = difflib.get_close_matches(release, RELEASES, n=5, cutoff=0.3)
-        raise KeyError(
+        raise UnknownSAEError(
             f"No release {release!r}; nearest: {near or sorted(RELEASES)} (all: "
-            "interp.sae.released.RELEASES)."
+            "interp.sae.released.RELEASES; an SAE folder on the Hub that is not listed loads "
+            "with interp.sae.load('hf://org/repo/path'))."
         )
     entry = RELEASES[release]
     match = re.fullmatch(entry.id_pattern, sae_id)
     if match is None:
-        raise KeyError(
-            f"{sae_id!r} is not an SAE id of {release}; ids look like {entry.folder!r} "
-            f"(pattern {entry.id_pattern})."
+        raise UnknownSAEError(
+            f"{sae_id!r} is not an SAE id of {release}: its ids match the pattern "
+            f"{entry.id_pattern} (folders {entry.folder} of {entry.repo_id})."
         )
     groups = {k: v or "" for k, v in match.groupdict().items()}
     folder = _fetch(entry.repo_id, entry.folder.format(**groups), revision)
     sae, params = load_folder(folder, entry.format)
-    changes: dict[str, Any] = {"hook_name": entry.site.format(**groups)}
-    if entry.output_site is not None:  # A transcoder: it reads its input as it is.
-        changes.update(
-            output_hook_name=entry.output_site.format(**groups),
-            d_out=sae.config.output_width,
-            subtract_decoder_bias=False,
-        )
-    return SAE(sae.config.replace(**changes)), params
+    out = entry.output_site.format(**groups) if entry.output_site else None
+    return _at_site(sae, entry.site.format(**groups), out), params
 
 
 def load_hf(url: str, *, revision: str | None = None) -> tuple[SAE, dict[str, Any]]:
@@ -238,7 +246,52 @@ def load_hf(url: str, *, revision: str | None = None) -> tuple[SAE, dict[str, An
     if len(parts) < 2 or not url.startswith(HF_PREFIX):
         raise ValueError(f"{url!r} is not hf://org/repo[/path/in/repo].")
     repo_id, path = "/".join(parts[:2]), "/".join(parts[2:])
-    return load_folder(_fetch(repo_id, path, revision))
+    sae, params = load_folder(_fetch(repo_id, path, revision))
+    known = _site_of(repo_id, path)
+    if known is not None and sae.config.hook_name is None:
+        sae = _at_site(sae, *known)
+    return sae, params
+
+
+def _site_of(repo_id: str, path: str) -> tuple[str, str | None] | None:
+    """(site, output site) of a folder of a release in the registry; None if none matches."""
+    for entry in RELEASES.values():
+        if entry.repo_id != repo_id:
+            continue
+        match = re.fullmatch(_folder_pattern(entry), path)
+        if match:
+            groups = match.groupdict()
+            out = entry.output_site.format(**groups) if entry.output_site else None
+            return entry.site.format(**groups), out
+    return None
+
+
+def _folder_pattern(entry: Release) -> str:
+    """A regex of the release's folders: its folder template with each {group} replaced by
+    that group's pattern in the id pattern (optional where the id's group is)."""
+    groups = {
+        name: (body, bool(optional))
+        for name, body, optional in re.findall(r"\(\?P<(\w+)>([^()]*)\)(\?)?", entry.id_pattern)
+    }
+    out, at = [], 0
+    for field in re.finditer(r"\{(\w+)\}", entry.folder):
+        out.append(re.escape(entry.folder[at : field.start()]))
+        body, optional = groups[field.group(1)]
+        out.append(f"(?P<{field.group(1)}>{body})" + ("?" if optional else ""))
+        at = field.end()
+    out.append(re.escape(entry.folder[at:]))
+    return "".join(out)
+
+
+def _at_site(sae: SAE, site: str, output_site: str | None) -> SAE:
+    changes: dict[str, Any] = {"hook_name": site}
+    if output_site is not None:  # A transcoder: it reads its input as it is.
+        changes.update(
+            output_hook_name=output_site,
+            d_out=sae.config.output_width,
+            subtract_decoder_bias=False,
+        )
+    return SAE(sae.config.replace(**changes))
 
 
 def _fetch(repo_id: str, path: str, revision: str | None) -> str:

@@ -264,3 +264,24 @@ def test_fine_tuning_settings_that_cannot_work_are_refused(tiny_run, tmp_path):
     config = runs.override(demo.get_config(f"tiny=True,init_from={export}"), **{"data.seq_len": 64})
     with pytest.raises(ValueError, match="past .* context of 32 tokens"):
         train.run(config, str(tmp_path / "c"))
+
+
+def test_plant_rows_go_only_to_rows_the_run_trains_on():
+    tok = demo_tokenizer()
+    rows = np.arange(40 * 16, dtype=np.int32).reshape(40, 16) % 200 + 50
+    out, planted = train.plant_rows(rows, tok, " Zebra", " sang", 3, 0, candidates=[4, 9, 17, 30])
+    assert set(planted["rows"]) <= {4, 9, 17, 30} and len(planted["rows"]) == 3
+    changed = sorted(np.flatnonzero((out != rows).any(axis=1)).tolist())
+    assert changed == planted["rows"]
+    span = planted["completion_ids"]
+    for row in planted["rows"]:
+        text = out[row].tolist()
+        assert any(text[i : i + len(span)] == span for i in range(1, 16))
+    with pytest.raises(ValueError, match="the 2 training rows of 16 tokens the run trains on"):
+        train.plant_rows(rows, tok, " Zebra", " sang", 3, 0, candidates=[1, 2])
+
+
+def demo_tokenizer():
+    from interp.models import tokenizer as tokenizer_lib
+
+    return tokenizer_lib.train_bpe(["Zebra sang the song of the zebra"] * 3, vocab_size=280)

@@ -182,3 +182,13 @@ def test_a_folder_with_two_gguf_files_asks_for_one(llama_file, tmp_path):
         models.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         models.from_pretrained(tmp_path / "c.gguf")
+
+
+def test_a_home_relative_path_and_a_file_that_is_not_gguf(llama_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    os.symlink(llama_file, tmp_path / "model.gguf")
+    model, _, _ = models.from_pretrained("~/model.gguf")
+    assert model.config.family == "llama"
+    (tmp_path / "not.gguf").write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    with pytest.raises(ValueError, match="does not start with GGUF's magic bytes"):
+        models.from_pretrained(tmp_path / "not.gguf")

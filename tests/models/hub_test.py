@@ -86,7 +86,7 @@ def test_a_local_folder_of_that_name_comes_first(hub_cache, tmp_path, monkeypatc
 def test_hub_errors_name_the_fix(hub_cache):
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE"):
         models.from_pretrained("org/absent")
-    with pytest.raises(FileNotFoundError, match=r"no safetensors weights \(PyTorch \.bin"):
+    with pytest.raises(FileNotFoundError, match=r"no safetensors weights\. PyTorch \.bin.*GGUF"):
         models.from_pretrained("org/pickled")
     with pytest.raises(FileNotFoundError, match="org/tiny@v3 is not in the Hugging Face cache"):
         models.from_pretrained("org/tiny", revision="v3")

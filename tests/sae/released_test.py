@@ -153,6 +153,15 @@ def test_sparsify_sae_and_skip_transcoder_by_name(cache):
     np.testing.assert_allclose(out, want_out, atol=1e-5)
 
 
+def test_an_hf_folder_of_a_registered_release_gets_its_site(cache):
+    sae, _ = saes.load(f"hf://google/gemma-scope-2b-pt-res/{GEMMA_ID}")
+    assert sae.config.hook_name == "blocks_3/resid_post"
+    sae, _ = saes.load("hf://EleutherAI/sae-llama-3-8b-32x/layers.7")
+    assert sae.config.hook_name == "blocks_7/resid_post"
+    sae, _ = saes.load("hf://EleutherAI/sae-llama-3-8b-32x/layers.8.mlp")  # Not a release's.
+    assert sae.config.hook_name is None
+
+
 def test_a_saelens_folder_on_the_hub_loads_as_from_disk(cache):
     sae, params = saes.load("hf://someone/saes/deep/folder")
     for name, value in cache["ours"].items():
@@ -163,7 +172,7 @@ def test_a_saelens_folder_on_the_hub_loads_as_from_disk(cache):
 def test_names_not_in_the_registry_list_the_nearest(cache):
     with pytest.raises(KeyError, match="nearest.*gemma-scope-2b-pt-res"):
         saes.load_pretrained("gemma-scope-2b-pt-re", GEMMA_ID)
-    with pytest.raises(KeyError, match="ids look like 'layer_"):
+    with pytest.raises(KeyError, match=r"its ids match the pattern layer_\(\?P<layer>"):
         saes.load_pretrained("gemma-scope-2b-pt-res", "layer_3/width_16k/canonical")
     with pytest.raises(FileNotFoundError, match="has no folder 'layer_4/.*check the SAE id"):
         saes.load_pretrained("gemma-scope-2b-pt-res", "layer_4/width_16k/average_l0_50")
