@@ -28,7 +28,8 @@ _WITH_REVISION = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[
 ALLOW_PATTERNS = [
     "config.json",
     "generation_config.json",
-    "*.safetensors",
+    "model.safetensors",  # Or shards model-0000X-of-0000Y.safetensors with the index:
+    "model-*-of-*.safetensors",  # what pretrained.py reads (not consolidated.*, adapters...).
     "model.safetensors.index.json",
     "tokenizer.json",
     "tokenizer_config.json",

@@ -298,7 +298,16 @@ def _fetch(repo_id: str, path: str, revision: str | None) -> str:
     """The local folder of `path` in the repository (only its files fetched)."""
     from interp.models import hub  # noqa: PLC0415
 
-    snapshot = hub.snapshot(repo_id, revision, allow_patterns=[f"{path}/*" if path else "*"])
+    if not path:
+        raise ValueError(
+            f"hf://{repo_id} names a whole repository; name the SAE's folder in it "
+            f"(hf://{repo_id}/path/to/folder)."
+        )
+    # The files of the formats `load_folder` reads, in this folder only (a parent folder's
+    # pattern would fetch every SAE below it).
+    snapshot = hub.snapshot(
+        repo_id, revision, allow_patterns=[f"{path}/{name}" for name in _SAE_FILES]
+    )
     folder = os.path.join(snapshot, path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(
@@ -306,6 +315,18 @@ def _fetch(repo_id: str, path: str, revision: str | None) -> str:
             "in offline mode); check the SAE id."
         )
     return folder
+
+
+_SAE_FILES = (
+    "cfg.json",
+    io.WEIGHTS_FILE,
+    "params.npz",
+    "params.safetensors",
+    "config.json",
+    "hyperparams.json",
+    "checkpoints/final.safetensors",
+    "sae.safetensors",
+)
 
 
 def detect_format(folder: str) -> str:

@@ -178,6 +178,8 @@ def test_names_not_in_the_registry_list_the_nearest(cache):
         saes.load_pretrained("gemma-scope-2b-pt-res", "layer_4/width_16k/average_l0_50")
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
         saes.load("hf://nobody/nothing/here")
+    with pytest.raises(ValueError, match="names a whole repository; name the SAE's folder"):
+        saes.load("hf://someone/saes")
 
 
 def _jumprelu(x, w_enc, b_enc, threshold):
