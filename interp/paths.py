@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import hashlib
 import json
 import os
 import re
@@ -133,6 +134,15 @@ def kvstore(path: PathLike, what: str = "Arrays") -> dict:
 def read_bytes(path: PathLike) -> bytes:
     """The whole content of a local or remote file."""
     return resolve(path).read_bytes()
+
+
+def sha256(path: PathLike) -> str:
+    """Hex sha256 of a local file's bytes, read in 1 MiB blocks (pinned downloads)."""
+    digest = hashlib.sha256()
+    with open(os.fspath(path), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def size(path: PathLike) -> int:

