@@ -13,8 +13,8 @@ read; `width`, 0 for all (five TopK SAEs of 2^16 ... 2^20 latents, trained toget
 batches) or one of those widths (one SAE per run: the harvested cache at `sae.cache_path` is
 shared, so later widths reuse it). It is `configs/demo.py` with another model, data, sizes and
 mesh: the model is the Hugging Face folder of google/gemma-2-2b copied to Cloud Storage
-(README: "Real-run configs"), the text FineWeb parquet files (a web corpus like Gemma's
-undisclosed one). Memory and time: README.
+(docs/real_runs.md), the text FineWeb parquet files (a web corpus like Gemma's
+undisclosed one). Memory and time: docs/real_runs.md.
 """
 
 from configs import common, demo

@@ -7,7 +7,7 @@ machine (interp.parallel.SLICES; its devices all hold the batch). It is `configs
 another model, data, sizes and mesh: the demo's four SAE architectures at 32x the width of the
 residual stream (24,576 latents), on the Hugging Face folder of openai-community/gpt2 (local,
 or gs://) and OpenWebText parquet files (the open replica of GPT-2's WebText). Download both
-first (README: "Real-run configs"). Memory and time: README.
+first (docs/real_runs.md). Memory and time: docs/real_runs.md.
 """
 
 from configs import common, demo

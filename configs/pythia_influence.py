@@ -10,10 +10,10 @@ r"""EK-FAC influence of Pythia-410m-deduped's training text on its completions.
 Arguments (`:slice=v4-8`): the TPU slice or GPU node (interp.parallel.SLICES); the
 batches are split over all its devices, the model replicated. It is `configs/demo.py` with
 another model, data, sizes and mesh: EleutherAI/pythia-410m-deduped (a Hugging Face folder
-copied to Cloud Storage, README: "Real-run configs"), the deduplicated Pile it was trained on
+copied to Cloud Storage, docs/real_runs.md), the deduplicated Pile it was trained on
 (EleutherAI/the_pile_deduplicated, parquet), factors of every MLP projection (48 layers), and
 the demo's three completion queries (the Pile holds Project Gutenberg). No SAE feature query:
-this run trains no SAE. Memory and time: README.
+this run trains no SAE. Memory and time: docs/real_runs.md.
 """
 
 from configs import common, demo

@@ -12,7 +12,7 @@ copy this checkout's committed files to every worker, install them with jax[tpu]
 workdir's last checkpoint), `--action=setup` re-copies the code. The config is loaded here first,
 so a typo in an override, a mesh that does not fit the slice, a path still holding
 YOUR_BUCKET, or a config file that the shipped commit does not hold as it is here fails before
-anything is created (the dry run names them). README: "Cloud TPU launch".
+anything is created (the dry run names them). Guide: docs/tpu.md.
 """
 
 import pathlib

@@ -105,7 +105,7 @@ class TpuRun:
         if get_slice(self.slice).platform != "tpu":
             raise ValueError(
                 f"{self.slice!r} is a GPU node, not a TPU slice; on a GPU machine run the "
-                "experiment main directly (README: Cloud TPU and GPU runs)."
+                "experiment main directly (docs/tpu.md)."
             )
         if not re.fullmatch(r"[a-z_][a-z0-9_]*", self.main):
             raise ValueError(f"main {self.main!r} must name a module of experiments/.")

@@ -49,7 +49,7 @@ def test_gemma_sweep_divides_and_fits(gemma, slice_name):
 
 def test_gemma_sweep_does_not_fit_a_v5e_16(gemma):
     # The float32 model on device 0 (10.5 GB) plus 1/16 of the sweep exceed a 16 GB chip:
-    # what README says, so a v5e-16 launch is known to fail before it is paid for.
+    # what docs/real_runs.md says, so a v5e-16 launch is known to fail before it is paid for.
     config = gemma2_2b_sae.get_config("slice=v5litepod-16")
     assert not plan.sae_plan(config, gemma, parallel.get_slice("v5litepod-16")).fits()
 

@@ -25,7 +25,7 @@ Sources (read 2026-12; re-check when Google changes them):
     on https://glennklockwood.com/garden/tpuv4); 4 chips per host.
   * H100 SXM (e.g. a3-highgpu-8g, 8 GPUs): 80 GB HBM3 at 3.35 TB/s, 989 dense bf16 TFLOP/s
     (NVIDIA's H100 datasheet).
-Peak figures are the vendors'; what a job reaches is a fraction of them (see README.md).
+Peak figures are the vendors'; what a job reaches is a fraction of them (see docs/real_runs.md).
 """
 
 from __future__ import annotations

@@ -104,11 +104,14 @@ def test_bad_influence_configs_are_clear_errors(pipeline_run, tmp_path):
 
 
 def test_readme_examples_run_in_order_on_the_pipeline_output(pipeline_run, tmp_path):
-    # Every python block of the README, in order (each builds on the ones before): the
-    # library, SAEs, feature analysis, influence and steering, against the tiny pipeline.
+    # Every python block of the README and then of docs/library.md, in order (each builds on
+    # the ones before): the library, SAEs, feature analysis, influence and steering, against
+    # the tiny pipeline.
     workdir, _ = pipeline_run
-    with open(os.path.join(runs.ROOT, "README.md")) as f:
-        blocks = [b.split("```", 1)[0] for b in f.read().split("```python\n")[1:]]
+    blocks = []
+    for page in ("README.md", "docs/library.md"):
+        with open(os.path.join(runs.ROOT, page)) as f:
+            blocks += [b.split("```", 1)[0] for b in f.read().split("```python\n")[1:]]
     assert any("influence.fit_factors" in b for b in blocks)
     assert any("steering.feature_intervention" in b for b in blocks)
     topk = next(n for n in os.listdir(os.path.join(workdir, "sae", "saes")) if "-topk-" in n)
@@ -123,7 +126,7 @@ def test_readme_examples_run_in_order_on_the_pipeline_output(pipeline_run, tmp_p
     code = code.replace('"frontier.png"', repr(str(tmp_path / "frontier.png")))
     assert "workdir/" not in code.replace(workdir, "")  # Nothing written into the checkout.
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    exec(compile(code, "README.md + docs/library.md", "exec"), namespace)  # noqa: S102
     assert namespace["scores"].shape == (1, 2)
     detail = namespace["detail"]
     np.testing.assert_allclose(detail.per_layer.sum(-1), namespace["scores"], rtol=1e-4, atol=1e-6)
