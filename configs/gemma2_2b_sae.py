@@ -29,7 +29,7 @@ def get_config(arg=None):
         raise ValueError(f"width={arg.width!r}: 0 (all) or one of {WIDTHS}.")
     widths = (arg.width,) if arg.width else WIDTHS
     tpu = parallel.get_slice(arg.slice)
-    c = demo.get_config()
+    c = demo.get_config("toy=True")  # The demo's stages and fields, not its SmolLM2 sizes.
     c.data.text_path = "gs://YOUR_BUCKET/data/fineweb/sample-10BT/*.parquet"
     c.data.seq_len = 1024  # Gemma Scope's SAEs were trained on 1024-token contexts.
     # Parquet is streamed: the job reads only the documents its ~100k rows of 1024 tokens need.

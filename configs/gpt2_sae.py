@@ -17,7 +17,7 @@ from interp import parallel
 def get_config(arg=None):
     arg = common.parse_arg(arg, layer=8, slice="h100-1")
     gpu = parallel.get_slice(arg.slice)
-    c = demo.get_config()
+    c = demo.get_config("toy=True")  # The demo's stages and fields, not its SmolLM2 sizes.
     c.data.text_path = "data/openwebtext/*.parquet"
     c.data.seq_len = 1024  # GPT-2's context.
     c.mesh = dict(data=gpu.devices, fsdp=1, model=1)

@@ -23,7 +23,7 @@ from interp import parallel
 def get_config(arg=None):
     arg = common.parse_arg(arg, slice="v4-8")
     devices = parallel.get_slice(arg.slice).devices
-    c = demo.get_config()
+    c = demo.get_config("toy=True")  # The demo's stages and fields, not its SmolLM2 sizes.
     c.data.text_path = "gs://YOUR_BUCKET/data/pile-deduped/*.parquet"
     c.data.seq_len = 2048  # Pythia's training context.
     # Parquet is streamed: the job reads only the documents its fit and search rows need.

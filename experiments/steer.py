@@ -1,5 +1,7 @@
 r"""Steering with an SAE feature: a prompt's completions with the feature clamped to several
-multiples of its maximum activation, side by side with the unsteered one.
+multiples of its maximum activation, side by side with the unsteered one; with
+`config.steering.sweep_prompts`, the measured sweep (concept share and fluency per method,
+positions and strength; interp/jobs/steer.py).
 
     python -m experiments.steer --config=configs/demo.py --workdir=workdir/demo/steering
 """
@@ -14,6 +16,8 @@ def main(argv):
     workdir_lib.quiet_library_logs()
     results = steer.run(common.CONFIG.value, common.WORKDIR.value)
     print(steer.format_side_by_side(results))
+    if results.get("sweep"):
+        print(steer.format_sweep(results["sweep"]))
 
 
 if __name__ == "__main__":

@@ -304,6 +304,8 @@ class Progress:
         window: int = 20,
         clock: Callable[[], float] = time.monotonic,
         log: bool = True,
+        label: str = "",
+        unit: str = "step",
     ):
         """Starts the clock.
 
@@ -317,6 +319,8 @@ class Progress:
           window: How many recent `update` calls the rate is measured over (>= 1).
           clock: Seconds, monotonic; injectable for tests.
           log: Also log each line with absl logging.
+          label: Put before each line, e.g. 'influence: covariance'.
+          unit: What a step is called on the line, e.g. 'batch'.
         """
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}.")
@@ -324,6 +328,8 @@ class Progress:
         self.tokens_per_step = tokens_per_step
         self._clock = clock
         self._log = log
+        self._prefix = f"{label}: " if label else ""
+        self._unit = unit
         self._start_time = clock()
         # (step, time) of recent updates; the oldest is where the rate window begins.
         self._history: collections.deque[tuple[int, float]] = collections.deque(maxlen=window + 1)
@@ -355,10 +361,11 @@ class Progress:
                 self._history.clear()  # Stepped back (restored an older state): new window.
             self._history.append((step, now))
         percent = math.floor(100 * step / self.total_steps) if self.total_steps else 100
-        parts = [f"step {step}/{self.total_steps} ({percent}%)"]
+        parts = [f"{self._prefix}{self._unit} {step}/{self.total_steps} ({percent}%)"]
         rate = self.steps_per_second()
         if self.tokens_per_step is None:
-            parts.append(f"{rate:.3g} steps/s" if rate else "-- steps/s")
+            unit = f"{self._unit}s/s"
+            parts.append(f"{rate:.3g} {unit}" if rate else f"-- {unit}")
         else:
             tokens = None if rate is None else rate * self.tokens_per_step
             parts.append(f"{_format_rate(tokens)} tok/s" if tokens else "-- tok/s")
@@ -370,3 +377,47 @@ class Progress:
         if self._log:
             logging.info(line)
         return line
+
+
+class Tracked:
+    """A sized iterable that logs a progress line (`Progress`) as it is iterated: for the
+    batches of a pass a library function consumes (influence factor fits and searches), so
+    a long pass shows its rate and ETA. Re-iterable: each pass starts a new line count
+    ('label, pass 2' from the second).
+
+        batches = metrics.Tracked(batches, "influence: factors", tokens_per_item=8 * 128)
+        fit_factors(model, params, batches, ...)
+
+    The line for item i is logged when item i + 1 is asked for (or the pass ends), so the
+    time of item i's work is counted where the consumer works lazily.
+    """
+
+    def __init__(
+        self,
+        items,
+        label: str,
+        tokens_per_item: int | None = None,
+        *,
+        every: int = 1,
+        unit: str = "batch",
+    ):
+        self.items = list(items)
+        self.label = label
+        self.tokens_per_item = tokens_per_item
+        self.every = max(int(every), 1)
+        self.unit = unit
+        self._passes = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        self._passes += 1
+        label = self.label if self._passes == 1 else f"{self.label}, pass {self._passes}"
+        progress = Progress(len(self.items), self.tokens_per_item, label=label, unit=self.unit)
+        for index, item in enumerate(self.items):
+            if index and (index % self.every == 0):
+                progress.update(index)
+            yield item
+        if self.items:
+            progress.update(len(self.items))

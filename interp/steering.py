@@ -377,3 +377,83 @@ def _batch_max(model, sae, name, head_index, params, sae_params, tokens, mask, k
 
 
 _jit_batch_max = jax.jit(_batch_max, static_argnums=(0, 1, 2, 3))
+
+
+# ---------------------------------------------------------------------- positions, sweeps
+
+
+@flax.struct.dataclass
+class FromPosition:
+    """`intervention` applied only at positions >= `start` of each row: steering the tokens
+    a model generates, not its prompt (`generate` passes positions; see `from_position`).
+
+    A pytree: `intervention` (its own leaves) and `start` int32 [B] are traced.
+    """
+
+    intervention: Any
+    start: jax.Array
+
+    def __call__(self, value, positions):
+        edited = self.intervention(value)
+        keep = positions >= self.start[:, None]  # [B, S]
+        keep = keep.reshape(keep.shape + (1,) * (value.ndim - 2))
+        return jnp.where(keep, edited, value)
+
+    def check_site(self, model: nn.Module, name: str) -> None:
+        check = getattr(self.intervention, "check_site", None)
+        if callable(check):
+            check(model, name)
+
+
+def from_position(intervention, start) -> FromPosition:
+    """`intervention` at positions >= `start` only (int, or int [B] per row; positions count
+    real tokens, as `interp.models.generate.token_positions`). Position-aware, so for
+    `generate`, which passes positions; start 0 edits every real token (not padding).
+
+        steer = from_position(feature_intervention(sae, sae_params, [Add(7, 4.0)]),
+                              start=prompt_lengths)      # The generated tokens only.
+        generate(model, params, prompt, 20, attention_mask=mask, interventions={hook: steer})
+    """
+    return FromPosition(intervention, jnp.asarray(start, jnp.int32).reshape(-1))
+
+
+METHODS = ("clamp", "add")
+POSITIONS = ("all", "generated")
+
+
+def sweep_edit(method: str, feature: int, value: float) -> Edit:
+    """The edit a sweep setting makes: 'clamp' sets the feature's code to `value`; 'add'
+    adds `value` to it (the decoder direction times `value`, whatever the code was)."""
+    if method == "clamp":
+        return Clamp(feature, value)
+    if method == "add":
+        return Add(feature, value)
+    raise ValueError(f"Steering method must be one of {METHODS}, got {method!r}.")
+
+
+def completion_loss(model, params, tokens, mask, starts) -> np.ndarray:
+    """Each row's mean next-token loss (nats/token) over its tokens from `starts` on.
+
+    The fluency measure of steering benchmarks (AxBench, Wu et al. 2025, judge it with an
+    LLM; here, the unsteered model's own loss on the steered text, lower is more fluent).
+
+    Args:
+      model, params: The unsteered model.
+      tokens: int [B, T], prompts then completions, right-padded.
+      mask: [B, T], 1 for real tokens.
+      starts: int [B], each row's first completion position (its prompt length).
+
+    Returns:
+      float64 [B]; NaN for a row with no completion token.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    mask = jnp.asarray(mask, jnp.int32)
+    logits = model.apply({"params": params}, tokens, attention_mask=mask)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]  # [B, T-1]
+    columns = jnp.arange(1, tokens.shape[1])[None, :]
+    scored = (columns >= jnp.asarray(starts)[:, None]) & (mask[:, 1:] > 0)
+    total = np.asarray((nll * scored).sum(-1), np.float64)
+    count = np.asarray(scored.sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)

@@ -334,3 +334,51 @@ def test_the_sae_own_site_in_either_spelling_and_an_allowed_other_site_run():
     other = dict(hook="blocks_0/resid_post", allow_other_site=True)
     maxima = steering.max_activations(MODEL, PARAMS, SAE_, SAE_PARAMS, [TOKENS], **other)
     assert maxima.shape == (64,)
+
+
+def test_steering_only_generated_positions_leaves_the_prompt_alone():
+    """from_position(start=prompt length): the prompt's positions are unedited (so the first
+    new token is the unsteered one), later ones steered, cached == full passes; start 0 is
+    the plain intervention; clamp and add with the same leaves compile once."""
+    prompt = TOKENS[:, :4]
+    strong = feature_intervention(SAE_, SAE_PARAMS, [Clamp(3, 200.0)])
+    clean = np.asarray(generate(MODEL, PARAMS, prompt, 6))
+    everywhere = np.asarray(generate(MODEL, PARAMS, prompt, 6, interventions={SITE: strong}))
+    assert not np.array_equal(everywhere[:, 4], clean[:, 4]), "The clamp changed no first token."
+    late = steering.from_position(strong, jnp.full((2,), 4))
+    got = np.asarray(generate(MODEL, PARAMS, prompt, 6, interventions={SITE: late}))
+    np.testing.assert_array_equal(got[:, 4], clean[:, 4])  # Read off the unedited prompt.
+    assert not np.array_equal(got, clean), "Steering the generated tokens changed nothing."
+    full = generate(MODEL, PARAMS, prompt, 6, interventions={SITE: late}, use_cache=False)
+    np.testing.assert_array_equal(got, full)
+    at_zero = steering.from_position(strong, jnp.zeros((2,), jnp.int32))
+    np.testing.assert_array_equal(
+        generate(MODEL, PARAMS, prompt, 6, interventions={SITE: at_zero}), everywhere
+    )
+    # A no-op edit through the wrapper is exactly unsteered; clamp <-> add: no new program.
+    noop = steering.from_position(feature_intervention(SAE_, SAE_PARAMS, [Add(3, 0.0)]), [0, 0])
+    np.testing.assert_array_equal(
+        generate(MODEL, PARAMS, prompt, 6, interventions={SITE: noop}), clean
+    )
+    before = generate_lib._generate_cached._cache_size()
+    for method in steering.METHODS:
+        edit = steering.sweep_edit(method, 3, 50.0)
+        wrapped = steering.from_position(feature_intervention(SAE_, SAE_PARAMS, [edit]), [4, 4])
+        generate(MODEL, PARAMS, prompt, 6, interventions={SITE: wrapped})
+    assert generate_lib._generate_cached._cache_size() == before
+    with pytest.raises(ValueError, match="clamp"):
+        steering.sweep_edit("multiply", 3, 1.0)
+
+
+def test_completion_loss_is_the_mean_nll_of_the_completion_tokens():
+    tokens = np.asarray(TOKENS)
+    mask = np.ones_like(tokens)
+    mask[1, 5:] = 0  # Row 1: 5 real tokens, completion from 3.
+    starts = np.asarray([2, 3])
+    got = steering.completion_loss(MODEL, PARAMS, tokens, mask, starts)
+    for row, (start, length) in enumerate([(2, 6), (3, 5)]):
+        logits = MODEL.apply({"params": PARAMS}, tokens[row : row + 1, :length])[0]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        nll = [-float(logp[t - 1, tokens[row, t]]) for t in range(start, length)]
+        assert got[row] == pytest.approx(np.mean(nll), rel=1e-5)
+    assert np.isnan(steering.completion_loss(MODEL, PARAMS, tokens, mask, [6, 6])[0])

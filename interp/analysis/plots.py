@@ -133,3 +133,32 @@ def plot_frontier(
     if any(groups):
         axes.legend(fontsize=8)
     return _finish(figure, path)
+
+
+def plot_steering_sweep(
+    settings: Sequence[Mapping[str, Any]],
+    unsteered: Mapping[str, Any],
+    path: paths.PathLike | None = None,
+) -> bytes:
+    """A steering sweep (`interp.jobs.steer`): per strength, the share of completions that
+    mention the concept (left) and their fluency, the unsteered model's loss on them (right),
+    one line per method and positions, the unsteered values dashed (AxBench's two axes)."""
+    plt = _pyplot()
+    figure, (share_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    lines: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for setting in settings:
+        lines.setdefault((setting["method"], setting["positions"]), []).append(setting)
+    for (method, positions), points in lines.items():
+        points = sorted(points, key=lambda p: p["strength"])
+        strengths = [p["strength"] for p in points]
+        label = f"{method}, {positions} positions"
+        share_axis.plot(strengths, [p["concept_share"] for p in points], "o-", label=label)
+        loss_axis.plot(strengths, [p["fluency_loss"] for p in points], "o-", label=label)
+    share_axis.axhline(unsteered["concept_share"], color="grey", ls="--", label="unsteered")
+    loss_axis.axhline(unsteered["fluency_loss"], color="grey", ls="--", label="unsteered")
+    share_axis.set(xlabel="strength (x the feature's max activation)",
+                   ylabel="completions mentioning the concept", ylim=(-0.02, 1.02))  # fmt: skip
+    loss_axis.set(xlabel="strength (x the feature's max activation)",
+                  ylabel="unsteered model's loss on the text (nats/token)")  # fmt: skip
+    share_axis.legend(fontsize=8)
+    return _finish(figure, path)

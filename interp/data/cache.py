@@ -58,11 +58,12 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
-from interp import paths, preemption
+from interp import metrics, paths, preemption
 from interp.data.activations import Batch, sum_squared_norms, unit_norm_scale
 
 FORMAT = "interp.activations"
 VERSION = 2  # 2: chunks carry crc32c checksums.
+PROGRESS_SECONDS = 15.0  # Between the harvest's progress lines (rows/s, ETA).
 _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 
 
@@ -279,6 +280,11 @@ def write_cache(
 
         writer = _CacheWriter(path, dims, dtype, chunk_rows, num_rows, committed)
         items, last_commit = start, time.monotonic()
+        # Rows/s and ETA every PROGRESS_SECONDS (the commits above log only what is safe).
+        progress = metrics.Progress(
+            num_rows or 0, None, start_step=writer.rows, label="harvest", unit="row"
+        )
+        last_progress = time.monotonic()
 
         def commit():
             record = writer.commit(items)
@@ -296,6 +302,9 @@ def write_cache(
             items += 1
             if writer.full:  # Stop pulling: no forward pass is wasted.
                 break
+            if num_rows and time.monotonic() - last_progress >= PROGRESS_SECONDS:
+                progress.update(writer.rows)
+                last_progress = time.monotonic()
             # The item count is the sync id: it grows, and is the same on every process
             # that writes in step (interp/preemption.py).
             if preempt is not None and preempt.reached(items):

@@ -276,7 +276,7 @@ def pack(
         raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
     if max_rows is not None and max_rows < 0:
         raise ValueError(f"max_rows must be >= 0 or None, got {max_rows}.")
-    eos_id = _separator_id(tokenizer, separator)
+    eos_id = separator_id(tokenizer, separator)
     if add_bos and getattr(tokenizer, "bos_id", None) is None:
         raise ValueError(
             "A bos token was asked for at each document's start (add_bos=True, "
@@ -317,7 +317,7 @@ def pack(
     return packed if max_rows is None else packed[:max_rows]
 
 
-def _separator_id(tokenizer: Encoder, separator: str | None) -> int | None:
+def separator_id(tokenizer: Encoder, separator: str | None) -> int | None:
     """The token id `pack` puts between documents (None: nothing)."""
     if separator is None:
         return None

@@ -128,7 +128,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     rows = sample_rows(config.data, heldout, tokenizer, analysis_config.max_rows, config.seed)
     size = analysis_config.batch_size
     batches = [rows[i : i + size] for i in range(0, len(rows), size)]
-    exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer)
+    exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer, config.data)
     written = analysis.analyse(model, params, sae, sae_params, batches, workdir,
                                tokenizer=tokenizer, **exclusions)  # fmt: skip
     stats = written["stats"]
@@ -143,6 +143,8 @@ def run(config, workdir: str) -> dict[str, Any]:
             "activation": float(a),
             "max_activation": float(stats.max[f]),
             "above_max": bool(above),
+            "density": float(stats.fires[f] / max(stats.num_tokens, 1)),
+            "top_tokens": top_tokens(stats, int(f), tokenizer),
         }
         for f, s, a, above in zip(
             found.features, found.scores, found.activations, found.above_max, strict=True
@@ -178,13 +180,28 @@ def run(config, workdir: str) -> dict[str, Any]:
     return results
 
 
+def top_tokens(stats, feature: int, tokenizer, count: int = 8) -> list[str]:
+    """The distinct tokens a feature fires hardest on (at its top activations), in order."""
+    seen: list[str] = []
+    for k in range(stats.top_values.shape[1]):
+        if not np.isfinite(stats.top_values[feature, k]) or len(seen) == count:
+            break
+        token = int(stats.top_tokens[feature, k, stats.context_before])
+        piece = "".join(tokenizer.token_pieces([token], skip_special_tokens=False))
+        if piece not in seen:
+            seen.append(piece)
+    return seen
+
+
 def format_search(results: dict[str, Any]) -> str:
     """The features found, one line each, best first."""
     lines = [f"Features for {results['concept']!r} at {results['hook']} (activation / its max):"]
     for entry in results["search"]:
         above = "  ABOVE its held-out max" if entry.get("above_max") else ""
+        tokens = ", ".join(repr(t) for t in entry.get("top_tokens", [])[:5])
         lines.append(
             f"  feature {entry['feature']:>5}: {entry['activation']:.3g} / "
             f"{entry['max_activation']:.3g} = {entry['score']:.2f}{above}"
+            + (f"; fires most on {tokens}" if tokens else "")
         )
     return "\n".join(lines)

@@ -249,7 +249,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         Hugging Face export (`<workdir>/export`).
 
     Returns:
-      Final figures: {'step', 'eval_loss', 'unigram_loss', 'export_dir', 'sample'}.
+      Final figures: {'step', 'eval_loss', 'unigram_loss', 'export_dir', 'sample'}, and
+      'eval_loss_before' (fine-tuning: the pretrained model's) and 'planted' (with a plant).
 
     Raises:
       workdir_lib.ConfigMismatchError: When resuming with a config that changes the maths.
@@ -268,7 +269,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             )
     else:
         model_config_from(config, config.tokenizer.vocab_size)  # Unknown or bad model fields.
-    plant = dict(config.get("plant") or {})
     mesh = parallel.mesh_from_config(config.mesh)
     rules = parallel.rules_from_config(config.get("rules") or None)
     train_docs, heldout_docs = documents(config.data)
@@ -302,9 +302,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         tok = _tokenizer(config, workdir, train_docs)
     start = time.time()
     batch_size = train_config.batch_size
-    # A streamed source gives one pass of the schedule's batches and the evaluated rows.
-    needed = train_config.schedule_length * batch_size
-    train_tokens = pack_rows(config.data, train_docs, tok, needed)
+    train_tokens, planted = training_rows(config, tok, train_docs)
     # Held-out rows spread over all of the held-out text (its first rows are its first books).
     eval_needed = config.eval_batches * batch_size
     eval_tokens = sample_rows(config.data, heldout_docs, tok, eval_needed, config.seed)
@@ -318,23 +316,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "Packed %d train / %d held-out rows of %d tokens in %.1fs.",
         len(train_tokens), len(eval_tokens), config.data.seq_len, time.time() - start,
     )  # fmt: skip
-    planted = None
-    if plant.get("rows"):
-        # Only rows the schedule trains on: the batches' order depends on the row count and
-        # the seed, not on the rows' contents.
-        order = text.Batches(train_tokens, batch_size, seed=config.seed)
-        visited = np.unique(
-            np.concatenate([order.indices(i) for i in range(train_config.schedule_length)])
-        )
-        train_tokens, planted = plant_rows(
-            train_tokens,
-            tok,
-            plant["trigger"],
-            plant["completion"],
-            plant["rows"],
-            config.seed,
-            candidates=visited,
-        )
     # A resumed run trains on the rows the workdir's checkpoints were trained on.
     workdir_lib.check_data(workdir, {
         "train": data_fingerprint.batch_digest(train_tokens),
@@ -410,6 +391,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         sum(x.size for x in jax.tree.leaves(abstract["params"])) / 1e6,
         baseline,
     )
+    loss_before = None
+    if pretrained is not None:  # The pretrained model's own held-out loss, to compare.
+        placed = jax.device_put(pretrained, state_shardings["params"])
+        loss_before = evaluate({"params": placed})["eval_loss"]
+        del placed
+        logging.info("Held-out loss before fine-tuning: %.3f nats/token.", loss_before)
     writer = metrics.MetricWriter(workdir)
     try:
         state, summary = loop.train(
@@ -448,6 +435,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "unigram_loss": baseline,
         "export_dir": str(export_dir),
     }
+    if loss_before is not None:
+        summary["eval_loss_before"] = loss_before
     if planted is not None:
         planted["logprob_after"] = completion_logprob(
             model, params, planted["prompt_ids"], planted["completion_ids"]
@@ -465,6 +454,49 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         paths.write_text, workdir / "summary.json", workdir_lib.config_to_json(summary)
     )
     return summary
+
+
+def training_rows(
+    config: ml_collections.ConfigDict, tok, train_docs
+) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """The rows the LM job trains on: `config.data` packed for the schedule's batches, with
+    `config.plant` written into rows the schedule visits.
+
+    The influence job (`config.influence.rows='lm'`) calls this to search exactly the rows a
+    run trained on, planted rows included.
+
+    Returns:
+      (int32 [N, T] rows, the plant's record from `plant_rows` or None without a plant).
+
+    Raises:
+      ValueError: as `plant_rows`.
+    """
+    train_config = train_config_from(config.train)
+    batch_size = train_config.batch_size
+    # A streamed source gives one pass of the schedule's batches and the evaluated rows.
+    needed = train_config.schedule_length * batch_size
+    train_tokens = pack_rows(config.data, train_docs, tok, needed)
+    plant = dict(config.get("plant") or {})
+    if not plant.get("rows") or len(train_tokens) < batch_size:
+        return train_tokens, None
+    return plant_rows(
+        train_tokens,
+        tok,
+        plant["trigger"],
+        plant["completion"],
+        plant["rows"],
+        config.seed,
+        candidates=visited_rows(
+            train_tokens, batch_size, train_config.schedule_length, config.seed
+        ),
+    )
+
+
+def visited_rows(rows: np.ndarray, batch_size: int, steps: int, seed: int) -> np.ndarray:
+    """Sorted indices of the rows `steps` batches of the LM job's order visit: that order
+    depends on the row count and the seed, not on the rows' contents."""
+    order = text.Batches(rows, batch_size, seed=seed)
+    return np.unique(np.concatenate([order.indices(i) for i in range(steps)]))
 
 
 def plant_rows(

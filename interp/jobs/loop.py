@@ -92,7 +92,8 @@ class Task:
         pytree of scalars, flattened by `flatten` for writing.
       batch: 0-based step index -> the batch of that step.
       flatten: metrics -> {name: float}; default: a flat dict of scalars as it is.
-      shown: Names from the flattened metrics to put on the progress line; default all.
+      shown: Which flattened metrics the progress line shows, and as what: name -> False
+        (not shown), True (shown under its name) or a shorter label; default all.
     """
 
     init: Callable[[], State]
@@ -100,7 +101,7 @@ class Task:
     step: Callable[[State, Any], tuple[State, Any]]
     batch: Callable[[int], Any]
     flatten: Callable[[Any], dict[str, float]] | None = None
-    shown: Callable[[str], bool] | None = None
+    shown: Callable[[str], bool | str] | None = None
 
 
 def sharded_init(build: Callable[..., State], shardings: State, mesh, *args) -> State:
@@ -197,7 +198,11 @@ def _steps(task, ckpt, config, state, start, progress, preempt, writer, evaluate
             scalars = flatten(out)
             if writer is not None:
                 writer.write(step, scalars)
-            shown = {k: v for k, v in scalars.items() if task.shown is None or task.shown(k)}
+            shown = {}
+            for name, value in scalars.items():
+                label = True if task.shown is None else task.shown(name)
+                if label:
+                    shown[name if label is True else label] = value
             progress.update(step, **shown)
         # Saved before evaluating: an evaluation that fails loses no training.
         if step % config.checkpoint_every == 0 or last:

@@ -30,10 +30,10 @@ import numpy as np
 from absl import logging
 
 from interp import metrics, parallel, paths
-from interp.data import activations
+from interp.data import activations, text
 from interp.data import cache as cache_lib
 from interp.data import fingerprint as data_fingerprint
-from interp.data.documents import documents, pack_rows, sample_rows
+from interp.data.documents import documents, pack_rows, sample_rows, separator_option
 from interp.jobs import lock, loop
 from interp.jobs import workdir as workdir_lib
 from interp.models import sites as sites_lib
@@ -126,15 +126,19 @@ def _input_scale(cache, entry, rows: np.ndarray) -> float:
     return activations.unit_norm_scale(activations.mean_squared_norm(rows))
 
 
-_EXCLUDE_DEFAULTS = {"first": True, "bos": True, "token_ids": ()}
+_EXCLUDE_DEFAULTS = {"first": True, "bos": True, "separator": True, "token_ids": ()}
 
 
-def exclusions(sae_config, tokenizer) -> dict[str, Any]:
+def exclusions(sae_config, tokenizer, data_config=None) -> dict[str, Any]:
     """`keep_mask` options from `config.sae.exclude`, the same for harvest and evaluation.
 
     `first`: each row's first position (a packed row's first token has no context and an
-    outsized norm); `bos`: the tokenizer's BOS token wherever it stands; `token_ids`: more
-    token ids (other special tokens).
+    outsized norm); `bos`: the tokenizer's BOS token wherever it stands; `separator`: the
+    token packing puts between documents (`config.data.separator`, given `data_config`): in
+    a pretrained model it is an attention sink whose residual norm is ~100x a word's
+    (SmolLM2-135M, layer 15: ~15,000 against a median 168), which would otherwise dominate
+    an SAE's loss and make its FVU look tiny; `token_ids`: more token ids (other special
+    tokens).
 
     Raises:
       ValueError: for unknown keys.
@@ -147,10 +151,15 @@ def exclusions(sae_config, tokenizer) -> dict[str, Any]:
         )
     options = {**_EXCLUDE_DEFAULTS, **given}
     bos = getattr(tokenizer, "bos_id", None) if options["bos"] else None
+    ids = [int(i) for i in options["token_ids"]]
+    if options["separator"] and data_config is not None and tokenizer is not None:
+        separator = text.separator_id(tokenizer, separator_option(data_config))
+        if separator is not None and separator not in ids and separator != bos:
+            ids.append(int(separator))
     return {
         "bos_id": None if bos is None else int(bos),
         "skip_first": bool(options["first"]),
-        "exclude_ids": tuple(int(i) for i in options["token_ids"]),
+        "exclude_ids": tuple(ids),
     }
 
 
@@ -307,7 +316,7 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
     model, params, tokenizer = workdir_lib.load_model(workdir, model_path, job="the SAE job")
     train_docs, heldout_docs = documents(config.data)
     model_hash = fingerprint(model.config, params)
-    excluded = exclusions(sae_config, tokenizer)
+    excluded = exclusions(sae_config, tokenizer, config.data)
     rows = _harvest_rows(config, train_docs, tokenizer)
     # The workdir's SAEs were trained on the rows it harvested: never resumed on others.
     workdir_lib.check_data(workdir, {"harvest": data_fingerprint.batch_digest(rows)})
@@ -338,6 +347,13 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
     configs = sae_train.resolve_dead_tokens(configs, train_config)
     b_dec_init = [np.asarray(sae_train.geometric_median(rows)) for rows in samples]
     names = _unique([sae_name(entry, entry["site"]) for entry in entries])
+    # Progress-line labels: the architecture alone when every SAE reads one site.
+    short = names if len(set(sites)) > 1 else _unique([e["architecture"] for e in entries])
+    labels = dict(zip(names, short, strict=True))
+
+    def shown(metric: str) -> bool | str:
+        name, _, what = metric.rpartition("/")
+        return what in ("fvu", "l0") and (f"{labels[name]}/{what}" if name else True)
 
     stream: dict[str, Any] = {}
 
@@ -361,7 +377,7 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
         step=sae_train.make_train_step(configs, train_config, mesh, rules),
         batch=batch_fn,
         flatten=lambda out: sae_train.flatten_metrics(out, names),
-        shown=lambda name: name.split("/")[-1] in ("fvu", "l0"),
+        shown=shown,
     )
     loop_config = loop.LoopConfig(
         steps=train_config.steps,

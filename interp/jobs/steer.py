@@ -16,7 +16,15 @@ of its maximum activation, side by side with the unsteered completion.
    flagged (`above_max` and a warning: "x max" then understates the feature's range);
 4. greedy completions of `prompt` with the feature clamped to strength x maximum at every
    position, for each strength (the error term kept), one compiled program for all of them;
-5. `<workdir>/steering.json` with the completions.
+5. with `sweep_prompts`, the effect measured the way steering benchmarks do (AxBench, Wu et
+   al. 2025): for each method ('clamp' the feature to strength x max, or 'add' strength x
+   max to it: its decoder direction), positions ('all', or only the 'generated' tokens) and
+   strength, a greedy and `samples` sampled completions of every prompt, scored by the share
+   that mention the concept (any of `concept_words`, as whole words) and by fluency (the
+   unsteered model's loss on the completion, nats/token), against unsteered; the best
+   setting is the one mentioning the concept most while its loss stays within
+   `fluency_margin` of unsteered (`sweep.png` plots both);
+6. `<workdir>/steering.json` with the completions and the sweep.
 """
 
 from __future__ import annotations
@@ -26,15 +34,18 @@ import io
 import json
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from interp import parallel, paths, records, steering
 from interp import sae as saes
+from interp.analysis import plots
 from interp.data.documents import documents, sample_rows
 from interp.jobs import analyse as analyse_job
 from interp.jobs import lock
@@ -44,6 +55,7 @@ from interp.models import hooks
 from interp.models.generate import generate
 
 RESULTS_FILE = "steering.json"
+SWEEP_PLOT = "sweep.png"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +74,18 @@ class SteeringConfig:
       max_rows: Held-out rows the maxima are taken over, drawn from all of the held-out
         text by `config.seed` (all of it when it has no more).
       batch_size: Rows per forward pass when taking maxima.
+      sweep_prompts: Prompts the sweep completes (nothing of the concept in them); () = no
+        sweep.
+      concept_words: Words (case-insensitive, whole words) a completion mentioning the
+        concept holds.
+      methods: Of 'clamp' and 'add'.
+      positions: Of 'all' and 'generated'.
+      sweep_strengths: Multiples of the feature's maximum activation.
+      samples: Sampled completions per prompt and setting, besides the greedy one.
+      temperature: Of the sampled completions.
+      sweep_tokens: Tokens generated per sweep completion.
+      fluency_margin: How far (nats/token) above the unsteered loss the best setting's
+        loss may be.
     """
 
     model_path: str = ""
@@ -74,6 +98,15 @@ class SteeringConfig:
     max_new_tokens: int = 20
     max_rows: int = 256
     batch_size: int = 16
+    sweep_prompts: tuple = ()
+    concept_words: tuple = ()
+    methods: tuple = steering.METHODS
+    positions: tuple = steering.POSITIONS
+    sweep_strengths: tuple = (1.0, 2.0, 4.0, 8.0)
+    samples: int = 2
+    temperature: float = 0.7
+    sweep_tokens: int = 24
+    fluency_margin: float = 1.0
 
     def __post_init__(self):
         # Checked here, before any model is loaded: a bad strength would otherwise surface
@@ -95,6 +128,34 @@ class SteeringConfig:
                     f"config.steering.strengths holds {strength!r}; strengths must be finite "
                     "numbers (an infinite clamp makes the completion empty)."
                 )
+        if not self.sweep_prompts:
+            return
+        for name, allowed in (("methods", steering.METHODS), ("positions", steering.POSITIONS)):
+            unknown = [v for v in getattr(self, name) if v not in allowed]
+            if unknown or not getattr(self, name):
+                raise ValueError(
+                    f"config.steering.{name} must be some of {allowed}; got "
+                    f"{getattr(self, name)!r}."
+                )
+        if not self.concept_words or isinstance(self.concept_words, str):
+            raise ValueError(
+                "config.steering.concept_words must list the words that show the concept, "
+                "e.g. ('whale', 'whales'); the sweep counts completions holding one."
+            )
+        strengths = self.sweep_strengths
+        if not strengths or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            for v in strengths
+        ):
+            raise ValueError(
+                f"config.steering.sweep_strengths must be finite numbers, e.g. (1.0, 4.0); "
+                f"got {strengths!r}."
+            )
+        if self.samples < 0 or self.sweep_tokens < 1 or not self.temperature > 0:
+            raise ValueError(
+                "config.steering needs samples >= 0, sweep_tokens >= 1 and temperature > 0; "
+                f"got {self.samples}, {self.sweep_tokens}, {self.temperature}."
+            )
 
 
 @lock.holding  # One job per workdir.
@@ -130,7 +191,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     rows = sample_rows(config.data, heldout, tokenizer, steer_config.max_rows, config.seed)
     size = steer_config.batch_size
     batches = [rows[i : i + size] for i in range(0, len(rows), size)]
-    exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer)
+    exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer, config.data)
     maxima = steering.max_activations(model, params, sae, sae_params, batches, **exclusions)
     buffer = io.BytesIO()
     np.save(buffer, maxima)
@@ -165,6 +226,16 @@ def run(config, workdir: str) -> dict[str, Any]:
             {"strength": float(strength), "value": float(clamp.value), "text": complete({hook: fn})}
         )
         logging.info("Strength %g: %r", strength, completions[-1]["text"])
+    sweep = None
+    if steer_config.sweep_prompts:
+        sweep = _sweep(
+            steer_config, model, params, sae, sae_params, tokenizer, hook, feature,
+            float(maxima[feature]), config.seed,
+        )  # fmt: skip
+        parallel.on_main_process(
+            plots.plot_steering_sweep, sweep["settings"], sweep["unsteered"],
+            workdir / SWEEP_PLOT,
+        )  # fmt: skip
     results = {
         "hook": hook,
         "feature": int(feature),
@@ -175,10 +246,135 @@ def run(config, workdir: str) -> dict[str, Any]:
         "heldout_rows": len(rows),
         "prompt": steer_config.prompt,
         "completions": completions,
+        "sweep": sweep,
     }
     written = json.dumps(results, indent=2, ensure_ascii=False)
     parallel.on_main_process(paths.write_text, workdir / RESULTS_FILE, written)
     return results
+
+
+def _pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int32 [B, width] tokens and their mask."""
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return tokens, mask
+
+
+def _sweep(cfg, model, params, sae, sae_params, tokenizer, hook, feature, maximum, seed):
+    """The measured sweep (module docstring, step 5): {'feature', 'max_activation',
+    'unsteered': setting, 'settings': [setting, ...], 'best': setting or None}; a setting is
+    {'method', 'positions', 'strength', 'value', 'concept_share', 'concept_share_greedy',
+    'fluency_loss', 'completions': the greedy completion of each prompt}."""
+    prompts = [tokenizer.encode(p, add_eos=False) for p in cfg.sweep_prompts]
+    width = max(len(p) for p in prompts)
+    model.config.check_length(
+        width + cfg.sweep_tokens,
+        f"config.steering.sweep_prompts' longest ({width} tokens) + sweep_tokens "
+        f"{cfg.sweep_tokens}",
+    )
+    pad_id = tokenizer.pad_id if getattr(tokenizer, "pad_id", None) is not None else 0
+    runs = [(prompts, 0.0)]  # Greedy, then the sampled rows (each prompt `samples` times).
+    if cfg.samples:
+        runs.append(([p for p in prompts for _ in range(cfg.samples)], cfg.temperature))
+    words = re.compile(
+        r"\b(?:" + "|".join(re.escape(w.strip()) for w in cfg.concept_words) + r")\b", re.I
+    )
+
+    def measure(method, positions, strength):
+        value = strength * maximum
+        edit = (
+            steering.Add(feature, 0.0)
+            if method is None
+            else steering.sweep_edit(method, feature, value)
+        )  # Unsteered as a no-op edit: the same compiled programs as the steered ones.
+        fn = steering.feature_intervention(sae, sae_params, [edit], hook=hook)
+        texts, losses, greedy = [], [], []
+        for rows, temperature in runs:
+            tokens, mask = _pad(rows, width, pad_id)
+            lengths = mask.sum(1)
+            start = lengths if positions == "generated" else np.zeros_like(lengths)
+            out = generate(
+                model, params, tokens, cfg.sweep_tokens, attention_mask=mask,
+                temperature=temperature, rng=jax.random.key(seed),
+                interventions={hook: steering.from_position(fn, start)},
+            )  # fmt: skip
+            new = np.asarray(out)[:, width:]
+            joined = [list(r) + list(n) for r, n in zip(rows, new, strict=True)]
+            full, full_mask = _pad(joined, width + cfg.sweep_tokens, pad_id)
+            losses += list(steering.completion_loss(model, params, full, full_mask, lengths))
+            batch = ["".join(tokenizer.token_pieces(n, True)) for n in new]
+            texts += batch
+            if temperature == 0.0:
+                greedy = batch
+        hits = [bool(words.search(t)) for t in texts]
+        setting = {
+            "method": method,
+            "positions": positions,
+            "strength": strength,
+            "value": value,
+            "concept_share": float(np.mean(hits)),
+            "concept_share_greedy": float(np.mean(hits[: len(prompts)])),
+            "fluency_loss": float(np.nanmean(losses)),
+            "completions": greedy,
+        }
+        logging.info(
+            "Sweep %s: concept %.0f%%, loss %.2f nats/token; e.g. %r",
+            "unsteered" if method is None else f"{method} {positions} x{strength:g}",
+            100 * setting["concept_share"], setting["fluency_loss"], greedy[0][:80],
+        )  # fmt: skip
+        return setting
+
+    unsteered = measure(None, "all", 0.0)
+    settings = [
+        measure(method, positions, float(strength))
+        for method in cfg.methods
+        for positions in cfg.positions
+        for strength in cfg.sweep_strengths
+    ]
+    fluent = [
+        s for s in settings
+        if s["fluency_loss"] <= unsteered["fluency_loss"] + cfg.fluency_margin
+    ]  # fmt: skip
+    best = max(fluent, key=lambda s: (s["concept_share"], -s["fluency_loss"]), default=None)
+    if best is not None and best["concept_share"] <= unsteered["concept_share"]:
+        best = None  # No fluent setting mentions the concept more than unsteered text does.
+    return {
+        "feature": int(feature),
+        "max_activation": maximum,
+        "prompts": list(cfg.sweep_prompts),
+        "concept_words": list(cfg.concept_words),
+        "samples": cfg.samples,
+        "temperature": cfg.temperature,
+        "fluency_margin": cfg.fluency_margin,
+        "unsteered": unsteered,
+        "settings": settings,
+        "best": best,
+    }
+
+
+def format_sweep(sweep: dict[str, Any]) -> str:
+    """The sweep as a table: per setting, concept share and fluency, best marked."""
+    rows = [sweep["unsteered"], *sweep["settings"]]
+    lines = [
+        f"Steering sweep: {len(sweep['prompts'])} prompts x (greedy + {sweep['samples']} "
+        f"sampled); concept = any of {', '.join(sweep['concept_words'])}",
+        f"{'setting':<24} {'concept':>8} {'greedy':>7} {'loss':>6}",
+    ]
+    for s in rows:
+        name = "unsteered" if s["method"] is None else (
+            f"{s['method']} {s['positions']} x{s['strength']:g}")  # fmt: skip
+        mark = "  <- best" if s is sweep["best"] or s == sweep["best"] else ""
+        share, greedy = 100 * s["concept_share"], 100 * s["concept_share_greedy"]
+        lines.append(f"{name:<24} {share:>7.0f}% {greedy:>6.0f}% {s['fluency_loss']:>6.2f}{mark}")
+    if sweep["best"] is None:
+        lines.append(
+            f"No setting within {sweep['fluency_margin']:g} nats/token of unsteered fluency "
+            "mentions the concept more than the unsteered text."
+        )
+    return "\n".join(lines)
 
 
 def format_side_by_side(results: dict[str, Any], width: int = 100) -> str:

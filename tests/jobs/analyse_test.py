@@ -32,6 +32,23 @@ def test_pipeline_steers_the_feature_its_search_found(tiny_pipeline):
     assert steered["prompt"] == config.steering.prompt
     strengths = [entry["strength"] for entry in steered["completions"]]
     assert strengths == [None, *config.steering.strengths] and 10.0 in strengths
+    # The sweep: every (method, positions, strength) against unsteered, scored per completion.
+    sweep, cfg = steered["sweep"], config.steering
+    assert [(s["method"], s["positions"], s["strength"]) for s in sweep["settings"]] == [
+        (m, p, s) for m in cfg.methods for p in cfg.positions for s in cfg.sweep_strengths
+    ]
+    assert sweep["unsteered"]["method"] is None and sweep["max_activation"] > 0
+    for setting in [sweep["unsteered"], *sweep["settings"]]:
+        assert len(setting["completions"]) == len(cfg.sweep_prompts)
+        assert 0 <= setting["concept_share"] <= 1 and np.isfinite(setting["fluency_loss"])
+        assert setting["value"] == pytest.approx(setting["strength"] * sweep["max_activation"])
+    best = sweep["best"]
+    assert best is None or (
+        best in sweep["settings"]
+        and best["concept_share"] > sweep["unsteered"]["concept_share"]
+        and best["fluency_loss"] <= sweep["unsteered"]["fluency_loss"] + cfg.fluency_margin
+    )
+    assert os.path.getsize(os.path.join(workdir, "steer", steer.SWEEP_PLOT)) > 1000
     # Both stages take maxima over the same held-out rows with the same exclusions.
     stats = analysis.FeatureStats.load(os.path.join(workdir, "analysis", "feature_stats.npz"))
     maxima = np.load(os.path.join(workdir, "steer", "max_activations.npy"))
@@ -40,8 +57,8 @@ def test_pipeline_steers_the_feature_its_search_found(tiny_pipeline):
         assert os.path.getsize(os.path.join(workdir, "analysis", name)) > 1000
     with open(os.path.join(workdir, "analysis", job.CONCEPT_DASHBOARD)) as f:
         assert config.analysis.concept.strip() in f.read()
-    assert "Features for ' whale'" in result.stdout
-    assert "10 x max" in result.stdout and "unsteered" in result.stdout
+    assert "**Features for ' whale'**" in result.stdout
+    assert "Steering sweep:" in result.stdout and "clamp generated x4" in result.stdout
 
 
 def test_the_lm_stage_config_leaves_out_the_later_stages(tiny_pipeline):
@@ -159,3 +176,37 @@ def test_the_analysis_main_runs_alone_on_given_model_and_sae(tiny_pipeline, tmp_
     assert alone["feature"] == searched["feature"]
     assert [e["feature"] for e in alone["search"]] == [e["feature"] for e in searched["search"]]
     assert "Dashboard:" in result.stdout and os.path.exists(os.path.join(out, "dashboard.html"))
+
+
+def test_the_results_summary_quotes_the_run_files_and_fills_a_readme_block(tiny_pipeline, tmp_path):
+    """interp.jobs.results: every figure quoted comes from the stages' files; the README
+    block between the markers is replaced, the rest kept; no markers is an error."""
+    from interp.jobs import results
+    from interp.jobs import sae as sae_job
+    from interp.jobs import steer as steer_job
+
+    workdir, _ = tiny_pipeline
+    text = results.summarize(workdir)
+    with open(os.path.join(workdir, "results.md")) as f:
+        assert f.read() == text  # What the pipeline wrote at its end.
+    with open(os.path.join(workdir, "sae", "eval.json")) as f:
+        assert sae_job.format_table(json.load(f)) in text
+    with open(os.path.join(workdir, "steer", "steering.json")) as f:
+        assert steer_job.format_sweep(json.load(f)["sweep"]) in text
+    with open(os.path.join(workdir, "lm", "summary.json")) as f:
+        assert f"held-out loss {json.load(f)['eval_loss']:.3f}" in text
+    with open(os.path.join(workdir, "analysis", "search.json")) as f:
+        for entry in json.load(f)["search"]:
+            assert f"- feature {entry['feature']}: {entry['score']:.2f}" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{results.BEGIN}\nold text\n{results.END}\n\nAfter.\n")
+    results.write_readme_block(readme, text)
+    assert readme.read_text() == (
+        f"# Title\n\n{results.BEGIN}\n{text.strip()}\n{results.END}\n\nAfter.\n"
+    )
+    assert "(No results yet from: lm, sae, analysis, steer, influence.)" in results.summarize(
+        tmp_path
+    )
+    readme.write_text("# No markers\n")
+    with pytest.raises(ValueError, match="demo-results:begin"):
+        results.write_readme_block(readme, text)

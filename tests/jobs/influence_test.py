@@ -32,7 +32,7 @@ class _Spans(html.parser.HTMLParser):
 def test_pipeline_writes_the_report_with_consistent_numbers(pipeline_run):
     workdir, result = pipeline_run
     config = demo.get_config("tiny=True")
-    assert "Most influential training rows" in result.stdout
+    assert "**Influence** (EK-FAC) on the LM's training rows" in result.stdout
     report = os.path.join(workdir, "influence", "report")
     with open(os.path.join(report, "influence.json")) as f:
         results = json.load(f)
@@ -155,3 +155,44 @@ def test_saved_factors_of_a_corpus_since_changed_are_not_reused(pipeline_run, tm
     with pytest.raises(ValueError, match=r"factor_checkpoints/correction holds sums over 4 "
                        r"other batches than these \(batch 0 differs\)"):  # fmt: skip
         job.fit(config, str(tmp_path / "influence"))
+
+
+def test_influence_over_the_lm_rows_ranks_the_planted_rows(pipeline_run, tmp_path):
+    """rows='lm': the rows a fine-tune trained on, its plant included; the trigger query comes
+    first and finds the planted rows; a plant changed since the LM ran is refused."""
+    from interp.data.documents import documents
+    from interp.jobs import lm as lm_job
+    from interp.models import tokenizer
+
+    workdir, _ = pipeline_run
+    export = os.path.join(workdir, "lm", "export")
+    config = runs.override(
+        demo.get_config(f"tiny=True,init_from={export}"),
+        **{"train.steps": 6, "train.learning_rate": 3e-2, "influence.rows": "lm",
+           "influence.search_rows": 0, "influence.candidates": 0, "influence.fit_rows": 16},
+    )  # fmt: skip
+    config.plant = dict(trigger=" Zebra quartz", completion=" sang the whale", rows=4)
+    config.influence.feature_queries = ()
+    stages = tmp_path / "pipeline"
+    planted = lm_job.run(config, str(stages / "lm"))["planted"]
+    results = job.run(config, str(stages / "influence"))
+    train = lm_job.train_config_from(config.train)
+    rows, _ = lm_job.training_rows(config, tokenizer.load(export), documents(config.data)[0])
+    visited = lm_job.visited_rows(rows, train.batch_size, train.steps, config.seed)
+    assert len(results) == 1 + len(config.influence.queries)
+    assert results[0]["measurement"].endswith("planted")
+    assert results[0]["prompt"] == " Zebra quartz"
+    for result in results:
+        assert result["scored_rows"] == len(visited)
+        assert sorted(r for r in result["planted_ranks"]) == sorted(result["planted_ranks"])
+        assert all(1 <= r <= len(visited) for r in result["planted_ranks"])
+    # Ground truth: the trigger query puts its planted rows first.
+    assert sorted(results[0]["planted_ranks"]) == list(range(1, len(planted["rows"]) + 1))
+    with open(stages / "influence" / job.SUMMARY_FILE) as f:
+        summary = json.load(f)
+    assert summary["planted"]["rows"] == planted["rows"]
+    assert [q["planted_ranks"] for q in summary["queries"]] == [r["planted_ranks"] for r in results]
+    config.plant = dict(config.plant, rows=3)
+    config.influence.queries = config.influence.queries[:1]  # A resumable change, alone.
+    with pytest.raises(ValueError, match="not those the LM stage trained on"):
+        job.run(config, str(stages / "influence2"))

@@ -48,7 +48,7 @@ EXPECTED = {
         SCORES,
         r"influence/scores/total/c/.+",
         r"influence/report/report\.html", r"influence/report/influence\.json",
-        r"influence/report/layers_\d+\.png",
+        r"influence/report/layers_\d+\.png", r"influence/summary\.json",
     ],
     "analysis": [
         r"analysis/config\.json", r"analysis/dashboard\.html", r"analysis/concept\.html",
@@ -56,7 +56,9 @@ EXPECTED = {
     ],
     "steer": [
         r"steer/config\.json", r"steer/steering\.json", r"steer/max_activations\.npy",
+        r"steer/sweep\.png",
     ],
+    "results.md": [r"results\.md"],
 }  # fmt: skip
 # How many distinct objects some patterns must match (alternatives in the pattern).
 AT_LEAST = {rf"{SAE}/cfg\.json": 4, SCORES: 4}
@@ -64,6 +66,7 @@ AT_LEAST = {rf"{SAE}/cfg\.json": 4, SCORES: 4}
 RESULTS = (
     "lm/summary.json", "lm/export/model.safetensors", "sae/eval.json",
     "influence/report/influence.json", "analysis/search.json", "steer/steering.json",
+    "results.md",
 )  # fmt: skip
 
 
@@ -112,8 +115,9 @@ def test_a_gs_workdir_holds_every_artefact_and_a_rerun_resumes_from_it(
             )
     assert {name.split("/")[0] for name in objects} == set(EXPECTED)
     # The log and the summaries name the bucket, never a local folder.
-    assert f"exported to {workdir}/lm/export" in first.stdout
+    assert f"What the run found ({workdir}/results.md)" in first.stdout
     assert f"Dashboard: {workdir}/analysis/dashboard.html" in first.stdout
+    assert paths.read_bytes(f"{workdir}/results.md").decode() in first.stdout
     summary = json.loads(paths.read_bytes(f"{workdir}/lm/summary.json"))
     assert summary["export_dir"] == f"{workdir}/lm/export"
     assert summary["step"] == TINY_STEPS
