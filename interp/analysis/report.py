@@ -6,7 +6,8 @@
 Writes, under the folder (local or gs://):
   feature_stats.npz   `FeatureStats.save` (reload with `FeatureStats.load`)
   dashboard.html      `write_dashboard`, with logit effects where the SAE writes the residual
-                      stream
+                      stream; past 128 features that fired, their panels are in
+                      dashboard_files/ beside it (copy both)
   density.png         `plot_density_histogram`
 """
 
