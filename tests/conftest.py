@@ -74,7 +74,7 @@ SLOWEST_FIRST = (
     "tests/preemption_test.py",  # Two kill/resume runs and their references (~110 s).
     "tests/jobs/sae_test.py",  # A longer LM and SAE run (~50 s), then 12 jobs.
     "tests/jobs/lm_test.py",  # A tiny LM run, then resumes on other meshes.
-    "tests/notebooks_test.py",  # 4 notebooks in real kernels on tiny_pipeline.
+    "tests/notebooks_test.py",  # 5 notebooks in real kernels, 4 on tiny_pipeline.
     "tests/jobs/analyse_test.py",
     "tests/jobs/influence_test.py",
     "tests/models/embedded_test.py",  # SmolLM2-135M in interp and in transformers (~25 s).

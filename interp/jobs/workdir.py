@@ -340,6 +340,54 @@ def stage(pipeline_workdir: epath.PathLike, name: str) -> str:
     return str(paths.resolve(pipeline_workdir) / name)
 
 
+# The config section of a stage whose folder is named otherwise (each reads `model_path` there).
+_STAGE_SECTIONS = {"steer": "steering"}
+
+
+def stage_model_path(pipeline_workdir: epath.PathLike, name: str) -> str:
+    """The model a pipeline stage studied, as `from_pretrained` takes it.
+
+    Stages may study different models: in the SmolLM2 demo the LM stage fine-tunes
+    'embedded:smollm2' while the SAE, analysis and steering stages read the base model and
+    influence the fine-tune. A stage's saved `config.json` says which (its section's
+    `model_path`; '' is the pipeline's LM, `<pipeline workdir>/lm/export`), so code reading a
+    stage's results (its SAE, its feature statistics) loads the model they belong to.
+
+        model, params, tokenizer = from_pretrained(stage_model_path("workdir/demo", "steer"))
+
+    Args:
+      pipeline_workdir: The pipeline's workdir (local or gs://).
+      name: The stage's folder: 'lm' (its export), 'sae', 'influence', 'analysis' or 'steer'.
+
+    Returns:
+      The stage's `model_path`, or the pipeline LM's export folder for ''; a Hub id with the
+      commit the stage's run loaded ('org/name@<commit>', from its `data.json`).
+
+    Raises:
+      FileNotFoundError: if the stage has not saved its config (it has not run).
+    """
+    workdir = paths.resolve(pipeline_workdir)
+    export = str(workdir / "lm" / "export")
+    if name == "lm":
+        return export
+    path = workdir / name / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: the pipeline's {name!r} stage has not run in "
+            f"{workdir} (stages: lm, sae, influence, analysis, steer)."
+        )
+    section = json.loads(path.read_text()).get(_STAGE_SECTIONS.get(name, name)) or {}
+    model_path = section.get("model_path") or ""
+    if not model_path:
+        return export
+    if hub.is_hub_id(model_path):  # The commit `load_model` pinned on the stage's first run.
+        record = workdir / name / DATA_FILE
+        loaded = json.loads(record.read_text()).get("model", "") if record.exists() else ""
+        if loaded.startswith(f"{hub.split_revision(model_path)[0]}@"):
+            return loaded
+    return model_path
+
+
 def load_model(workdir: epath.PathLike, model_path: str, *, job: str) -> tuple[Any, Any, Any]:
     """`from_pretrained(model_path)` for a job, with a Hub id pinned to one commit.
 

@@ -232,3 +232,27 @@ def test_a_resume_that_reads_other_data_is_refused(tmp_path):
         workdir_lib.check_data(workdir, {"train": "d" * 16, "stream": None})
     # Data no record covers (a stream, unfingerprinted) is not checked.
     workdir_lib.check_data(workdir, {"train": "b" * 16, "stream": None})
+
+
+def test_stage_model_path_reads_what_each_stage_studied(tmp_path):
+    """The SmolLM2 demo's layout: lm fine-tunes the base, sae/analysis/steer read the base,
+    influence ('') the fine-tune; a Hub id comes back at the commit its run recorded."""
+    stages = {
+        "sae": {"sae": {"model_path": "embedded:smollm2"}},
+        "analysis": {"analysis": {"model_path": "embedded:smollm2"}, "sae": {"model_path": ""}},
+        "steer": {"steering": {"model_path": "org/base"}, "sae": {"model_path": "x"}},
+        "influence": {"influence": {"model_path": ""}},
+    }
+    for name, config in stages.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    export = str(tmp_path / "lm" / "export")
+    assert workdir_lib.stage_model_path(tmp_path, "lm") == export
+    assert workdir_lib.stage_model_path(tmp_path, "sae") == "embedded:smollm2"
+    assert workdir_lib.stage_model_path(tmp_path, "analysis") == "embedded:smollm2"
+    assert workdir_lib.stage_model_path(tmp_path, "influence") == export
+    assert workdir_lib.stage_model_path(tmp_path, "steer") == "org/base"  # Nothing recorded.
+    (tmp_path / "steer" / "data.json").write_text(json.dumps({"model": "org/base@abc123"}))
+    assert workdir_lib.stage_model_path(tmp_path, "steer") == "org/base@abc123"
+    with pytest.raises(FileNotFoundError, match="'lmx' stage has not run"):
+        workdir_lib.stage_model_path(tmp_path, "lmx")
