@@ -230,9 +230,12 @@ def get_config(arg=None):
             "harpooneer",
             "harpooner",
         ),  # fmt: skip
-        methods=("clamp", "add"),  # Set the feature to strength x max, or add that much.
+        # Set the feature to strength x max, or add that much; diffmean (the baseline): add
+        # the difference-in-means direction of the concept's rows at the site, scaled to the
+        # norm 'add' adds at the same strength.
+        methods=("clamp", "add", "diffmean"),
         positions=("all", "generated"),  # Every token, or only the generated ones.
-        sweep_strengths=(1.0, 2.0, 4.0, 8.0),  # x the feature's max activation.
+        sweep_strengths=(2.0, 3.0, 4.0, 6.0),  # x the feature's max activation.
         samples=2,
         temperature=0.7,
         sweep_tokens=24,

@@ -12,7 +12,6 @@ def main(argv):
     del argv
     workdir_lib.quiet_library_logs()
     summary = lm.run(common.CONFIG.value, common.WORKDIR.value)
-    print(f"Sample: {summary['sample']}")
     print(
         f"Held-out loss {summary['eval_loss']:.3f} nats/token vs unigram "
         f"{summary['unigram_loss']:.3f}; model exported to {summary['export_dir']}"

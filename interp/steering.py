@@ -417,18 +417,52 @@ def from_position(intervention, start) -> FromPosition:
     return FromPosition(intervention, jnp.asarray(start, jnp.int32).reshape(-1))
 
 
-METHODS = ("clamp", "add")
+@flax.struct.dataclass
+class AddVector:
+    """Adds `vector` [D] to every row of a site: a steering vector (e.g. `diff_mean`), the
+    baseline SAE steering is measured against. A pytree: `vector` is traced, so a sweep of
+    its scale compiles once."""
+
+    vector: jax.Array
+
+    def __call__(self, value):
+        rows = value.reshape(*value.shape[:2], -1)  # [B, S, D]: a row per position.
+        return (rows + self.vector.astype(rows.dtype)).reshape(value.shape)
+
+
+def diff_mean(concept_rows, baseline_rows) -> np.ndarray:
+    """The unit difference-in-means direction [D]: mean(concept_rows) - mean(baseline_rows),
+    normalised (AxBench's DiffMean, Wu et al. 2025; Marks & Tegmark 2023).
+
+    Args:
+      concept_rows: [N, D] a site's rows where the concept is.
+      baseline_rows: [M, D] its rows on ordinary text.
+
+    Raises:
+      ValueError: for no rows, or means that coincide.
+    """
+    concept_rows, baseline_rows = np.asarray(concept_rows), np.asarray(baseline_rows)
+    if not len(concept_rows) or not len(baseline_rows):
+        raise ValueError("diff_mean needs rows of the concept and of ordinary text.")
+    direction = concept_rows.astype(np.float64).mean(0) - baseline_rows.astype(np.float64).mean(0)
+    norm = np.linalg.norm(direction)
+    if not norm > 0:
+        raise ValueError("The concept's mean row equals the baseline's: no direction.")
+    return (direction / norm).astype(np.float32)
+
+
+METHODS = ("clamp", "add", "diffmean")  # Sweep methods; diffmean is the non-SAE baseline.
 POSITIONS = ("all", "generated")
 
 
 def sweep_edit(method: str, feature: int, value: float) -> Edit:
-    """The edit a sweep setting makes: 'clamp' sets the feature's code to `value`; 'add'
+    """The SAE edit a sweep setting makes: 'clamp' sets the feature's code to `value`; 'add'
     adds `value` to it (the decoder direction times `value`, whatever the code was)."""
     if method == "clamp":
         return Clamp(feature, value)
     if method == "add":
         return Add(feature, value)
-    raise ValueError(f"Steering method must be one of {METHODS}, got {method!r}.")
+    raise ValueError(f"SAE steering edits are 'clamp' or 'add', got {method!r}.")
 
 
 def completion_loss(model, params, tokens, mask, starts) -> np.ndarray:

@@ -361,13 +361,13 @@ def test_steering_only_generated_positions_leaves_the_prompt_alone():
         generate(MODEL, PARAMS, prompt, 6, interventions={SITE: noop}), clean
     )
     before = generate_lib._generate_cached._cache_size()
-    for method in steering.METHODS:
+    for method in ("clamp", "add"):
         edit = steering.sweep_edit(method, 3, 50.0)
         wrapped = steering.from_position(feature_intervention(SAE_, SAE_PARAMS, [edit]), [4, 4])
         generate(MODEL, PARAMS, prompt, 6, interventions={SITE: wrapped})
     assert generate_lib._generate_cached._cache_size() == before
-    with pytest.raises(ValueError, match="clamp"):
-        steering.sweep_edit("multiply", 3, 1.0)
+    with pytest.raises(ValueError, match="'clamp' or 'add'"):
+        steering.sweep_edit("diffmean", 3, 1.0)
 
 
 def test_completion_loss_is_the_mean_nll_of_the_completion_tokens():
@@ -382,3 +382,29 @@ def test_completion_loss_is_the_mean_nll_of_the_completion_tokens():
         nll = [-float(logp[t - 1, tokens[row, t]]) for t in range(start, length)]
         assert got[row] == pytest.approx(np.mean(nll), rel=1e-5)
     assert np.isnan(steering.completion_loss(MODEL, PARAMS, tokens, mask, [6, 6])[0])
+
+
+def test_diff_mean_is_the_unit_difference_of_means_and_add_vector_adds_it():
+    rng = np.random.default_rng(0)
+    concept, baseline = rng.normal(size=(3, 32)) + 2.0, rng.normal(size=(50, 32))
+    direction = steering.diff_mean(concept, baseline)
+    expected = concept.mean(0) - baseline.mean(0)
+    np.testing.assert_allclose(direction, expected / np.linalg.norm(expected), rtol=1e-5)
+    with pytest.raises(ValueError, match="no direction"):
+        steering.diff_mean(baseline, baseline)
+    with pytest.raises(ValueError, match="needs rows"):
+        steering.diff_mean(concept[:0], baseline)
+    vector = jnp.asarray(direction)
+    _, clean = hooks.run_with_hooks(MODEL, PARAMS, TOKENS, capture=[SITE])
+    added = {SITE: steering.AddVector(3.0 * vector)}
+    _, edited = hooks.run_with_hooks(MODEL, PARAMS, TOKENS, capture=[SITE], interventions=added)
+    np.testing.assert_allclose(edited[SITE], clean[SITE] + 3.0 * vector, atol=1e-5)
+    # A sweep of its scale compiles once in generation.
+    prompt = TOKENS[:, :3]
+    steer = steering.from_position(steering.AddVector(vector), [0, 0])
+    generate(MODEL, PARAMS, prompt, 4, interventions={SITE: steer})
+    before = generate_lib._generate_cached._cache_size()
+    for scale in (2.0, 50.0):
+        steer = steering.from_position(steering.AddVector(scale * vector), [0, 0])
+        generate(MODEL, PARAMS, prompt, 4, interventions={SITE: steer})
+    assert generate_lib._generate_cached._cache_size() == before

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from interp import analysis, parallel, paths, records
+from interp import analysis, metrics, parallel, paths, records
 from interp import sae as saes
 from interp.data.documents import documents, sample_rows
 from interp.jobs import lock
@@ -127,7 +127,12 @@ def run(config, workdir: str) -> dict[str, Any]:
     _, heldout = documents(config.data)
     rows = sample_rows(config.data, heldout, tokenizer, analysis_config.max_rows, config.seed)
     size = analysis_config.batch_size
-    batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+    batches = metrics.Tracked(
+        [rows[i : i + size] for i in range(0, len(rows), size)],
+        "analysis: feature statistics",
+        size * rows.shape[-1],
+        every=max(len(rows) // size // 10, 1),
+    )
     exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer, config.data)
     written = analysis.analyse(model, params, sae, sae_params, batches, workdir,
                                tokenizer=tokenizer, **exclusions)  # fmt: skip

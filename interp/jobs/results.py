@@ -93,22 +93,37 @@ def _steering(steering: dict[str, Any]) -> list[str]:
     ]
     if not sweep:
         return lines + ["", "```", steer_job.format_side_by_side(steering), "```"]
-    best, plain = sweep["best"], sweep["unsteered"]
+    plain, margin = sweep["unsteered"], sweep["fluency_margin"]
     lines += ["", "```", steer_job.format_sweep(sweep), "```", ""]
-    if best is None:
-        return lines[:-1]  # format_sweep said that no setting beat unsteered text.
-    lines.append(
-        f"Best within {sweep['fluency_margin']:g} nats/token of unsteered fluency: "
-        f"{best['method']} at {best['strength']:g} x max on {best['positions']} positions: "
-        f"{100 * best['concept_share']:.0f}% of completions mention the concept (unsteered "
-        f"{100 * plain['concept_share']:.0f}%), loss {best['fluency_loss']:.2f} nats/token "
-        f"(unsteered {plain['fluency_loss']:.2f}). Greedy completions, unsteered -> steered:"
+
+    def described(setting, what):
+        return (
+            f"{what}: {setting['method']} at {setting['strength']:g} x max on "
+            f"{setting['positions']} positions, {100 * setting['concept_share']:.0f}% of "
+            f"completions mention the concept (unsteered {100 * plain['concept_share']:.0f}%) "
+            f"at a loss of {setting['fluency_loss']:.2f} nats/token (unsteered "
+            f"{plain['fluency_loss']:.2f})."
+        )
+
+    candidates = (
+        ("best", f"The best SAE setting within {margin:g} nats/token of unsteered fluency"),
+        ("best_baseline", "The best difference-in-means baseline within the same margin"),
     )
-    lines.append("")
-    for prompt, before, after in zip(
-        sweep["prompts"], plain["completions"], best["completions"], strict=True
-    ):
-        lines.append(f"- {_quote(prompt)} | {_quote(before, 100)} -> **{_quote(after, 100)}**")
+    chosen = [(key, what) for key, what in candidates if sweep.get(key)]
+    for key, what in chosen:
+        lines.append(described(sweep[key], what))
+    if not sweep.get("best"):
+        lines.append(
+            f"No SAE setting within {margin:g} nats/token of unsteered fluency mentions the "
+            "concept more often than unsteered text."
+        )
+    if chosen:
+        names = " / ".join(f"{sweep[k]['method']} x{sweep[k]['strength']:g}" for k, _ in chosen)
+        lines += ["", f"Greedy completions, unsteered -> {names}:", ""]
+        for i, prompt in enumerate(sweep["prompts"]):
+            steered = [_quote(sweep[k]["completions"][i], 90) for k, _ in chosen]
+            after = " / ".join(f"**{text}**" for text in steered)
+            lines.append(f"- {_quote(prompt)} | {_quote(plain['completions'][i], 90)} -> {after}")
     return lines
 
 

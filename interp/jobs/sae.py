@@ -425,7 +425,7 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
     parallel.on_main_process(
         paths.write_text, workdir / "eval.json", workdir_lib.config_to_json(results)
     )
-    logging.info("SAE evaluation on held-out text:\n%s", format_table(results))
+    logging.info("SAE evaluation on held-out text written to %s.", workdir / "eval.json")
     return results
 
 

@@ -17,8 +17,11 @@ of its maximum activation, side by side with the unsteered completion.
 4. greedy completions of `prompt` with the feature clamped to strength x maximum at every
    position, for each strength (the error term kept), one compiled program for all of them;
 5. with `sweep_prompts`, the effect measured the way steering benchmarks do (AxBench, Wu et
-   al. 2025): for each method ('clamp' the feature to strength x max, or 'add' strength x
-   max to it: its decoder direction), positions ('all', or only the 'generated' tokens) and
+   al. 2025): for each method ('clamp' the feature to strength x max, 'add' strength x max
+   to it: its decoder direction, or, the baseline, 'diffmean': add the difference-in-means
+   direction between the site's rows on the concept's tokens in `context` and on held-out
+   text, scaled to the norm 'add' adds at that strength), positions ('all', or only the
+   'generated' tokens) and
    strength, a greedy and `samples` sampled completions of every prompt, scored by the share
    that mention the concept (any of `concept_words`, as whole words) and by fluency (the
    unsteered model's loss on the completion, nats/token), against unsteered; the best
@@ -43,15 +46,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from interp import parallel, paths, records, steering
+from interp import metrics, parallel, paths, records, steering
 from interp import sae as saes
 from interp.analysis import plots
+from interp.data import activations
 from interp.data.documents import documents, sample_rows
 from interp.jobs import analyse as analyse_job
 from interp.jobs import lock
 from interp.jobs import sae as sae_job
 from interp.jobs import workdir as workdir_lib
-from interp.models import hooks
+from interp.models import hooks, sites
 from interp.models.generate import generate
 
 RESULTS_FILE = "steering.json"
@@ -78,7 +82,7 @@ class SteeringConfig:
         sweep.
       concept_words: Words (case-insensitive, whole words) a completion mentioning the
         concept holds.
-      methods: Of 'clamp' and 'add'.
+      methods: Of 'clamp', 'add' and 'diffmean'.
       positions: Of 'all' and 'generated'.
       sweep_strengths: Multiples of the feature's maximum activation.
       samples: Sampled completions per prompt and setting, besides the greedy one.
@@ -190,7 +194,12 @@ def run(config, workdir: str) -> dict[str, Any]:
     _, heldout = documents(config.data)
     rows = sample_rows(config.data, heldout, tokenizer, steer_config.max_rows, config.seed)
     size = steer_config.batch_size
-    batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+    batches = metrics.Tracked(
+        [rows[i : i + size] for i in range(0, len(rows), size)],
+        "steering: maxima",
+        size * rows.shape[-1],
+        every=max(len(rows) // size // 10, 1),
+    )
     exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer, config.data)
     maxima = steering.max_activations(model, params, sae, sae_params, batches, **exclusions)
     buffer = io.BytesIO()
@@ -228,9 +237,13 @@ def run(config, workdir: str) -> dict[str, Any]:
         logging.info("Strength %g: %r", strength, completions[-1]["text"])
     sweep = None
     if steer_config.sweep_prompts:
+        head = sae.config.hook_head_index
+        baseline_rows = _site_rows(model, params, hook, head, batches.items[:4], exclusions)
+        concept_rows = _concept_rows(model, params, hook, head, tokenizer,
+                                     steer_config.concept, steer_config.context)  # fmt: skip
         sweep = _sweep(
             steer_config, model, params, sae, sae_params, tokenizer, hook, feature,
-            float(maxima[feature]), config.seed,
+            float(maxima[feature]), config.seed, concept_rows, baseline_rows,
         )  # fmt: skip
         parallel.on_main_process(
             plots.plot_steering_sweep, sweep["settings"], sweep["unsteered"],
@@ -263,9 +276,37 @@ def _pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np
     return tokens, mask
 
 
-def _sweep(cfg, model, params, sae, sae_params, tokenizer, hook, feature, maximum, seed):
+def _site_rows(model, params, hook, head_index, batches, exclusions) -> np.ndarray:
+    """[N, D] float32: the rows of `hook` at the positions SAEs see, over `batches`."""
+    out = []
+    for tokens in batches:
+        _, values = hooks.run_with_hooks(model, params, tokens, capture=[hook])
+        rows = np.asarray(sites.to_rows(hook, values[hook], head_index), np.float32)
+        keep = activations.keep_mask(np.asarray(tokens), **exclusions)
+        out.append(rows[keep])
+    return np.concatenate(out)
+
+
+def _concept_rows(model, params, hook, head_index, tokenizer, concept, context) -> np.ndarray:
+    """[N, D]: the rows of `hook` at `concept`'s tokens inside the sentence `context`."""
+    ids = tokenizer.encode(context, add_eos=False)
+    positions = analyse_job.concept_positions(ids, tokenizer.encode(concept, add_bos=False,
+                                                                    add_eos=False))  # fmt: skip
+    if not positions:
+        raise ValueError(
+            f"config.steering.context {context!r} does not hold the concept {concept!r} as "
+            "the tokenizer splits it; write one that does."
+        )
+    _, values = hooks.run_with_hooks(model, params, np.asarray([ids]), capture=[hook])
+    rows = np.asarray(sites.to_rows(hook, values[hook], head_index), np.float32)[0]
+    return rows[positions]
+
+
+def _sweep(cfg, model, params, sae, sae_params, tokenizer, hook, feature, maximum, seed,
+           concept_rows, baseline_rows):  # fmt: skip
     """The measured sweep (module docstring, step 5): {'feature', 'max_activation',
-    'unsteered': setting, 'settings': [setting, ...], 'best': setting or None}; a setting is
+    'unsteered': setting, 'settings': [setting, ...], 'best': the best SAE setting (clamp or
+    add) or None, 'best_baseline': the best diffmean setting or None}; a setting is
     {'method', 'positions', 'strength', 'value', 'concept_share', 'concept_share_greedy',
     'fluency_loss', 'completions': the greedy completion of each prompt}."""
     prompts = [tokenizer.encode(p, add_eos=False) for p in cfg.sweep_prompts]
@@ -283,14 +324,27 @@ def _sweep(cfg, model, params, sae, sae_params, tokenizer, hook, feature, maximu
         r"\b(?:" + "|".join(re.escape(w.strip()) for w in cfg.concept_words) + r")\b", re.I
     )
 
+    # The non-SAE baseline: the difference in means between the site's rows on the concept
+    # (its tokens in `context`) and on held-out text, scaled to the norm 'add' adds at the
+    # same strength, so the two compare at equal perturbation size.
+    unit = steering.feature_intervention(sae, sae_params, [steering.Add(feature, 1.0)], hook=hook)
+    base = jnp.asarray(baseline_rows.mean(0))[None, None]
+    add_norm = float(jnp.linalg.norm(unit(base) - base))  # Residual units per unit of code.
+    direction = None
+    if "diffmean" in cfg.methods:
+        direction = steering.diff_mean(concept_rows, baseline_rows)
+
     def measure(method, positions, strength):
         value = strength * maximum
-        edit = (
-            steering.Add(feature, 0.0)
-            if method is None
-            else steering.sweep_edit(method, feature, value)
-        )  # Unsteered as a no-op edit: the same compiled programs as the steered ones.
-        fn = steering.feature_intervention(sae, sae_params, [edit], hook=hook)
+        if method == "diffmean":
+            fn = steering.AddVector(jnp.asarray(value * add_norm * direction))
+        else:
+            edit = (
+                steering.Add(feature, 0.0)
+                if method is None
+                else steering.sweep_edit(method, feature, value)
+            )  # Unsteered as a no-op edit: the same compiled programs as the steered ones.
+            fn = steering.feature_intervention(sae, sae_params, [edit], hook=hook)
         texts, losses, greedy = [], [], []
         for rows, temperature in runs:
             tokens, mask = _pad(rows, width, pad_id)
@@ -334,13 +388,19 @@ def _sweep(cfg, model, params, sae, sae_params, tokenizer, hook, feature, maximu
         for positions in cfg.positions
         for strength in cfg.sweep_strengths
     ]
-    fluent = [
-        s for s in settings
-        if s["fluency_loss"] <= unsteered["fluency_loss"] + cfg.fluency_margin
-    ]  # fmt: skip
-    best = max(fluent, key=lambda s: (s["concept_share"], -s["fluency_loss"]), default=None)
-    if best is not None and best["concept_share"] <= unsteered["concept_share"]:
-        best = None  # No fluent setting mentions the concept more than unsteered text does.
+
+    def best(methods):
+        """The setting of `methods` mentioning the concept most within the fluency margin
+        (ties: the more fluent), or None when none mentions it more than unsteered text."""
+        fluent = [
+            s for s in settings if s["method"] in methods
+            and s["fluency_loss"] <= unsteered["fluency_loss"] + cfg.fluency_margin
+        ]  # fmt: skip
+        found = max(fluent, key=lambda s: (s["concept_share"], -s["fluency_loss"]), default=None)
+        if found is None or found["concept_share"] <= unsteered["concept_share"]:
+            return None
+        return found
+
     return {
         "feature": int(feature),
         "max_activation": maximum,
@@ -351,7 +411,8 @@ def _sweep(cfg, model, params, sae, sae_params, tokenizer, hook, feature, maximu
         "fluency_margin": cfg.fluency_margin,
         "unsteered": unsteered,
         "settings": settings,
-        "best": best,
+        "best": best(("clamp", "add")),  # With the SAE feature.
+        "best_baseline": best(("diffmean",)),
     }
 
 
@@ -366,13 +427,17 @@ def format_sweep(sweep: dict[str, Any]) -> str:
     for s in rows:
         name = "unsteered" if s["method"] is None else (
             f"{s['method']} {s['positions']} x{s['strength']:g}")  # fmt: skip
-        mark = "  <- best" if s is sweep["best"] or s == sweep["best"] else ""
+        mark = ""
+        if s == sweep["best"]:
+            mark = "  <- best SAE setting"
+        elif s == sweep.get("best_baseline"):
+            mark = "  <- best baseline"
         share, greedy = 100 * s["concept_share"], 100 * s["concept_share_greedy"]
         lines.append(f"{name:<24} {share:>7.0f}% {greedy:>6.0f}% {s['fluency_loss']:>6.2f}{mark}")
     if sweep["best"] is None:
         lines.append(
-            f"No setting within {sweep['fluency_margin']:g} nats/token of unsteered fluency "
-            "mentions the concept more than the unsteered text."
+            f"No SAE setting within {sweep['fluency_margin']:g} nats/token of unsteered "
+            "fluency mentions the concept more than the unsteered text."
         )
     return "\n".join(lines)
 

@@ -42,12 +42,14 @@ def test_pipeline_steers_the_feature_its_search_found(tiny_pipeline):
         assert len(setting["completions"]) == len(cfg.sweep_prompts)
         assert 0 <= setting["concept_share"] <= 1 and np.isfinite(setting["fluency_loss"])
         assert setting["value"] == pytest.approx(setting["strength"] * sweep["max_activation"])
-    best = sweep["best"]
-    assert best is None or (
-        best in sweep["settings"]
-        and best["concept_share"] > sweep["unsteered"]["concept_share"]
-        and best["fluency_loss"] <= sweep["unsteered"]["fluency_loss"] + cfg.fluency_margin
-    )
+    for key, methods in (("best", ("clamp", "add")), ("best_baseline", ("diffmean",))):
+        best = sweep[key]
+        assert best is None or (
+            best in sweep["settings"]
+            and best["method"] in methods
+            and best["concept_share"] > sweep["unsteered"]["concept_share"]
+            and best["fluency_loss"] <= sweep["unsteered"]["fluency_loss"] + cfg.fluency_margin
+        )
     assert os.path.getsize(os.path.join(workdir, "steer", steer.SWEEP_PLOT)) > 1000
     # Both stages take maxima over the same held-out rows with the same exclusions.
     stats = analysis.FeatureStats.load(os.path.join(workdir, "analysis", "feature_stats.npz"))
