@@ -329,16 +329,16 @@ def _pretrained(c: ml_collections.ConfigDict, source: str) -> None:
     c.sae.update(
         model_path=source,
         sites=("blocks_15/resid_post",),
-        harvest_rows=120_000,
+        harvest_rows=250_000,
         harvest_batch_size=16,
         num_latents=8192,
         eval_batch_size=8,
         eval_batches=4,
     )
-    c.sae.saes = (dict(architecture="topk", k=32),)  # One: ~0.25 s a step on 2 cores.
+    c.sae.saes = (dict(architecture="topk", k=32),)  # One: ~0.12 s a step on 2 cores.
     c.sae.train.update(
-        steps=800, batch_size=1024, learning_rate=8e-4, warmup_steps=50, log_every=50,
-        checkpoint_every=400,
+        steps=2000, batch_size=1024, learning_rate=8e-4, warmup_steps=50, log_every=100,
+        checkpoint_every=500,
     )  # fmt: skip
     # Influence on the fine-tune, over the rows it was fine-tuned on: the planted rows are
     # known, so their ranks say how right the attribution is.

@@ -344,11 +344,12 @@ class Progress:
             return None
         return (last_step - first_step) / (last_time - first_time)
 
-    def update(self, step: int, **scalars: Any) -> str:
+    def update(self, step: int, *, log: bool = True, **scalars: Any) -> str:
         """Records that `step` is done and returns (and logs) the progress line.
 
         Args:
           step: The step just finished.
+          log: Log the line (when the instance logs); False only records the time.
           **scalars: Values to show, in order, e.g. `loss=3.214`.
 
         Returns:
@@ -374,22 +375,24 @@ class Progress:
         remaining = max(self.total_steps - step, 0)
         parts.append(f"ETA {_format_duration(remaining / rate)}" if rate else "ETA --")
         line = " | ".join(parts)
-        if self._log:
+        if self._log and log:
             logging.info(line)
         return line
 
 
 class Tracked:
     """A sized iterable that logs a progress line (`Progress`) as it is iterated: for the
-    batches of a pass a library function consumes (influence factor fits and searches), so
-    a long pass shows its rate and ETA. Re-iterable: each pass starts a new line count
-    ('label, pass 2' from the second).
+    batches of a pass a library function consumes (influence factor fits and searches,
+    feature statistics), so a long pass shows its rate and ETA. Re-iterable: each pass
+    starts a new line count ('label, pass 2' from the second).
 
         batches = metrics.Tracked(batches, "influence: factors", tokens_per_item=8 * 128)
         fit_factors(model, params, batches, ...)
 
-    The line for item i is logged when item i + 1 is asked for (or the pass ends), so the
-    time of item i's work is counted where the consumer works lazily.
+    A line is logged when the next item is asked for once `seconds` have passed since the
+    last line, and at the end of each pass; so the time of an item's work is counted where
+    the consumer works item by item. (A consumer that only queues work asynchronously, as
+    JAX dispatch does, makes the rate that of queueing.)
     """
 
     def __init__(
@@ -398,14 +401,16 @@ class Tracked:
         label: str,
         tokens_per_item: int | None = None,
         *,
-        every: int = 1,
+        seconds: float = 10.0,
         unit: str = "batch",
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.items = list(items)
         self.label = label
         self.tokens_per_item = tokens_per_item
-        self.every = max(int(every), 1)
+        self.seconds = seconds
         self.unit = unit
+        self._clock = clock
         self._passes = 0
 
     def __len__(self) -> int:
@@ -414,10 +419,15 @@ class Tracked:
     def __iter__(self):
         self._passes += 1
         label = self.label if self._passes == 1 else f"{self.label}, pass {self._passes}"
-        progress = Progress(len(self.items), self.tokens_per_item, label=label, unit=self.unit)
+        progress = Progress(len(self.items), self.tokens_per_item, label=label, unit=self.unit,
+                            clock=self._clock)  # fmt: skip
+        last = self._clock()
         for index, item in enumerate(self.items):
-            if index and (index % self.every == 0):
+            if index == 1:
+                progress.update(index, log=False)  # Opens the rate window after the first.
+            elif index and self._clock() - last >= self.seconds:
                 progress.update(index)
+                last = self._clock()
             yield item
         if self.items:
             progress.update(len(self.items))

@@ -1,6 +1,7 @@
 """Tests for interp/metrics.py: JSON lines, TensorBoard events, the progress line."""
 
 import json
+import logging
 import struct
 
 import jax.numpy as jnp
@@ -196,3 +197,21 @@ def test_format_duration(seconds, text):
 )
 def test_format_rate(rate, text):
     assert metrics._format_rate(rate) == text
+
+
+def test_tracked_logs_rate_and_eta_every_few_seconds_and_at_each_pass_end(caplog):
+    now = [0.0]
+    items = list(range(10))
+    tracked = metrics.Tracked(items, "influence: factors", 100, seconds=10.0,
+                              clock=lambda: now[0])  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            for _ in tracked:
+                now[0] += 4.0  # 4 s an item: a line every third item.
+    lines = [r.getMessage() for r in caplog.records if "influence: factors" in r.getMessage()]
+    first = [line for line in lines if "pass 2" not in line]
+    assert len(tracked) == 10 and len(first) == 4 and len(lines) == 8
+    assert first[0].startswith("influence: factors: batch 3/10 (30%) | 25 tok/s")
+    assert first[-1].startswith("influence: factors: batch 10/10 (100%) | 25 tok/s")
+    assert "ETA 0:00" in first[-1]
+    assert lines[-1].startswith("influence: factors, pass 2: batch 10/10")

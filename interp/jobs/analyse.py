@@ -52,6 +52,8 @@ class AnalysisConfig:
       max_rows: Held-out rows the statistics are taken over, drawn from all of the held-out
         text by `config.seed` (all of it when it has no more).
       batch_size: Rows per forward pass.
+      allow_other_model: Use an SAE the SAE job trained on another model (refused by
+        default: `interp.jobs.sae.check_model`).
     """
 
     model_path: str = ""
@@ -61,6 +63,7 @@ class AnalysisConfig:
     top: int = 5
     max_rows: int = 256
     batch_size: int = 16
+    allow_other_model: bool = False
 
 
 def concept_positions(ids: list[int], concept: list[int]) -> list[int]:
@@ -122,6 +125,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     model_path = analysis_config.model_path or str(workdir.parent / "lm" / "export")
     model, params, tokenizer = workdir_lib.load_model(workdir, model_path, job="the analysis job")
     sae_path = analysis_config.sae or sae_job.pipeline_topk_sae(workdir, "config.analysis.sae")
+    sae_job.check_model(sae_path, model, params, where="config.analysis",
+                        allowed=analysis_config.allow_other_model)  # fmt: skip
     sae, sae_params = saes.load(sae_path)
 
     _, heldout = documents(config.data)
@@ -131,7 +136,6 @@ def run(config, workdir: str) -> dict[str, Any]:
         [rows[i : i + size] for i in range(0, len(rows), size)],
         "analysis: feature statistics",
         size * rows.shape[-1],
-        every=max(len(rows) // size // 10, 1),
     )
     exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer, config.data)
     written = analysis.analyse(model, params, sae, sae_params, batches, workdir,

@@ -64,7 +64,9 @@ class InfluenceConfig:
       queries: ({'prompt', 'completion'} ...) measured by log p(completion | prompt).
       feature_queries: ({'sae': SAE folder or '' for the pipeline's first TopK SAE,
         'feature': latent index or -1 for the most active on the completion, 'prompt',
-        'completion'} ...) measured by the feature's activation on the completion.
+        'completion', optionally 'allow_other_model': True to use an SAE trained on another
+        model (`interp.jobs.sae.check_model`)} ...) measured by the feature's activation on
+        the completion.
     """
 
     model_path: str = ""
@@ -102,8 +104,7 @@ def _batches(tokens: np.ndarray, size: int, label: str | None = None):
     batches = [{"tokens": tokens[i : i + size]} for i in range(0, len(tokens), size)]
     if label is None:
         return batches
-    every = max(len(batches) // 20, 1)  # About 20 lines a pass.
-    return metrics.Tracked(batches, label, size * tokens.shape[-1], every=every)
+    return metrics.Tracked(batches, label, size * tokens.shape[-1])
 
 
 def _lm_rows(config, inf, workdir, tokenizer, train_docs):
@@ -172,6 +173,8 @@ def _feature_query(config, entry, workdir, model, params, tokenizer):
     folder = entry.get("sae") or sae_job.pipeline_topk_sae(
         workdir, "influence.feature_queries' sae"
     )
+    sae_job.check_model(folder, model, params, where="the feature query",
+                        allowed=bool(entry.get("allow_other_model")))  # fmt: skip
     sae, sae_params = saes.load(folder)
     if not sae.config.hook_name:
         raise ValueError(f"{folder} names no hook_name; the feature query needs the SAE's site.")

@@ -199,10 +199,10 @@ def _steps(task, ckpt, config, state, start, progress, preempt, writer, evaluate
             if writer is not None:
                 writer.write(step, scalars)
             shown = {}
-            for name, value in scalars.items():
-                label = True if task.shown is None else task.shown(name)
+            for metric, value in scalars.items():
+                label = True if task.shown is None else task.shown(metric)
                 if label:
-                    shown[name if label is True else label] = value
+                    shown[metric if label is True else label] = value
             progress.update(step, **shown)
         # Saved before evaluating: an evaluation that fails loses no training.
         if step % config.checkpoint_every == 0 or last:

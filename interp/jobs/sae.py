@@ -168,6 +168,47 @@ def _token_batches(tokens: np.ndarray, batch_size: int):
         yield tokens[start : start + batch_size]
 
 
+MODEL_FINGERPRINT = "model_fingerprint"  # SAE metadata: the model the SAE was trained on.
+
+
+class SAEModelMismatchError(ValueError):
+    """An SAE is used with another model than the one it was trained on."""
+
+
+def check_model(sae_path: str, model, params, *, where: str, allowed: bool = False) -> None:
+    """Refuses an SAE trained (by this framework) on another model than `model`.
+
+    An SAE folder the SAE job wrote records its model's fingerprint
+    (`interp.models.fingerprint`); another model's activations at the same site are another
+    distribution, on which the SAE's features mean nothing, even at the same width. Folders
+    without the record (released SAEs, older exports) are checked by width only, when used.
+
+    Args:
+      sae_path: The SAE folder (local, gs:// or hf://).
+      model, params: The model it is about to be used with.
+      where: The config section, for the fix ('config.steering').
+      allowed: `<where>.allow_other_model`: use it anyway (e.g. on a fine-tune whose layers
+        up to the SAE's site were frozen, so the site's activations are the base model's).
+
+    Raises:
+      SAEModelMismatchError: naming both models and the fix.
+    """
+    if allowed or str(sae_path).startswith("hf://"):  # Released SAEs record no fingerprint.
+        return
+    recorded = sae_io.read_metadata(sae_path).get(MODEL_FINGERPRINT)
+    if not recorded:
+        return
+    actual = fingerprint(model.config, params)
+    if recorded != actual:
+        name = sae_io.read_metadata(sae_path).get("model_name") or "another model"
+        raise SAEModelMismatchError(
+            f"The SAE {sae_path} was trained on {name!r} (model fingerprint {recorded}); the "
+            f"model here is another (fingerprint {actual}). Use the SAE with the model it was "
+            f"trained on, or, if this model's activations at its site are that model's (a "
+            f"fine-tune with those layers frozen), set {where}.allow_other_model=True."
+        )
+
+
 class CacheModelMismatchError(ValueError):
     """An activation cache was harvested from another model than the one this job studies."""
 
@@ -415,7 +456,11 @@ def run(config, workdir: str) -> dict[str, dict[str, float]]:
                 workdir / "saes" / name,
                 sae_cfg,
                 sae_params,
-                metadata={"hook_name": site, "model_name": model_path},
+                metadata={
+                    "hook_name": site,
+                    "model_name": model_path,
+                    MODEL_FINGERPRINT: model_hash,  # `check_model` compares it.
+                },
             )
         step = int(state["step"])
         for name, result in results.items():

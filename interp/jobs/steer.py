@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from interp import metrics, parallel, paths, records, steering
+from interp import parallel, paths, records, steering
 from interp import sae as saes
 from interp.analysis import plots
 from interp.data import activations
@@ -90,6 +90,8 @@ class SteeringConfig:
       sweep_tokens: Tokens generated per sweep completion.
       fluency_margin: How far (nats/token) above the unsteered loss the best setting's
         loss may be.
+      allow_other_model: Use an SAE the SAE job trained on another model (refused by
+        default: `interp.jobs.sae.check_model`).
     """
 
     model_path: str = ""
@@ -111,6 +113,7 @@ class SteeringConfig:
     temperature: float = 0.7
     sweep_tokens: int = 24
     fluency_margin: float = 1.0
+    allow_other_model: bool = False
 
     def __post_init__(self):
         # Checked here, before any model is loaded: a bad strength would otherwise surface
@@ -178,9 +181,10 @@ def run(config, workdir: str) -> dict[str, Any]:
     workdir = workdir_lib.prepare_workdir(stage, workdir, overwrite_config=True)
     model_path = steer_config.model_path or str(workdir.parent / "lm" / "export")
     model, params, tokenizer = workdir_lib.load_model(workdir, model_path, job="the steering job")
-    sae, sae_params = saes.load(
-        steer_config.sae or sae_job.pipeline_topk_sae(workdir, "config.steering.sae")
-    )
+    sae_path = steer_config.sae or sae_job.pipeline_topk_sae(workdir, "config.steering.sae")
+    sae_job.check_model(sae_path, model, params, where="config.steering",
+                        allowed=steer_config.allow_other_model)  # fmt: skip
+    sae, sae_params = saes.load(sae_path)
     if not sae.config.hook_name:
         raise ValueError("The SAE names no hook site (hook_name); steering needs it.")
     (hook,) = hooks.resolve(model, [sae.config.hook_name])
@@ -194,12 +198,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     _, heldout = documents(config.data)
     rows = sample_rows(config.data, heldout, tokenizer, steer_config.max_rows, config.seed)
     size = steer_config.batch_size
-    batches = metrics.Tracked(
-        [rows[i : i + size] for i in range(0, len(rows), size)],
-        "steering: maxima",
-        size * rows.shape[-1],
-        every=max(len(rows) // size // 10, 1),
-    )
+    batches = [rows[i : i + size] for i in range(0, len(rows), size)]
     exclusions = sae_job.exclusions(config.get("sae") or {}, tokenizer, config.data)
     maxima = steering.max_activations(model, params, sae, sae_params, batches, **exclusions)
     buffer = io.BytesIO()
@@ -238,7 +237,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     sweep = None
     if steer_config.sweep_prompts:
         head = sae.config.hook_head_index
-        baseline_rows = _site_rows(model, params, hook, head, batches.items[:4], exclusions)
+        baseline_rows = _site_rows(model, params, hook, head, batches[:4], exclusions)
         concept_rows = _concept_rows(model, params, hook, head, tokenizer,
                                      steer_config.concept, steer_config.context)  # fmt: skip
         sweep = _sweep(

@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 
 from interp import paths, safetensors_io
-from interp.models import embedded, gguf_io, gguf_tokenizer, hub
+from interp.models import gguf_io, gguf_tokenizer, hub
 from interp.models import tokenizer as tokenizer_lib
 from interp.models.config import ModelConfig
 from interp.models.hf_config import config_from_hf, config_to_hf
@@ -104,6 +104,9 @@ def from_pretrained(
         malformed or truncated safetensors file.
       PermissionError: for a gated Hub model without a token that has access.
     """
+    # Imported here: `python -m interp.models.embedded` would otherwise find it imported.
+    from interp.models import embedded
+
     if embedded.is_embedded(path) and revision is None:
         path = embedded.resolve(path)  # Before the Hub check: 'embedded:x' is not a path.
     elif hub.is_hub_id(path):

@@ -212,3 +212,30 @@ def test_the_results_summary_quotes_the_run_files_and_fills_a_readme_block(tiny_
     readme.write_text("# No markers\n")
     with pytest.raises(ValueError, match="demo-results:begin"):
         results.write_readme_block(readme, text)
+
+
+def test_an_sae_used_with_another_model_than_its_own_is_refused(tiny_pipeline, tmp_path):
+    """The SAE job records its model's fingerprint; analysis and steering refuse another
+    model (a one-weight change is enough) unless allow_other_model says the site is shared."""
+    import jax
+
+    from interp.jobs import sae as sae_job
+    from interp.models import save_pretrained
+
+    workdir, _ = tiny_pipeline
+    model, params, tokenizer = from_pretrained(os.path.join(workdir, "lm", "export"))
+    topk = sae_job.pipeline_topk_sae(os.path.join(workdir, "steer"), "sae")
+    sae_job.check_model(topk, model, params, where="config.steering")  # Its own model.
+    leaves, tree = jax.tree.flatten(params)
+    other_params = jax.tree.unflatten(tree, [leaves[0] + 1e-3, *leaves[1:]])
+    other = str(tmp_path / "other")
+    save_pretrained(other, model.config, other_params, tokenizer=tokenizer)
+    for section, run in (("analysis", job.run), ("steering", steer.run)):
+        config = demo.get_config("tiny=True")
+        config[section].model_path = other
+        config[section].sae = topk
+        fix = rf"trained on .*lm/export.*config\.{section}\.allow_other_model"
+        with pytest.raises(sae_job.SAEModelMismatchError, match=fix):
+            run(config, str(tmp_path / section))
+    other_model, loaded, _ = from_pretrained(other)
+    sae_job.check_model(topk, other_model, loaded, where="config.steering", allowed=True)
