@@ -28,6 +28,9 @@ def get_config(arg=None):
     arg = common.parse_arg(arg, tiny=False, toy=False, init_from="")
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # The pipeline's stages (experiments/pipeline.py), e.g. 'sae,analysis,steer' to study a
+    # model as it is (their model_path set to it) without the LM stage.
+    c.stages = ("lm", "sae", "influence", "analysis", "steer")
     # '' = train the model of `c.model` from random weights with a new tokenizer; else fine-tune
     # a model (a Hugging Face folder, a GGUF file or a Hub id): its config, weights and
     # tokenizer, the optimizer state from scratch. `:init_from=PATH` sets it and empties

@@ -99,6 +99,24 @@ def _exit_status(code) -> int:
     return code if isinstance(code, int) else 1
 
 
+# What a job exits with when its config or data contradict its workdir's, or an SAE its model
+# (the errors of `_refusals`): a message naming the fix, not a traceback. EX_USAGE of sysexits.h.
+REFUSED_EXIT_CODE = 64
+
+
+def _refusals() -> tuple[type[BaseException], ...]:
+    """The errors a job raises to refuse a run whose inputs contradict what it is resuming
+    or using, each with a message that names the fix."""
+    from interp.jobs import sae, workdir
+
+    return (
+        workdir.ConfigMismatchError,
+        workdir.DataMismatchError,
+        sae.SAEModelMismatchError,
+        sae.CacheModelMismatchError,
+    )
+
+
 # What a job exits with when another job holds its workdir: EX_TEMPFAIL of sysexits.h, "try
 # again later" (a rerun succeeds once the holder ends, or its lock goes stale).
 LOCKED_EXIT_CODE = 75
@@ -163,10 +181,13 @@ def run(main) -> None:
 def preemptible(main):
     """`main` for `app.run`, exiting with `Preempted.exit_code` (143 after SIGTERM, 130 after
     Ctrl-C; see interp/preemption.py) when the job stopped on a preemption notice, after
-    its checkpoint was committed: a log line, not a traceback."""
+    its checkpoint was committed, and with REFUSED_EXIT_CODE when it refused its inputs (a
+    changed config or data, an SAE of another model): a log line, not a traceback."""
     from absl import logging
 
     from interp import preemption
+
+    refusals = _refusals()
 
     def run(argv):
         try:
@@ -174,5 +195,8 @@ def preemptible(main):
         except preemption.Preempted as stopped:
             logging.warning("Exiting with %d: %s", stopped.exit_code, stopped)
             return stopped.exit_code
+        except refusals as refused:  # The message is the report: no traceback.
+            logging.error("%s: %s", type(refused).__name__, refused)
+            return REFUSED_EXIT_CODE
 
     return run

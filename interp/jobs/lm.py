@@ -284,7 +284,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "train it on that many documents."
         )
     # The LM stage's workdir checks only the LM's settings, not later pipeline stages'.
-    stage_config = workdir_lib.subconfig(config, drop=("sae", "influence", "analysis", "steering"))
+    stage_config = workdir_lib.subconfig(
+        config, drop=("sae", "influence", "analysis", "steering", "stages")
+    )
     workdir = workdir_lib.prepare_workdir(
         workdir_lib.pin_schedule(stage_config, "train", train_config.schedule_length),
         workdir,

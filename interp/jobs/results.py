@@ -146,7 +146,7 @@ def summarize(workdir: paths.PathLike) -> str:
     parts, missing = [], []
     lm_summary = _read(root / "lm" / "summary.json")
     if lm_summary:
-        parts.append("\n".join(_lm(lm_summary, _read(root / "lm" / "config.json"))))
+        parts.append("\n\n".join(_lm(lm_summary, _read(root / "lm" / "config.json"))))
     else:
         missing.append("lm")
     evaluated = _read(root / "sae" / "eval.json")

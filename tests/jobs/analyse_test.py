@@ -12,6 +12,7 @@ from interp import analysis
 from interp.jobs import analyse as job
 from interp.jobs import steer
 from interp.models import from_pretrained
+from tests import runs
 
 
 def test_pipeline_steers_the_feature_its_search_found(tiny_pipeline):
@@ -239,3 +240,32 @@ def test_an_sae_used_with_another_model_than_its_own_is_refused(tiny_pipeline, t
             run(config, str(tmp_path / section))
     other_model, loaded, _ = from_pretrained(other)
     sae_job.check_model(topk, other_model, loaded, where="config.steering", allowed=True)
+
+
+def test_the_pipeline_runs_only_the_stages_asked_for(tiny_pipeline, tmp_path):
+    """config.stages: a model studied as it is (no LM stage): here the analysis alone, on the
+    tiny run's model and SAE; the summary says which stages have no results."""
+    from experiments import pipeline
+    from interp.jobs import sae as sae_job
+
+    workdir, _ = tiny_pipeline
+    topk = sae_job.pipeline_topk_sae(os.path.join(workdir, "steer"), "sae")
+    out = str(tmp_path / "study")
+    result = runs.run_main(
+        "experiments.pipeline", "configs/demo.py:tiny=True", out, "--config.stages=analysis",
+        f"--config.analysis.model_path={os.path.join(workdir, 'lm', 'export')}",
+        f"--config.analysis.sae={topk}",
+    )  # fmt: skip
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == [
+        "analysis",
+        "results.md",
+    ]
+    assert "(No results yet from: lm, sae, steer, influence.)" in result.stdout
+    assert "**Features for ' whale'**" in result.stdout
+    config = demo.get_config("tiny=True")
+    config.stages = ("steer", "lm")
+    assert pipeline.stages_of(config) == ("lm", "steer")
+    assert pipeline.stages_of({"stages": "analysis, sae"}) == ("sae", "analysis")
+    config.stages = ("lm", "train")
+    with pytest.raises(ValueError, match="choose among"):
+        pipeline.stages_of(config)

@@ -285,3 +285,24 @@ def demo_tokenizer():
     from interp.models import tokenizer as tokenizer_lib
 
     return tokenizer_lib.train_bpe(["Zebra sang the song of the zebra"] * 3, vocab_size=280)
+
+
+def test_a_refused_rerun_is_a_message_and_an_exit_code_not_a_traceback(tiny_run, tmp_path):
+    """A rerun whose config changes the maths exits REFUSED_EXIT_CODE with the refusal's
+    message (the field, both values), leaving the workdir as it was."""
+    import subprocess
+    import sys
+
+    from experiments import common
+
+    workdir, _ = tiny_run
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.train_lm", "--config=configs/demo.py:tiny=True",
+         f"--workdir={workdir}", "--config.train.learning_rate=0.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == common.REFUSED_EXIT_CODE, result.stderr[-3000:]
+    assert "ConfigMismatchError" in result.stderr and "train.learning_rate" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
