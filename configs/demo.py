@@ -281,8 +281,10 @@ def get_config(arg=None):
         # 14 tokens + 6 new ones fit the 32-token context (a longer prompt is an error now,
         # where generation used to shorten or run past the context silently).
         c.steering.update(prompt="Mr. Darcy said that", max_new_tokens=6, max_rows=16, batch_size=8)
+        # One SAE method and the baseline, greedy only: two compiled programs, not eight.
         c.steering.update(sweep_prompts=("Mr. Darcy said", "She went to buy"),
-                          sweep_strengths=(4.0,), samples=1, sweep_tokens=4)  # fmt: skip
+                          methods=("add", "diffmean"), positions=("generated",),
+                          sweep_strengths=(4.0,), samples=0, sweep_tokens=4)  # fmt: skip
     if arg.tiny or arg.toy:
         if arg.init_from:
             _fine_tune(c, arg.init_from)

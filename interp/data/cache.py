@@ -58,12 +58,11 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
-from interp import metrics, paths, preemption
+from interp import paths, preemption
 from interp.data.activations import Batch, sum_squared_norms, unit_norm_scale
 
 FORMAT = "interp.activations"
 VERSION = 2  # 2: chunks carry crc32c checksums.
-PROGRESS_SECONDS = 15.0  # Between the harvest's progress lines (rows/s, ETA).
 _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 
 
@@ -162,6 +161,7 @@ def write_cache(
     overwrite: bool = False,
     resume: bool = False,
     commit_seconds: float = 60.0,
+    on_rows: Callable[[int], Any] | None = None,
 ) -> ActivationCache:
     """Writes a stream of activation rows to an on-disk cache, one zarr array per site.
 
@@ -198,6 +198,8 @@ def write_cache(
         incomplete cache of the same settings.
       commit_seconds: With `resume`, seconds between progress commits (each also writes the
         partly filled chunk of every site once; 0 commits after every item).
+      on_rows: Called with the rows written so far (a continued cache's included) after
+        each item, e.g. to log a progress line.
 
     Returns:
       The written cache, open for reading.
@@ -280,11 +282,6 @@ def write_cache(
 
         writer = _CacheWriter(path, dims, dtype, chunk_rows, num_rows, committed)
         items, last_commit = start, time.monotonic()
-        # Rows/s and ETA every PROGRESS_SECONDS (the commits above log only what is safe).
-        progress = metrics.Progress(
-            num_rows or 0, None, start_step=writer.rows, label="harvest", unit="row"
-        )
-        last_progress = time.monotonic()
 
         def commit():
             record = writer.commit(items)
@@ -302,9 +299,8 @@ def write_cache(
             items += 1
             if writer.full:  # Stop pulling: no forward pass is wasted.
                 break
-            if num_rows and time.monotonic() - last_progress >= PROGRESS_SECONDS:
-                progress.update(writer.rows)
-                last_progress = time.monotonic()
+            if on_rows is not None:
+                on_rows(writer.rows)  # E.g. a progress line with rows/s and ETA.
             # The item count is the sync id: it grows, and is the same on every process
             # that writes in step (interp/preemption.py).
             if preempt is not None and preempt.reached(items):

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import jax
@@ -168,6 +169,7 @@ def _token_batches(tokens: np.ndarray, batch_size: int):
         yield tokens[start : start + batch_size]
 
 
+PROGRESS_SECONDS = 15.0  # Between the harvest's progress lines.
 MODEL_FINGERPRINT = "model_fingerprint"  # SAE metadata: the model the SAE was trained on.
 
 
@@ -294,11 +296,20 @@ def _cache(
         batches = _token_batches(rows[start * batch_size :], batch_size)
         return activations.harvest(model, params, batches, harvested, **excluded)
 
+    progress = metrics.Progress(sae_config.harvest_rows, None, label="harvest", unit="row")
+    last = [time.monotonic()]
+
+    def on_rows(rows: int) -> None:  # Rows/s and ETA every PROGRESS_SECONDS.
+        if time.monotonic() - last[0] >= PROGRESS_SECONDS:
+            progress.update(rows)
+            last[0] = time.monotonic()
+
     return cache_lib.write_cache(
         path,
         stream,
         harvested,
         num_rows=sae_config.harvest_rows,
+        on_rows=on_rows,
         model_config=model.config,
         model_name=model_path,
         extra={

@@ -82,7 +82,7 @@ def test_rows_read_as_their_text_in_chromium(browser, tmp_path):
         per_layer=np.ones((1, count, 2)),
     )
     chosen, index = np.arange(count), np.arange(100, 100 + count)
-    entries = [influence_job._entry(scores, i, chosen, index, searched, tok) for i in range(4)]
+    entries = [influence_job._entry(scores, 0, i, chosen, index, searched, tok) for i in range(4)]
     result = {"name": "query 0", "prompt": "Émile", "completion": " said",
               "measurement": "log p(completion)", "modules": ["a", "b"],
               "positive": entries[2:], "negative": entries[:2]}  # fmt: skip
