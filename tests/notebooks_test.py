@@ -110,7 +110,7 @@ def test_notebook_runs_top_to_bottom(name, request, tmp_path, monkeypatch):
         assert f"{workdir}/lm/export | blocks_1/resid_post topk" in text
     if name == "steering.ipynb":
         assert "10 x max" in text and "unsteered" in text
-        assert "Steering sweep:" in text and "clamp generated x4" in text  # The stage's sweep.
+        assert "Steering sweep:" in text and "add generated x4" in text  # The stage's sweep.
         assert f"{workdir}/lm/export | blocks_1/resid_post" in text
     if name == "influence.ipynb":
         assert "Call me Ishmael" in text

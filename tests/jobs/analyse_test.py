@@ -61,7 +61,7 @@ def test_pipeline_steers_the_feature_its_search_found(tiny_pipeline):
     with open(os.path.join(workdir, "analysis", job.CONCEPT_DASHBOARD)) as f:
         assert config.analysis.concept.strip() in f.read()
     assert "**Features for ' whale'**" in result.stdout
-    assert "Steering sweep:" in result.stdout and "clamp generated x4" in result.stdout
+    assert "Steering sweep:" in result.stdout and "add generated x4" in result.stdout
 
 
 def test_the_lm_stage_config_leaves_out_the_later_stages(tiny_pipeline):
