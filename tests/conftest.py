@@ -66,13 +66,17 @@ def pytest_unconfigure(config):
 # one-test 90 s file comes at the very end) one worker runs the last of them alone while the
 # other idles. Longest first keeps both busy to the end. Seconds are CPU-bound end-to-end
 # runs on the 2-core machine; `--durations=15` (Makefile) shows when this list needs a new
-# entry. The first entry builds the shared `tiny_pipeline` (below) while the other worker
-# runs the gs:// pipeline, which does not need it.
+# entry. The first entry builds the shared `tiny_pipeline` (below); the second, which shares
+# no compiled program with it, keeps the other worker busy meanwhile (a file of more than two
+# tests: xdist gives a worker its next file only when two or fewer of its tests are left). The
+# files after it run mains of the tiny config, whose programs the build has by then put in the
+# compilation cache (run beside the build, the gs:// pipeline compiled them all a second time).
 SLOWEST_FIRST = (
-    "tests/multihost_test.py",  # tiny_pipeline's build (~60 s), then two 2-process jobs.
-    "tests/jobs/pipeline_gcs_test.py",  # The pipeline on gs://, twice (~95 s).
-    "tests/preemption_test.py",  # Two kill/resume runs and their references (~110 s).
-    "tests/jobs/sae_test.py",  # A longer LM and SAE run (~50 s), then 12 jobs.
+    "tests/multihost_test.py",  # tiny_pipeline's build (~50 s), then two 2-process jobs.
+    "tests/influence/kronfluence_test.py",  # In-process, its own models (~60 s).
+    "tests/jobs/pipeline_gcs_test.py",  # The pipeline on gs://, twice.
+    "tests/preemption_test.py",  # Two kill/resume runs and their references (~70 s).
+    "tests/jobs/sae_test.py",  # A longer LM and SAE run (~40 s), then 12 jobs.
     "tests/jobs/lm_test.py",  # A tiny LM run, then resumes on other meshes.
     "tests/notebooks_test.py",  # 5 notebooks in real kernels, 4 on tiny_pipeline.
     "tests/jobs/analyse_test.py",

@@ -3,6 +3,9 @@
 import json
 import logging
 import struct
+import subprocess
+import sys
+import textwrap
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +14,7 @@ from etils import epath
 from tensorboardX.proto import event_pb2
 
 from interp import metrics
+from tests import references, runs
 
 
 def _read_scalars(tb_dir):
@@ -53,6 +57,29 @@ def test_jsonl_and_tensorboard_local(tmp_path):
     scalars = _read_scalars(tmp_path / "tb")
     assert scalars["loss"] == [(1, 3.5), (2, 3.25)]
     assert scalars["tokens"] == [(1, 4096.0)]
+
+
+def test_tensorboard_writer_leaves_torch_unimported_and_importable(tmp_path):
+    # A fresh process (this one has torch already): tensorboardX imports torch where it is
+    # installed, ~1.2 s a job process for nothing; the writer keeps it out, and a later
+    # `import torch` still works.
+    references.require_module("torch", "pip install -e .[test] torch==2.13.0")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from interp import metrics
+        with metrics.MetricWriter({str(tmp_path)!r}) as writer:
+            writer.write(1, {{"loss": 2.5}})
+        print("torch" in sys.modules)
+        import torch
+        print(torch.ones(2).sum().item())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=runs.ROOT, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "2.0"]
+    assert _read_scalars(tmp_path / "tb") == {"loss": [(1, 2.5)]}
 
 
 def test_resumed_writer_appends(tmp_path):
