@@ -17,15 +17,13 @@ def xla_flags(devices: int) -> str:
     device thread can wait that long (seen once: an LM main aborted in an all-reduce), so tests
     allow 10 minutes (pytest-timeout still bounds each test).
 
-    XLA's CPU backend compiles at LLVM -O0: the suite's programs are tiny, so compiling them
-    (hundreds a process, ~550 in one tiny pipeline main) costs far more than running them.
-    Measured on the 2-core machine (2026-12-08): the whole suite 751 s -> 601 s, a cold tiny
-    pipeline main 44 s -> 36 s; only the SmolLM2-sized tests run a second or two slower. The
-    HLO passes, which fix the operations and their order, are the same at every level (every
-    exact-equality and reference test passes at both); users' runs keep XLA's default."""
+    Not --xla_backend_optimization_level=0, though the suite is compile-bound (751 s -> 548 s
+    with it, 2026-12-08): twice in three full runs a worker then died in XLA's
+    deserialize_executable, reading from the shared compilation cache a bf16 program another
+    process had compiled (tests/sae/losses_test.py::test_bfloat16_compute_is_close_to_float32;
+    not reproduced in isolation)."""
     return (
         f"--xla_force_host_platform_device_count={devices}"
-        " --xla_backend_optimization_level=0"
         " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
         " --xla_cpu_collective_call_terminate_timeout_seconds=600"
     )
