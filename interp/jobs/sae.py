@@ -39,6 +39,7 @@ from interp.jobs import lock, loop
 from interp.jobs import workdir as workdir_lib
 from interp.models import sites as sites_lib
 from interp.models.fingerprint import fingerprint
+from interp.sae import architectures
 from interp.sae import evaluate as sae_evaluate
 from interp.sae import io as sae_io
 from interp.sae import train as sae_train
@@ -48,12 +49,11 @@ from interp.sae.modules import SAE, SAEConfig
 def sae_name(entry, site: str) -> str:
     """A readable name: 'blocks_2.resid_post-topk-k16-x1024' or '...-relu-l0.3-x1024'."""
     arch = entry["architecture"]
-    if arch in ("topk", "batchtopk"):
-        sparsity = f"-k{entry['k']}"
-    else:
-        sparsity = f"-l{entry.get('l1_coefficient', SAEConfig.l1_coefficient):g}"
+    sparsity = architectures.architecture(arch).sparsity_label(
+        {"l1_coefficient": SAEConfig.l1_coefficient, **entry}
+    )
     head = "" if entry.get("hook_head_index") is None else f".h{entry['hook_head_index']}"
-    return f"{site.replace('/', '.')}{head}-{arch}{sparsity}-x{entry['num_latents']}"
+    return f"{site.replace('/', '.')}{head}-{arch}-{sparsity}-x{entry['num_latents']}"
 
 
 def pipeline_topk_sae(stage_workdir, setting: str) -> str:

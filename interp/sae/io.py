@@ -16,7 +16,9 @@ ignores and `load` uses, so our own checkpoints come back with every training se
 Architectures: relu <-> SAELens 'standard', topk <-> 'topk', jumprelu <-> 'jumprelu'. A
 BatchTopK SAE infers with a per-latent threshold, so it is exported as 'jumprelu', exactly as
 SAELens's `BatchTopKTrainingSAE.save_inference_model` does (metadata.training_architecture is
-'batchtopk'); `load` turns such a folder back into a 'batchtopk' config.
+'batchtopk'); `load` turns such a folder back into a 'batchtopk' config. Matryoshka BatchTopK
+likewise ('matryoshka_batchtopk', its widths in training_architecture_details). Each
+architecture's names are in `interp.sae.architectures`.
 
 `input_scale` is folded into the weights on export, as SAELens's
 `fold_activation_norm_scaling_factor` does (W_enc * s, W_dec / s, b_dec / s, and
@@ -55,6 +57,7 @@ from etils import epath
 
 from interp import paths, safetensors_io
 from interp.models import sites
+from interp.sae.architectures import ARCHITECTURES
 from interp.sae.modules import SAE, SAEConfig
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -64,7 +67,8 @@ CONFIG_KEY = "interp_config"
 # it (dropping the nested metadata); this marks the 6.x layout we write.
 SAE_LENS_FORMAT_VERSION = "6.0.0"
 
-_TO_SAE_LENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+# SAELens inference layouts -> ours (each architecture's own is `Architecture.sae_lens`); a
+# 'batchtopk' cfg.json is a SAELens training config's name for a BatchTopK folder.
 _FROM_SAE_LENS = {
     "standard": "relu",
     "topk": "topk",
@@ -86,7 +90,7 @@ _TRANSCODERS_TO_SAE_LENS = {v: k for k, v in _TRANSCODERS_FROM_SAE_LENS.items()}
 def _expected_shapes(config: SAEConfig) -> dict[str, tuple[int, ...]]:
     d, x, o = config.d_in, config.num_latents, config.output_width
     shapes = {"W_enc": (d, x), "b_enc": (x,), "W_dec": (x, o), "b_dec": (o,)}
-    if config.architecture in ("jumprelu", "batchtopk"):
+    if config.arch.has_threshold:
         shapes["threshold"] = (x,)
     if config.skip_connection:
         shapes["W_skip"] = (o, d)
@@ -149,9 +153,9 @@ def save(
     tensors = {name: value.astype(np.float32) for name, value in tensors.items()}
 
     meta: dict[str, Any] = {"sae_lens_version": SAE_LENS_FORMAT_VERSION}
-    if config.architecture == "batchtopk":  # As SAELens records a BatchTopK export.
-        meta["training_architecture"] = "batchtopk"
-        meta["training_architecture_details"] = {"k": config.k}
+    if config.arch.training_architecture:  # As SAELens records a BatchTopK export.
+        meta["training_architecture"] = config.arch.training_architecture
+        meta["training_architecture_details"] = config.arch.training_details(config)
     for key, value in (
         ("hook_name", config.hook_name),
         ("hook_head_index", config.hook_head_index),
@@ -164,7 +168,7 @@ def save(
     for key in ("hook_name", "hook_name_out"):  # SAELens and TransformerLens read TL names.
         if isinstance(meta.get(key), str):
             meta[key] = _transformer_lens_name(meta[key])
-    architecture = _TO_SAE_LENS[config.architecture]
+    architecture = config.arch.sae_lens
     if config.is_transcoder:
         key = (architecture, config.skip_connection)
         if key not in _TRANSCODERS_TO_SAE_LENS:
@@ -355,14 +359,14 @@ def _from_sae_lens(
         architecture = transcoder[0]
     if architecture == "gated":
         raise ValueError(
-            f"{where}: gated SAEs are not supported (SAEConfig architectures: relu, topk, "
-            "batchtopk, jumprelu)."
+            f"{where}: gated SAEs are not supported (SAEConfig architectures: "
+            f"{', '.join(ARCHITECTURES)})."
         )
     if architecture not in _FROM_SAE_LENS:
         raise ValueError(
             f"{where}: unknown or unsupported SAELens architecture {architecture!r}; supported: "
-            f"{sorted(_FROM_SAE_LENS) + sorted(_TRANSCODERS_FROM_SAE_LENS)} (gated, matryoshka "
-            "and other variants are not)."
+            f"{sorted(_FROM_SAE_LENS) + sorted(_TRANSCODERS_FROM_SAE_LENS)} (gated and other "
+            "variants are not; Matryoshka folders are 'jumprelu' ones)."
         )
     if architecture == "standard" and activation != "relu":
         raise ValueError(
@@ -376,9 +380,13 @@ def _from_sae_lens(
     ours = _FROM_SAE_LENS[architecture]
     k = cfg.get("k", kwargs.get("k"))
     details = meta.get("training_architecture_details") or {}
-    if ours == "jumprelu" and meta.get("training_architecture") == "batchtopk" and "k" in details:
-        ours, k = "batchtopk", details["k"]  # A SAELens BatchTopK export (see docstring).
-    if ours in ("topk", "batchtopk") and k is None:
+    trained_as = ARCHITECTURES.get(meta.get("training_architecture"))
+    if ours == "jumprelu" and trained_as is not None and trained_as.sae_lens == "jumprelu":
+        if "k" in details:  # A SAELens BatchTopK (or Matryoshka) export (see docstring).
+            ours, k = trained_as.name, details["k"]
+        if ours == "matryoshka_batchtopk" and not details.get("matryoshka_widths"):
+            ours = "batchtopk"  # Its levels unrecorded: the same inference, no nesting to train.
+    if ARCHITECTURES[ours].sparsity == "k" and k is None:
         raise ValueError(f"{where}: a {architecture!r} SAE needs 'k' in cfg.json.")
 
     normalize = _normalization(cfg.get("normalize_activations"), where)
@@ -423,8 +431,10 @@ def _from_sae_lens(
         if meta.get("hook_head_index_out") is not None:
             raise ValueError(f"{where}: transcoders writing one head (hook_head_index_out) "
                              "are not supported.")  # fmt: skip
-    if k is not None and ours in ("topk", "batchtopk"):
+    if k is not None and ARCHITECTURES[ours].sparsity == "k":
         fields["k"] = int(round(k))  # SAELens's BatchTopK k may be a float (a mean).
+    if ours == "matryoshka_batchtopk":
+        fields["matryoshka_widths"] = tuple(int(w) for w in details["matryoshka_widths"])
     config = SAEConfig(**fields)
     return config, {name: value.astype(np.float32) for name, value in tensors.items()}
 

@@ -21,16 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from interp.sae.kernels import (
-    batch_top_k,
-    batch_topk_codes,
-    gather_pre_activation,
-    jumprelu,
-    sparse_decode,
-    step_function,
-    top_k_latents,
-    topk_codes,
-)
+from interp.sae import architectures
+from interp.sae.kernels import gather_pre_activation, sparse_decode, top_k_latents
 from interp.sae.modules import SAEConfig
 
 
@@ -61,11 +53,7 @@ def _pre_activation(config: SAEConfig, params, x_scaled):
     return nn.with_logical_constraint(pre, ("batch", "latent")), shift
 
 
-def _dense_decode(config: SAEConfig, codes, w_dec):
-    dtype = jnp.dtype(config.dtype)
-    return jnp.einsum(
-        "BX,XD->BD", codes.astype(dtype), w_dec.astype(dtype), preferred_element_type=jnp.float32
-    )
+_dense_decode = architectures.dense_decode
 
 
 def _mean_sum_sq(err):
@@ -88,8 +76,8 @@ def _auxk_loss(config: SAEConfig, params, x, shift, pre, residual, dead_mask):
 
 
 def uses_auxk(config: SAEConfig) -> bool:
-    """Whether the loss has an AuxK term (topk and batchtopk with auxk_alpha > 0)."""
-    return config.architecture in ("topk", "batchtopk") and config.auxk_alpha > 0
+    """Whether the loss has an AuxK term (topk, batchtopk and matryoshka with auxk_alpha > 0)."""
+    return config.arch.auxk and config.auxk_alpha > 0
 
 
 def _auxk_value(config: SAEConfig, params, x, shift, pre, residual, dead_mask):
@@ -119,7 +107,9 @@ def sae_forward(config: SAEConfig, params, x, *, step, dead_mask=None):
     """The training forward pass: loss, scalar metrics and what the train step needs.
 
     All of it is in the scaled units the SAE trains in (x * input_scale). Modes are training
-    modes: BatchTopK keeps the top k * B of the batch (not its threshold).
+    modes: BatchTopK keeps the top k * B of the batch (not its threshold). The architecture's
+    own part (codes, reconstruction, penalty, extra terms) is its `train_forward`
+    (`interp.sae.architectures`); the MSE, the weighted penalty and AuxK are added here.
 
     Args:
       config: The SAE's config.
@@ -129,66 +119,31 @@ def sae_forward(config: SAEConfig, params, x, *, step, dead_mask=None):
       dead_mask: Optional [X] bool, latents counted dead (for AuxK); None: none are.
 
     Returns:
-      (loss, metrics, aux): metrics as in `sae_loss`; aux has 'fired' [X] bool (latents
-      active on some token of the batch) and, for batchtopk, 'batch_threshold' (the smallest
-      positive activation kept, +inf if none).
+      (loss, metrics, aux): metrics as in `sae_loss`, plus each extra term of the
+      architecture (Matryoshka's 'inner_mse_<width>'); aux has 'fired' [X] bool (latents
+      active on some token of the batch) and, for architectures with an estimated threshold
+      (batchtopk, matryoshka_batchtopk), 'batch_threshold' (the smallest positive activation
+      kept, +inf if none).
     """
-    arch = config.architecture
-    dtype = jnp.dtype(config.dtype)
-    batch = x.shape[0]
+    arch = config.arch
     x = x.astype(jnp.float32) * config.input_scale
     pre, shift = _pre_activation(config, params, x)
-    w_dec = params["W_dec"]
     coefficient = sparsity_coefficient(config, step)
-    sparsity = jnp.zeros((), jnp.float32)
+    out = arch.train_forward(config, params, x, pre, shift)
     aux = {}
-    if arch in ("topk", "batchtopk") and config.sparse_kernels:
-        constant_pre = jax.lax.stop_gradient(pre)
-        if arch == "topk":
-            _, cols = top_k_latents(constant_pre, config.k)
-            rows = None
-        else:
-            _, flat = batch_top_k(jax.nn.relu(constant_pre), config.k * batch)
-            flat = jnp.sort(flat)  # Row-sorted coordinates for segment sums.
-            rows, cols = flat // pre.shape[-1], flat % pre.shape[-1]
-        values = jax.nn.relu(
-            gather_pre_activation(constant_pre, x, shift, params["W_enc"], params["b_enc"],
-                                  rows, cols)
-        )  # fmt: skip
-        x_hat = sparse_decode(batch, dtype, values, rows, cols, w_dec) + params["b_dec"]
-        active = values > 0
-        l0 = jnp.sum(active) / batch
-        fired = jnp.zeros(pre.shape[-1], bool).at[cols.reshape(-1)].max(active.reshape(-1))
-        smallest = jnp.min(jnp.where(active, values, jnp.inf))
-    else:
-        if arch == "relu":
-            codes = jax.nn.relu(pre)
-            # Anthropic (April 2024 update): L1 of codes weighted by decoder row norms.
-            row_norms = jnp.linalg.norm(w_dec, axis=-1)
-            sparsity = jnp.mean(jnp.sum(codes * row_norms, axis=-1))
-        elif arch == "topk":
-            codes = topk_codes(pre, config.k)
-        elif arch == "batchtopk":
-            codes = batch_topk_codes(pre, config.k)
-        else:  # jumprelu
-            threshold = params["threshold"]
-            codes = jumprelu(pre, threshold, config.jumprelu_bandwidth)
-            l0_smooth = step_function(pre, threshold, config.jumprelu_bandwidth)
-            sparsity = jnp.mean(jnp.sum(l0_smooth, axis=-1))
-        x_hat = _dense_decode(config, codes, w_dec) + params["b_dec"]
-        active = codes > 0
-        l0 = jnp.sum(active) / batch
-        fired = jnp.any(active, axis=0)
-        smallest = jnp.min(jnp.where(active, codes, jnp.inf))
-    if arch == "batchtopk":
-        aux["batch_threshold"] = jax.lax.stop_gradient(smallest)
-    aux["fired"] = fired
+    if isinstance(arch, architectures.BatchTopK):
+        aux["batch_threshold"] = jax.lax.stop_gradient(out.smallest)
+    aux["fired"] = out.fired
 
+    x_hat = out.x_hat
     mse = _mean_sum_sq(x_hat - x)
     fvu = jnp.sum(jnp.square(x_hat - x)) / jnp.maximum(jnp.sum(jnp.square(x - x.mean(0))), 1e-12)
     loss = mse
-    if arch in ("relu", "jumprelu"):
-        loss = loss + coefficient * sparsity
+    penalized = arch.sparsity != "k"
+    if penalized:
+        loss = loss + coefficient * out.sparsity
+    for value in out.extra_losses.values():
+        loss = loss + value
     auxk = jnp.zeros((), jnp.float32)
     if uses_auxk(config) and dead_mask is not None:
         auxk = _auxk_loss(config, params, x, shift, pre, x - x_hat, dead_mask)
@@ -197,10 +152,11 @@ def sae_forward(config: SAEConfig, params, x, *, step, dead_mask=None):
         "loss": loss,
         "mse": mse,
         "fvu": fvu,
-        "l0": l0,
-        "sparsity_loss": sparsity,
-        "sparsity_coefficient": coefficient if arch in ("relu", "jumprelu") else jnp.zeros(()),
+        "l0": out.l0,
+        "sparsity_loss": out.sparsity,
+        "sparsity_coefficient": coefficient if penalized else jnp.zeros(()),
         "auxk_loss": auxk,
+        **out.extra_losses,
     }
     return loss, metrics, aux
 
@@ -254,29 +210,26 @@ def normalize_decoder(w_dec):
     return w_dec / jnp.maximum(jnp.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)
 
 
-MIN_THRESHOLD = 1e-6  # JumpReLU thresholds are clipped here after each step to stay positive.
+MIN_THRESHOLD = architectures.MIN_THRESHOLD
 
 
 def constrain_grads(config: SAEConfig, grads, params):
-    """What the train step applies to the gradients before the optimizer."""
+    """What the train step applies to the gradients before the optimizer: the decoder-parallel
+    component removed (if `normalizes_decoder`), then the architecture's own (BatchTopK's
+    threshold is estimated, not trained)."""
     grads = dict(grads)
     if config.normalizes_decoder:
         grads["W_dec"] = project_decoder_grad(grads["W_dec"], params["W_dec"])
-    if config.architecture == "batchtopk":
-        grads["threshold"] = jnp.zeros_like(grads["threshold"])  # Estimated, not trained.
-    return grads
+    return config.arch.constrain_grads(config, grads, params)
 
 
 def constrain_params(config: SAEConfig, params, aux, step):
     """What the train step applies to the parameters after the optimizer.
 
-    Unit-norm decoder rows (if `normalizes_decoder`); JumpReLU thresholds clipped to
-    MIN_THRESHOLD; the BatchTopK threshold moved toward this batch's smallest kept activation.
-
-    BatchTopK's inference threshold is one value for all latents (as SAELens does), stored
-    broadcast to [X] so that inference is the JumpReLU rule. It is a running average with rate
-    max(threshold_rate, 1 / (step + 1)), i.e. the plain mean of the first 1 / threshold_rate
-    batches and an exponential average after; batches with no positive activation are skipped.
+    Unit-norm decoder rows (if `normalizes_decoder`), then the architecture's own: JumpReLU
+    thresholds clipped to MIN_THRESHOLD; BatchTopK's threshold moved toward this batch's
+    smallest kept activation (one value for all latents, as SAELens does, stored broadcast to
+    [X] so that inference is the JumpReLU rule; see `architectures.BatchTopK`).
 
     Args:
       config: The SAE's config.
@@ -290,12 +243,4 @@ def constrain_params(config: SAEConfig, params, aux, step):
     params = dict(params)
     if config.normalizes_decoder:
         params["W_dec"] = normalize_decoder(params["W_dec"])
-    if config.architecture == "jumprelu":
-        params["threshold"] = jnp.maximum(params["threshold"], MIN_THRESHOLD)
-    if config.architecture == "batchtopk":
-        rate = jnp.maximum(config.threshold_rate, 1.0 / (jnp.asarray(step, jnp.float32) + 1.0))
-        observed = aux["batch_threshold"]
-        old = params["threshold"]
-        new = (1.0 - rate) * old + rate * observed
-        params["threshold"] = jnp.where(jnp.isfinite(observed), new, old)
-    return params
+    return config.arch.constrain_params(config, params, aux, step)

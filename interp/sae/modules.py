@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from interp import records
-from interp.sae.kernels import topk_codes
+from interp.sae import architectures
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHITECTURES = tuple(architectures.ARCHITECTURES)  # Each defined in architectures.py.
 NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")
 _LAYER_NORM_EPS = 1e-5  # SAELens's, added to the standard deviation.
 
@@ -41,10 +41,12 @@ class SAEConfig:
 
     Attributes:
       architecture: 'relu' (ReLU + L1, Anthropic), 'topk' (OpenAI), 'batchtopk', 'jumprelu'
-        (Gemma Scope).
+        (Gemma Scope), 'matryoshka_batchtopk' (`interp.sae.architectures` defines each).
       d_in: D, width of the activations.
       num_latents: X.
-      k: Active latents per token (topk), or mean per token (batchtopk).
+      k: Active latents per token (topk), or mean per token (batchtopk, matryoshka).
+      matryoshka_widths: matryoshka_batchtopk: the nested prefix sizes of the latents, each
+        trained to reconstruct on its own, increasing, the last num_latents.
       subtract_decoder_bias: Encode x - b_dec (the pre-encoder bias of OpenAI's TopK; SAELens's
         apply_b_dec_to_input). Anthropic's 2024 ReLU recipe does not.
       input_scale: Multiplies inputs before encoding (and divides reconstructions).
@@ -86,6 +88,7 @@ class SAEConfig:
     d_in: int = 64
     num_latents: int = 512
     k: int = 32
+    matryoshka_widths: tuple[int, ...] = ()
     subtract_decoder_bias: bool = True
     input_scale: float = 1.0
     l1_coefficient: float = 5.0
@@ -107,10 +110,9 @@ class SAEConfig:
     output_hook_name: str | None = None
 
     def __post_init__(self):
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"Unknown SAE architecture {self.architecture!r}; expected one of {ARCHITECTURES}."
-            )
+        # A list from JSON or a ConfigDict: a tuple, so the config stays hashable.
+        object.__setattr__(self, "matryoshka_widths", tuple(self.matryoshka_widths))
+        arch = architectures.architecture(self.architecture)
         if self.normalize_activations not in NORMALIZATIONS:
             raise ValueError(
                 f"normalize_activations={self.normalize_activations!r}; expected one of "
@@ -123,8 +125,12 @@ class SAEConfig:
             )
         if self.hook_head_index is not None and self.hook_head_index < 0:
             raise ValueError(f"hook_head_index={self.hook_head_index} must be >= 0.")
-        if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.num_latents:
-            raise ValueError(f"k={self.k} must be in 1..num_latents={self.num_latents}.")
+        arch.validate(self)
+        if self.matryoshka_widths and self.architecture != "matryoshka_batchtopk":
+            raise ValueError(
+                f"matryoshka_widths applies to architecture='matryoshka_batchtopk', not "
+                f"{self.architecture!r}."
+            )
         if self.dead_tokens is not None and self.dead_tokens < 1:
             raise ValueError(
                 f"dead_tokens={self.dead_tokens} must be >= 1 (tokens without firing after "
@@ -142,10 +148,15 @@ class SAEConfig:
         return self.d_out is not None or self.skip_connection or bool(self.output_hook_name)
 
     @property
+    def arch(self) -> architectures.Architecture:
+        """The architecture's definition (`interp.sae.architectures`)."""
+        return architectures.architecture(self.architecture)
+
+    @property
     def normalizes_decoder(self) -> bool:
         """Whether decoder rows are kept at unit norm (`unit_norm_decoder`, resolved)."""
         if self.unit_norm_decoder is None:
-            return self.architecture != "relu"
+            return self.arch.unit_norm_decoder
         return self.unit_norm_decoder
 
     def replace(self, **changes) -> SAEConfig:
@@ -178,7 +189,7 @@ class SAE(nn.Module):
         self.b_dec = self.param("b_dec", partition(zeros, ("embed",)), (o,))
         if cfg.skip_connection:
             self.W_skip = self.param("W_skip", partition(zeros, (None, "embed")), (o, d))
-        if cfg.architecture in ("jumprelu", "batchtopk"):
+        if cfg.arch.has_threshold:
             init = nn.initializers.constant(cfg.jumprelu_init_threshold)
             self.threshold = self.param("threshold", partition(init, ("latent",)), (x,))
 
@@ -205,12 +216,7 @@ class SAE(nn.Module):
     def activate(self, pre):
         """The architecture's sparsifying non-linearity, in inference mode."""
         cfg = self.config
-        if cfg.architecture == "relu":
-            return jax.nn.relu(pre)
-        if cfg.architecture == "topk":
-            return topk_codes(pre.reshape(-1, pre.shape[-1]), cfg.k).reshape(pre.shape)
-        # JumpReLU, and BatchTopK at inference: a per-latent threshold.
-        return jnp.where(pre > self.threshold, jax.nn.relu(pre), 0.0)
+        return cfg.arch.activate(cfg, pre, self.threshold if cfg.arch.has_threshold else None)
 
     def _normalize(self, x):
         """(x scaled and per-token normalised [..., D] float32, fn undoing it on an output)."""
@@ -303,7 +309,7 @@ def init_params(config: SAEConfig, key: jax.Array, b_dec=None) -> dict[str, jax.
     }
     if config.skip_connection:
         params["W_skip"] = jnp.zeros((config.output_width, config.d_in), jnp.float32)
-    if config.architecture in ("jumprelu", "batchtopk"):
+    if config.arch.has_threshold:
         params["threshold"] = jnp.full(
             (config.num_latents,), config.jumprelu_init_threshold, jnp.float32
         )

@@ -8,14 +8,21 @@ import pytest
 
 from interp import sae as sae_lib
 from interp.models import sites
-from interp.sae import io
+from interp.sae import io, modules
 from interp.sae.modules import SAE, SAEConfig
 from interp.safetensors_io import read as read_safetensors
 from interp.safetensors_io import write as write_safetensors
 from tests import references
 
 D, X, K = 24, 96, 5
-ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk")
+ARCHITECTURES = modules.ARCHITECTURES  # Every registered one.
+
+
+def _levels(architecture):
+    """The settings an architecture needs beyond k (Matryoshka's nested widths)."""
+    return {"matryoshka_batchtopk": {"matryoshka_widths": (X // 4, X // 2, X)}}.get(
+        architecture, {}
+    )
 
 
 def _params(config, seed=0):
@@ -29,7 +36,7 @@ def _params(config, seed=0):
         "W_dec": w_dec,
         "b_dec": rng.normal(size=config.d_in) * 0.1,
     }
-    if config.architecture in ("jumprelu", "batchtopk"):
+    if config.arch.has_threshold:
         params["threshold"] = np.abs(rng.normal(size=config.num_latents)) * 0.3
     return {name: value.astype(np.float32) for name, value in params.items()}
 
@@ -57,6 +64,7 @@ def test_round_trip_is_exact(tmp_path, architecture, input_scale):
     config = SAEConfig(
         architecture=architecture, d_in=D, num_latents=X, k=K, input_scale=input_scale,
         subtract_decoder_bias=architecture != "relu", l1_coefficient=3.0, auxk_alpha=0.5,
+        **_levels(architecture),
     )  # fmt: skip
     params = _params(config)
     sae_lib.save(tmp_path, config, params, metadata={"hook_name": "blocks_1/resid_post"})
@@ -112,6 +120,32 @@ def test_folder_layout_follows_sae_lens(tmp_path):
     }  # fmt: skip
     np.testing.assert_array_equal(weights["W_enc"], params["W_enc"] * 2.0)  # Scale folded in.
     np.testing.assert_array_equal(weights["b_dec"], params["b_dec"] / 2.0)
+
+
+def test_matryoshka_folders_are_jumprelu_folders_that_record_their_levels(tmp_path):
+    widths = (X // 4, X // 2, X)
+    config = SAEConfig(architecture="matryoshka_batchtopk", d_in=D, num_latents=X, k=K,
+                       matryoshka_widths=widths)  # fmt: skip
+    params = _params(config)
+    io.save(tmp_path, config, params)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu"  # As SAELens exports a Matryoshka SAE.
+    assert cfg["metadata"]["training_architecture"] == "matryoshka_batchtopk"
+    assert cfg["metadata"]["training_architecture_details"] == {
+        "k": K, "matryoshka_widths": list(widths)
+    }  # fmt: skip
+    # Read as SAELens writes it (no interp config): the architecture and levels come back.
+    del cfg[io.CONFIG_KEY]
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    sae, loaded = io.load(tmp_path)
+    assert sae.config.architecture == "matryoshka_batchtopk"
+    assert (sae.config.k, sae.config.matryoshka_widths) == (K, widths)
+    x = _inputs(config)
+    np.testing.assert_allclose(_encode(sae, loaded, x), _encode(SAE(config), params, x), atol=1e-6)
+    # Without its levels it is a BatchTopK SAE: the same inference, nothing nested to train.
+    del cfg["metadata"]["training_architecture_details"]["matryoshka_widths"]
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert io.load(tmp_path)[0].config.architecture == "batchtopk"
 
 
 # --- SAELens folders without SAELens: hand-written configs, NumPy references -----------------
@@ -266,7 +300,7 @@ def test_sae_lens_loads_our_folders(sae_lens, tmp_path, architecture, input_scal
 
     config = SAEConfig(
         architecture=architecture, d_in=D, num_latents=X, k=K, input_scale=input_scale,
-        subtract_decoder_bias=subtract,
+        subtract_decoder_bias=subtract, **_levels(architecture),
     )  # fmt: skip
     params = _params(config)
     io.save(tmp_path, config, params, metadata={"hook_name": "blocks_0/resid_post"})

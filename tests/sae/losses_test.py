@@ -14,6 +14,8 @@ D, X, B = 16, 64, 8
 
 def _setup(architecture, seed=0, **overrides):
     values = dict(architecture=architecture, d_in=D, num_latents=X, k=4, input_scale=1.3, auxk_k=6)
+    if architecture == "matryoshka_batchtopk":
+        values["matryoshka_widths"] = (8, 24, X)
     config = SAEConfig(**{**values, **overrides})
     keys = jax.random.split(jax.random.key(seed), 4)
     params = modules.init_params(config, keys[0], b_dec=0.1 * jax.random.normal(keys[1], (D,)))
@@ -29,7 +31,7 @@ def _loss_and_grads(config, params, x, dead_mask=None, step=3):
     return jax.value_and_grad(loss, has_aux=True)(params)
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk"])
 @pytest.mark.parametrize(
     "subtract_decoder_bias, with_dead", [(True, True), (False, False), (False, True)]
 )
@@ -110,6 +112,32 @@ def test_batchtopk_keeps_exactly_k_times_batch_in_training(sparse_kernels):
     np.testing.assert_allclose(
         aux["batch_threshold"], jnp.min(jnp.where(codes > 0, codes, jnp.inf))
     )
+
+
+@pytest.mark.parametrize("sparse_kernels", [True, False])
+def test_matryoshka_adds_each_inner_prefix_reconstruction_to_the_batchtopk_loss(sparse_kernels):
+    # Bussmann et al. 2025: the loss is BatchTopK's plus, for each inner prefix of the
+    # latents, the MSE of the reconstruction from that prefix alone (NumPy reference).
+    config, params, x = _setup("matryoshka_batchtopk", sparse_kernels=sparse_kernels)
+    dead = jnp.arange(X) % 5 == 0
+    loss, metrics, aux = losses.sae_forward(config, params, x, step=3, dead_mask=dead)
+    plain = config.replace(architecture="batchtopk", matryoshka_widths=())
+    want_loss, want, want_aux = losses.sae_forward(plain, params, x, step=3, dead_mask=dead)
+    for name in set(want) - {"loss"}:  # The whole SAE is a BatchTopK SAE: the same figures.
+        np.testing.assert_allclose(metrics[name], want[name], rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(aux["batch_threshold"], want_aux["batch_threshold"])
+    pre = np.asarray(SAE(config).apply({"params": params}, x, method="pre_activation"))
+    codes = np.asarray(kernels.batch_topk_codes(jnp.asarray(pre), config.k), np.float64)
+    scaled = np.asarray(x, np.float64) * config.input_scale
+    w_dec, b_dec = np.asarray(params["W_dec"], np.float64), np.asarray(params["b_dec"])
+    inner = {}
+    for width in config.matryoshka_widths[:-1]:
+        x_hat = codes[:, :width] @ w_dec[:width] + b_dec
+        inner[f"inner_mse_{width}"] = np.mean(np.sum((x_hat - scaled) ** 2, -1))
+    assert sorted(name for name in metrics if name.startswith("inner_")) == sorted(inner)
+    for name, value in inner.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(loss, float(want_loss) + sum(inner.values()), rtol=1e-5)
 
 
 def test_batchtopk_threshold_is_a_running_average_without_gradient():

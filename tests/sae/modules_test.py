@@ -37,3 +37,30 @@ def test_activations_of_the_wrong_width_are_a_clear_error():
     config, params, _ = _setup("topk")
     with pytest.raises(ValueError, match=r"reads 16-wide activations but got shape \(2, 8\)"):
         SAE(config).apply({"params": params}, jnp.zeros((2, 8)), method="encode")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(architecture="gated"), r"Unknown SAE architecture 'gated'; expected one of \("),
+        (dict(architecture="topk", k=0), r"k=0 must be in 1..num_latents=64"),
+        (dict(architecture="matryoshka_batchtopk"), r"needs matryoshka_widths"),
+        (dict(architecture="matryoshka_batchtopk", matryoshka_widths=(32, 16, 64)),
+         r"must be positive and increasing"),
+        (dict(architecture="matryoshka_batchtopk", matryoshka_widths=(16, 32)),
+         r"must end at num_latents=64"),
+        (dict(architecture="batchtopk", matryoshka_widths=(16, 64)),
+         r"matryoshka_widths applies to architecture='matryoshka_batchtopk'"),
+    ],
+)  # fmt: skip
+def test_architecture_settings_are_checked_by_the_architecture(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SAEConfig(**{"d_in": D, "num_latents": X, **fields})
+
+
+def test_matryoshka_widths_from_json_or_a_config_dict_stay_hashable():
+    config = SAEConfig.from_dict(
+        {"architecture": "matryoshka_batchtopk", "d_in": D, "num_latents": X, "k": 4,
+         "matryoshka_widths": [16, 64]}
+    )  # fmt: skip
+    assert config.matryoshka_widths == (16, 64) and hash(config)

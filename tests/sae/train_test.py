@@ -80,13 +80,69 @@ def test_learns_planted_features(architecture):
     assert int(state["step"]) == STEPS
     if config.normalizes_decoder:
         np.testing.assert_allclose(np.linalg.norm(params["W_dec"], axis=-1), 1.0, rtol=1e-5)
-    if architecture in ("topk", "batchtopk"):
+    if config.arch.sparsity == "k":
         assert metrics["l0"] == 4.0
     if architecture == "jumprelu":  # The thresholds moved, through the STE alone.
         assert np.abs(params["threshold"] - initial["threshold"]).max() > 0.05
-    if architecture == "batchtopk":  # The inference threshold reproduces the training L0.
+    if architecture.endswith("batchtopk"):  # The inference threshold gives the training L0.
         codes = modules.SAE(config).apply({"params": params}, data[:2048], method="encode")
         assert 2.5 < float(jnp.mean(jnp.sum(codes > 0, -1))) < 6.0
+
+
+def _prefix_fvus(config, params, data, widths):
+    """FVU of the reconstruction from each prefix of the latents alone (inference codes)."""
+    sae = modules.SAE(config)
+    codes = np.asarray(sae.apply({"params": params}, data, method="encode"))
+    centred = np.sum((data - data.mean(0)) ** 2)
+    fvus = []
+    for width in widths:
+        kept = np.where(np.arange(codes.shape[-1]) < width, codes, 0.0)
+        x_hat = np.asarray(sae.apply({"params": params}, kept, method="decode"))
+        fvus.append(float(np.sum((x_hat - data) ** 2) / centred))
+    return fvus
+
+
+def test_matryoshka_prefixes_reconstruct_in_order():
+    # Features of Zipf-like frequency: a Matryoshka SAE's first latents must reconstruct on
+    # their own, so they take the frequent features; a BatchTopK SAE spreads them anywhere.
+    rng = np.random.default_rng(3)
+    features = _dictionary(seed=3)
+    weights = 1.0 / np.arange(1, FEATURES + 1)
+    rows = BATCH * STEPS
+    chosen = np.stack([rng.choice(FEATURES, 3, replace=False, p=weights / weights.sum())
+                       for _ in range(rows)])  # fmt: skip
+    codes = np.zeros((rows, FEATURES), np.float32)
+    np.put_along_axis(codes, chosen, rng.uniform(0.5, 1.5, (rows, 3)), axis=1)
+    data = (codes @ features).astype(np.float32)
+    widths = (8, 32, X)
+    mesh = _one_device_mesh()
+    train_config = sae_train.TrainConfig(
+        steps=STEPS, learning_rate=1e-2, warmup_steps=20, decay_start=0.5
+    )
+    fvus, recovered = {}, {}
+    for architecture in ("matryoshka_batchtopk", "batchtopk"):
+        config = SAEConfig(
+            architecture=architecture, d_in=D, num_latents=X, k=3, dead_tokens=2048,
+            input_scale=sae_train.input_scale_for(data[:2048]),
+            matryoshka_widths=widths if architecture != "batchtopk" else (),
+        )  # fmt: skip
+        median = sae_train.geometric_median(data[:2048])
+        state = sae_train.init_state(
+            config, train_config, jax.random.key(0), mesh, b_dec_init=median
+        )
+        step = sae_train.make_train_step(config, train_config, mesh)
+        for i in range(STEPS):
+            state, metrics = step(state, data[i * BATCH : (i + 1) * BATCH])
+        params = jax.device_get(state["saes"][0]["params"])
+        fvus[architecture] = _prefix_fvus(config, params, data[:4096], widths)
+        recovered[architecture] = _recovered(features, params["W_dec"])
+    nested, plain = fvus["matryoshka_batchtopk"], fvus["batchtopk"]
+    assert nested[0] > nested[1] > nested[2], fvus  # Each level adds to the one before.
+    assert nested[2] < 0.25, fvus  # The whole SAE still reconstructs.
+    # Measured (2026-12-08): prefixes of 8, 32, 128 latents at FVU 0.51, 0.30, 0.075 against
+    # BatchTopK's 1.05, 0.99, 0.047; features recovered (cosine > 0.9) 84% against 92%.
+    assert nested[0] < plain[0] - 0.2 and nested[1] < plain[1] - 0.1, fvus
+    assert recovered["matryoshka_batchtopk"] >= 0.75, recovered
 
 
 def test_input_scale_and_geometric_median():
